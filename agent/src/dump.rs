@@ -1,0 +1,249 @@
+//! `gpuscale-agent dump`: what a running agent's ring says, as a table or JSON.
+//!
+//! Reads the ring file only (no network, no NVML) and rebuilds the windows from the ring's
+//! history with the same code the agent uses. Never writes to the file.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+use crate::sample::Metric;
+use crate::shm::ShmReader;
+use crate::window::{GpuWindows, Summary, WINDOWS};
+
+/// The whole dump; `--json` prints it as is.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Node name the agent was given.
+    pub node: String,
+    /// NVIDIA driver version.
+    pub driver_version: String,
+    /// Whether an agent holds the ring's writer lock now.
+    pub agent_running: bool,
+    /// The agent's sampling interval, milliseconds.
+    pub interval_ms: f64,
+    /// Ring slots per GPU.
+    pub ring_capacity: u32,
+    /// One entry per GPU.
+    pub gpus: Vec<GpuReport>,
+}
+
+/// One GPU.
+#[derive(Debug, Serialize)]
+pub struct GpuReport {
+    /// NVML index.
+    pub index: u32,
+    /// UUID.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// `ok`, `lost`, `error` or `starting`.
+    pub state: &'static str,
+    /// Whether GPM metrics (sm_active …) are available.
+    pub gpm_supported: bool,
+    /// Total device memory, bytes.
+    pub memory_total_bytes: u64,
+    /// Age of the newest sample, milliseconds (`null` when there is none).
+    pub age_ms: Option<f64>,
+    /// Samples written since the ring was created.
+    pub samples_written: u64,
+    /// Samples overwritten by the writer (the ring keeps the newest `ring_capacity`).
+    pub samples_dropped: u64,
+    /// Every metric by name.
+    pub metrics: BTreeMap<&'static str, MetricReport>,
+    /// Running compute processes.
+    pub processes: Vec<ProcessReport>,
+    /// Processes beyond what the ring keeps per GPU.
+    pub processes_truncated: u32,
+}
+
+/// One metric of one GPU.
+#[derive(Debug, Serialize)]
+pub struct MetricReport {
+    /// Value in the newest sample; `null` when it was not measured.
+    pub last: Option<f64>,
+    /// Window name (`10s`, `30s`, `60s`, `5m`) to its summary; `null` for a window without
+    /// values.
+    pub windows: BTreeMap<&'static str, Option<WindowReport>>,
+}
+
+/// Statistics over one window.
+#[derive(Debug, Serialize)]
+pub struct WindowReport {
+    /// Mean.
+    pub avg: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Samples in the window.
+    pub count: u32,
+}
+
+impl From<Summary> for WindowReport {
+    fn from(s: Summary) -> Self {
+        WindowReport {
+            avg: s.avg,
+            min: s.min,
+            max: s.max,
+            p95: s.p95,
+            count: s.count,
+        }
+    }
+}
+
+/// A running process on a GPU.
+#[derive(Debug, Serialize)]
+pub struct ProcessReport {
+    /// Host PID.
+    pub pid: u32,
+    /// Device memory used, bytes (`null` when NVML could not say).
+    pub used_memory_bytes: Option<u64>,
+    /// SM utilization percent (`null` when not measured: single-process GPUs, or not yet).
+    pub sm_util: Option<f32>,
+}
+
+/// Builds the report from a mapped ring file, with `now_ns` as the time for ages.
+pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
+    let gpus = reader
+        .regions()
+        .iter()
+        .zip(reader.gpus())
+        .map(|(region, info)| {
+            let ring = region.ring();
+            let latest = ring.latest();
+            let windows = GpuWindows::from_ring(&ring, info.memory_total_bytes);
+            let metrics = Metric::ALL
+                .into_iter()
+                .map(|m| {
+                    let report = MetricReport {
+                        last: latest.and_then(|s| s.get(m, info.memory_total_bytes)),
+                        windows: WINDOWS
+                            .iter()
+                            .enumerate()
+                            .map(|(w, (name, _))| (*name, windows.metric(m, w).map(Into::into)))
+                            .collect(),
+                    };
+                    (m.name(), report)
+                })
+                .collect();
+            let snap = region.processes().unwrap_or_default();
+            GpuReport {
+                index: info.index,
+                uuid: info.uuid.clone(),
+                name: info.name.clone(),
+                state: region.state().name(),
+                gpm_supported: info.gpm_supported,
+                memory_total_bytes: info.memory_total_bytes,
+                age_ms: latest.map(|s| now_ns.saturating_sub(s.ts_ns) as f64 / 1e6),
+                samples_written: ring.head(),
+                samples_dropped: ring.dropped(),
+                metrics,
+                processes: snap
+                    .processes
+                    .iter()
+                    .map(|p| ProcessReport {
+                        pid: p.pid,
+                        used_memory_bytes: p.used_memory_bytes,
+                        sm_util: p.sm_util,
+                    })
+                    .collect(),
+                processes_truncated: snap.truncated,
+            }
+        })
+        .collect();
+    Report {
+        node: reader.node_name(),
+        driver_version: reader.driver_version(),
+        agent_running: reader.writer_alive(),
+        interval_ms: reader.interval_ns() as f64 / 1e6,
+        ring_capacity: reader.capacity(),
+        gpus,
+    }
+}
+
+fn fmt_value(metric: Metric, v: Option<f64>) -> String {
+    match (metric, v) {
+        (_, None) => "-".into(),
+        (Metric::VramUsedBytes, Some(b)) => format!("{:.1} GiB", b / (1u64 << 30) as f64),
+        (Metric::PowerWatts, Some(w)) => format!("{w:.0} W"),
+        (Metric::TemperatureC, Some(c)) => format!("{c:.0} °C"),
+        (_, Some(p)) => format!("{p:.1} %"),
+    }
+}
+
+/// The report as a terminal table.
+pub fn render_table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {} · driver {} · agent {} · interval {}ms · {} GPU(s)",
+        r.node,
+        r.driver_version,
+        if r.agent_running {
+            "running"
+        } else {
+            "NOT running (data below is as of its last sample)"
+        },
+        r.interval_ms,
+        r.gpus.len()
+    );
+    for g in &r.gpus {
+        let age = g
+            .age_ms
+            .map_or("no samples yet".into(), |a| format!("newest sample {:.1}s ago", a / 1e3));
+        let _ = writeln!(
+            out,
+            "\nGPU {}  {}  {}  [{}]  {}{}",
+            g.index,
+            g.name,
+            g.uuid,
+            g.state.to_uppercase(),
+            age,
+            if g.gpm_supported { "" } else { "  (no GPM: sm_* read -)" }
+        );
+        let _ = writeln!(
+            out,
+            "  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
+            "metric", "last", "10s avg", "10s min", "10s max", "10s p95", "60s avg", "5m avg"
+        );
+        for m in Metric::ALL {
+            let mr = &g.metrics[m.name()];
+            let w = |name: &str, f: fn(&WindowReport) -> f64| {
+                fmt_value(m, mr.windows[name].as_ref().map(f))
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
+                m.name(),
+                fmt_value(m, mr.last),
+                w("10s", |s| s.avg),
+                w("10s", |s| s.min),
+                w("10s", |s| s.max),
+                w("10s", |s| s.p95),
+                w("60s", |s| s.avg),
+                w("5m", |s| s.avg),
+            );
+        }
+        if g.processes.is_empty() {
+            let _ = writeln!(out, "  processes: none");
+        } else {
+            let _ = writeln!(out, "  processes:");
+            for p in &g.processes {
+                let _ = writeln!(
+                    out,
+                    "    pid {:<8} vram {:>10}   sm_util {}",
+                    p.pid,
+                    fmt_value(Metric::VramUsedBytes, p.used_memory_bytes.map(|b| b as f64)),
+                    p.sm_util.map_or("-".into(), |u| format!("{u:.0} %")),
+                );
+            }
+            if g.processes_truncated > 0 {
+                let _ = writeln!(out, "    … and {} more", g.processes_truncated);
+            }
+        }
+    }
+    out
+}

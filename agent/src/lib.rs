@@ -1,0 +1,91 @@
+//! gpuscale node agent: samples NVML at high frequency into a lock-free shared-memory ring and
+//! keeps rolling windows of every metric per GPU.
+//!
+//! Modules: [`sample`] (the record and metric names), [`ring`] (the seqlock ring algorithm),
+//! [`shm`] (the ring file), [`window`] (rolling statistics), [`sampler`] (NVML loops),
+//! [`dump`] (reading a running agent's ring), [`duration`] (human durations).
+#![deny(missing_docs)]
+
+pub mod ring;
+pub mod sample;
+
+#[cfg(not(gpuscale_loom))]
+pub mod dump;
+#[cfg(not(gpuscale_loom))]
+pub mod duration;
+#[cfg(not(gpuscale_loom))]
+pub mod sampler;
+#[cfg(not(gpuscale_loom))]
+pub mod shm;
+#[cfg(not(gpuscale_loom))]
+pub mod window;
+
+use std::path::PathBuf;
+
+/// Errors the agent reports to users. Each message names the input at fault and the fix; the
+/// underlying error is part of the message (not a `source`), so `{:#}` prints it once.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The NVML library could not be loaded at all.
+    #[error(
+        "cannot load the NVML library {path:?}: {error}. Install the NVIDIA driver (or the \
+         container toolkit's driver mount) or point --nvml-lib / GPUSCALE_NVML_LIB at \
+         libnvidia-ml.so.1"
+    )]
+    NvmlLoad {
+        /// The library path tried.
+        path: PathBuf,
+        /// What the loader said.
+        error: nvml_wrapper::error::NvmlError,
+    },
+    /// NVML loaded but refused to initialise or enumerate GPUs.
+    #[error("NVML from {path:?} failed to {what}: {error}")]
+    Nvml {
+        /// The library path.
+        path: PathBuf,
+        /// What the agent was doing.
+        what: &'static str,
+        /// NVML's error.
+        error: nvml_wrapper::error::NvmlError,
+    },
+    /// The ring file could not be created, opened, sized or mapped.
+    #[error("cannot {what} the ring file {path:?}: {error}. Check --shm / GPUSCALE_SHM points at a writable place (default /dev/shm/gpuscale/agent.ring)")]
+    Shm {
+        /// The ring file path.
+        path: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// Another agent holds the ring file's writer lock.
+    #[error("another gpuscale agent is already writing {path:?} (its lock {path:?}.lock is held); stop it or give this one another --shm")]
+    ShmBusy {
+        /// The ring file path.
+        path: PathBuf,
+    },
+    /// The ring file does not exist.
+    #[error("the ring file {path:?} does not exist: is the agent running, and is --shm the same path it was started with?")]
+    ShmMissing {
+        /// The ring file path.
+        path: PathBuf,
+    },
+    /// The file exists but is not a ring this build can read.
+    #[error("cannot read {path:?} as a gpuscale ring: {why}")]
+    BadRingFile {
+        /// The file path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Result with the agent's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Wall-clock time now, nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

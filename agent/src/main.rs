@@ -1,0 +1,145 @@
+//! `gpuscale-agent`: the node daemon. Flags are parsed here; the work is in the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use agent::sampler::{self, Stop};
+use agent::shm::ShmReader;
+
+/// gpuscale node agent: samples NVML into a shared-memory ring and keeps rolling windows.
+#[derive(Parser)]
+#[command(name = "gpuscale-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample every GPU on this node until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Print what a running agent's ring holds (no network needed).
+    Dump(DumpArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// NVML library to load (the fake one in tests).
+    #[arg(long, env = "GPUSCALE_NVML_LIB", default_value = "libnvidia-ml.so.1")]
+    nvml_lib: PathBuf,
+    /// Ring file in shared memory.
+    #[arg(long, env = "GPUSCALE_SHM", default_value = DEFAULT_SHM)]
+    shm: PathBuf,
+    /// Sampling interval per GPU, 10ms to 10s.
+    #[arg(long, env = "GPUSCALE_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
+    interval: Duration,
+    /// Node name reported with the data (default: the host name).
+    #[arg(long, env = "GPUSCALE_NODE_NAME")]
+    node_name: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    /// Ring file of the agent to read.
+    #[arg(long, env = "GPUSCALE_SHM", default_value = DEFAULT_SHM)]
+    shm: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const DEFAULT_SHM: &str = "/dev/shm/gpuscale/agent.ring";
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = agent::duration::parse(s)?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(10) {
+        return Err(format!("{s} is outside the accepted range 10ms to 10s"));
+    }
+    Ok(d)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-node".into())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). tracing-subscriber's `init` also
+/// installs the `log` bridge (its `tracing-log` feature), so `log` records from libraries arrive.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Triggers `stop` on SIGTERM or SIGINT.
+fn watch_signals(stop: std::sync::Arc<Stop>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        anyhow::Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                }
+            });
+            stop.trigger();
+        })?;
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stop = std::sync::Arc::new(Stop::default());
+    watch_signals(stop.clone())?;
+    let config = sampler::Config {
+        nvml_lib: args.nvml_lib,
+        shm: args.shm,
+        interval: args.interval,
+        node_name: args.node_name.unwrap_or_else(hostname),
+    };
+    sampler::run(&config, &stop, |_| {})?;
+    Ok(())
+}
+
+fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    let reader = ShmReader::open(&args.shm)?;
+    let report = agent::dump::collect(&reader, agent::unix_now_ns());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", agent::dump::render_table(&report));
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Dump(a) => dump(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

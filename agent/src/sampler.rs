@@ -1,0 +1,539 @@
+//! The NVML sampler: one thread per GPU writing a [`Sample`] per interval into that GPU's ring,
+//! plus one slower thread for per-process SM utilization.
+//!
+//! Owns every NVML call the agent makes, through `nvml-wrapper`. It must never let one GPU wait
+//! for another, and never put `nvmlDeviceGetProcessUtilization` (2.5 ms on an H100) on a device's
+//! per-interval path: that call runs on its own thread, only for GPUs with more than one process,
+//! every [`proc_util_period`].
+//!
+//! A GPU whose calls fail is marked `lost` (NVML `GPU_IS_LOST`) or `error` and retried with
+//! exponential backoff (1 s doubling to 30 s); meanwhile its ring keeps receiving empty samples
+//! in that state every interval, so readers see when it went away.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::enums::gpm::GpmMetricId;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
+use nvml_wrapper::{Device, Nvml};
+
+use crate::sample::{GpuState, Sample, Slot};
+use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter};
+use crate::window::GpuWindows;
+use crate::{unix_now_ns, Error, Result};
+
+/// GPM needs two samples at least this far apart.
+pub const GPM_MIN_SPACING: Duration = Duration::from_millis(100);
+/// A GPM value older than this is reported as absent rather than held.
+const GPM_MAX_AGE: Duration = Duration::from_secs(2);
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// History the ring keeps at the configured interval.
+pub const RING_HISTORY: Duration = Duration::from_secs(600);
+
+/// How often per-process utilization is read for GPUs with more than one process.
+pub fn proc_util_period(interval: Duration) -> Duration {
+    interval.max(Duration::from_secs(1))
+}
+
+/// What `gpuscale-agent run` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Path of `libnvidia-ml.so.1` (or the fake).
+    pub nvml_lib: PathBuf,
+    /// Ring file path.
+    pub shm: PathBuf,
+    /// Sampling interval.
+    pub interval: Duration,
+    /// Node name written into the ring.
+    pub node_name: String,
+}
+
+/// A stop signal the sampler threads wait on between samples.
+#[derive(Default)]
+pub struct Stop {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Stop {
+    /// Asks every loop waiting on this signal to finish.
+    pub fn trigger(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Whether [`Stop::trigger`] was called.
+    pub fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps until [`Stop::trigger`] is called.
+    pub fn wait(&self) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stopped {
+            stopped = self.cv.wait(stopped).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Sleeps until `deadline`; returns `true` when stopped meanwhile.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *stopped {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            stopped = self
+                .cv
+                .wait_timeout(stopped, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Loads NVML from `path`, mapping failures to errors that name the path and the flag.
+pub fn load_nvml(path: &Path) -> Result<Nvml> {
+    Nvml::builder()
+        .lib_path(path.as_os_str())
+        .init()
+        .map_err(|error| match error {
+            NvmlError::LibloadingError(_) | NvmlError::FailedToLoadSymbol(_) => Error::NvmlLoad {
+                path: path.to_owned(),
+                error,
+            },
+            error => Error::Nvml {
+                path: path.to_owned(),
+                what: "initialise",
+                error,
+            },
+        })
+}
+
+fn describe(device: &Device<'_>, index: u32) -> GpuInfo {
+    GpuInfo {
+        index,
+        uuid: device.uuid().unwrap_or_default(),
+        name: device.name().unwrap_or_else(|_| "unknown".into()),
+        memory_total_bytes: device.memory_info().map_or(0, |m| m.total),
+        gpm_supported: device.gpm_support().unwrap_or(false),
+    }
+}
+
+/// Per-process SM utilization the slow thread measured for one GPU.
+#[derive(Default)]
+struct ProcUtil {
+    /// Set by the device sampler: the GPU has more than one process.
+    wanted: bool,
+    /// When the map was last refreshed.
+    at: Option<Instant>,
+    sm_util: HashMap<u32, f32>,
+}
+
+/// Everything the device threads share with the rest of the agent.
+pub struct Agent {
+    /// The GPUs being sampled.
+    pub gpus: Vec<GpuInfo>,
+    windows: Vec<Mutex<GpuWindows>>,
+    proc_util: Vec<Mutex<ProcUtil>>,
+}
+
+impl Agent {
+    /// A copy-free look at one GPU's windows.
+    pub fn with_windows<T>(&self, gpu: usize, f: impl FnOnce(&GpuWindows) -> T) -> T {
+        f(&self.windows[gpu].lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Runs the agent until `stop` fires: loads NVML, opens the ring, rebuilds windows from its
+/// history when the file is reused, and samples every GPU. `ready` is called once sampling has
+/// started.
+pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(&Agent)) -> Result<()> {
+    let nvml = load_nvml(&config.nvml_lib)?;
+    let nvml_err = |what: &'static str| {
+        let path = config.nvml_lib.clone();
+        move |error| Error::Nvml { path, what, error }
+    };
+    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".into());
+    let count = nvml.device_count().map_err(nvml_err("count GPUs"))?;
+    let mut devices = Vec::new();
+    for i in 0..count {
+        devices.push(nvml.device_by_index(i).map_err(nvml_err("open a GPU"))?);
+    }
+    let gpus: Vec<GpuInfo> = devices
+        .iter()
+        .zip(0..)
+        .map(|(d, i)| describe(d, i))
+        .collect();
+    if gpus.is_empty() {
+        tracing::warn!("NVML reports zero GPUs on this node; the agent runs and reports none");
+    }
+    for g in &gpus {
+        tracing::info!(gpu = g.index, uuid = %g.uuid, name = %g.name, gpm = g.gpm_supported, "found GPU");
+    }
+    let params = shm::Params {
+        capacity: shm::capacity_for(config.interval, RING_HISTORY),
+        interval_ns: config.interval.as_nanos() as u64,
+        node_name: config.node_name.clone(),
+        driver_version: driver.clone(),
+    };
+    let writer = ShmWriter::open(&config.shm, &params, &gpus)?;
+    let regions = writer.regions();
+    let windows = regions
+        .iter()
+        .zip(&gpus)
+        .map(|(r, g)| {
+            let w = if writer.reused() {
+                GpuWindows::from_ring(&r.ring(), g.memory_total_bytes)
+            } else {
+                GpuWindows::for_gpu()
+            };
+            Mutex::new(w)
+        })
+        .collect();
+    if writer.reused() {
+        tracing::info!(path = %config.shm.display(), "reused the ring file; windows rebuilt from its history");
+    }
+    tracing::info!(
+        path = %config.shm.display(),
+        driver = %driver,
+        gpus = gpus.len(),
+        interval = %crate::duration::format(config.interval),
+        capacity = writer.capacity(),
+        "sampling"
+    );
+    let agent = Agent {
+        proc_util: gpus.iter().map(|_| Mutex::default()).collect(),
+        gpus,
+        windows,
+    };
+    std::thread::scope(|s| {
+        for (i, (device, region)) in devices.iter().zip(&regions).enumerate() {
+            let agent = &agent;
+            let nvml = &nvml;
+            std::thread::Builder::new()
+                .name(format!("sampler-{i}"))
+                .spawn_scoped(s, move || {
+                    let _span = tracing::info_span!("sampler", gpu = i).entered();
+                    DeviceLoop::new(nvml, device, region, agent, i, config.interval).run(stop);
+                })
+                .expect("spawning a sampler thread");
+        }
+        if !devices.is_empty() {
+            let agent = &agent;
+            let devices = &devices;
+            std::thread::Builder::new()
+                .name("proc-util".into())
+                .spawn_scoped(s, move || proc_util_loop(devices, agent, config.interval, stop))
+                .expect("spawning the process-utilization thread");
+        }
+        ready(&agent);
+        stop.wait();
+    });
+    tracing::info!("stopped sampling");
+    Ok(())
+}
+
+/// Why a device could not be sampled.
+enum Failure {
+    Lost,
+    Error(NvmlError),
+}
+
+fn classify(e: NvmlError) -> Failure {
+    match e {
+        NvmlError::GpuLost => Failure::Lost,
+        e => Failure::Error(e),
+    }
+}
+
+struct DeviceLoop<'a, 'n> {
+    nvml: &'n Nvml,
+    device: &'a Device<'n>,
+    region: &'a Region<'a>,
+    agent: &'a Agent,
+    gpu: usize,
+    gpm: Option<GpmState<'n>>,
+    state: GpuState,
+    backoff: Duration,
+    retry_at: Instant,
+    proc_version: u64,
+    interval: Duration,
+}
+
+struct GpmState<'n> {
+    prev: Option<(GpmSample<'n>, Instant)>,
+    values: Option<([f32; 4], Instant)>,
+}
+
+impl<'a, 'n> DeviceLoop<'a, 'n> {
+    fn new(
+        nvml: &'n Nvml,
+        device: &'a Device<'n>,
+        region: &'a Region<'a>,
+        agent: &'a Agent,
+        gpu: usize,
+        interval: Duration,
+    ) -> Self {
+        DeviceLoop {
+            nvml,
+            device,
+            region,
+            agent,
+            gpu,
+            gpm: agent.gpus[gpu].gpm_supported.then_some(GpmState {
+                prev: None,
+                values: None,
+            }),
+            state: GpuState::Starting,
+            backoff: BACKOFF_START,
+            retry_at: Instant::now(),
+            proc_version: 0,
+            interval,
+        }
+    }
+
+    fn run(mut self, stop: &Stop) {
+        let interval = self.interval;
+        let mut next = Instant::now();
+        loop {
+            if stop.wait_until(next) {
+                return;
+            }
+            let now = Instant::now();
+            next += interval;
+            if next < now {
+                // We fell behind (a slow NVML call): skip the missed ticks instead of bursting.
+                next = now + interval;
+            }
+            let sample = if now >= self.retry_at {
+                self.sample(now)
+            } else {
+                Sample::empty(unix_now_ns(), self.state)
+            };
+            self.region.ring().push(&sample);
+            let total = self.agent.gpus[self.gpu].memory_total_bytes;
+            self.agent.windows[self.gpu]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_metrics(sample.ts_ns, sample.metrics(total));
+        }
+    }
+
+    fn set_state(&mut self, state: GpuState, why: Option<&NvmlError>) {
+        if state != self.state {
+            match (state, why) {
+                (GpuState::Ok, _) => tracing::info!("GPU sampled ({})", state.name()),
+                (_, Some(e)) => tracing::warn!(error = %e, "GPU is {}; retrying with backoff", state.name()),
+                _ => {}
+            }
+        }
+        self.state = state;
+        self.region.set_state(state);
+    }
+
+    fn sample(&mut self, now: Instant) -> Sample {
+        match self.try_sample(now) {
+            Ok(s) => {
+                self.backoff = BACKOFF_START;
+                self.set_state(GpuState::Ok, None);
+                s
+            }
+            Err(f) => {
+                let (state, e) = match f {
+                    Failure::Lost => (GpuState::Lost, NvmlError::GpuLost),
+                    Failure::Error(e) => (GpuState::Error, e),
+                };
+                self.set_state(state, Some(&e));
+                self.retry_at = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                if let Some(g) = &mut self.gpm {
+                    g.prev = None;
+                    g.values = None;
+                }
+                Sample::empty(unix_now_ns(), state)
+            }
+        }
+    }
+
+    fn try_sample(&mut self, now: Instant) -> Result<Sample, Failure> {
+        let d = self.device;
+        let util = d.utilization_rates().map_err(classify)?;
+        let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
+        s.set(Slot::GpuUtil, util.gpu as f32);
+        s.set(Slot::MemUtil, util.memory as f32);
+        if let Some(m) = optional(d.memory_info())? {
+            s.set_vram_used(m.used);
+        }
+        if let Some(mw) = optional(d.power_usage())? {
+            s.set(Slot::PowerWatts, mw as f32 / 1000.0);
+        }
+        if let Some(t) = optional(d.temperature(TemperatureSensor::Gpu))? {
+            s.set(Slot::TemperatureC, t as f32);
+        }
+        if let Some(v) = self.gpm_values(now)? {
+            for (slot, v) in [
+                Slot::SmActive,
+                Slot::SmOccupancy,
+                Slot::TensorActive,
+                Slot::DramActive,
+            ]
+            .into_iter()
+            .zip(v)
+            {
+                s.set(slot, v);
+            }
+        }
+        let procs = optional(d.running_compute_processes())?.unwrap_or_default();
+        s.process_count = procs.len() as u32;
+        self.publish_processes(s.ts_ns, &procs);
+        Ok(s)
+    }
+
+    fn gpm_values(&mut self, now: Instant) -> Result<Option<[f32; 4]>, Failure> {
+        let Some(g) = &mut self.gpm else {
+            return Ok(None);
+        };
+        let due = g
+            .prev
+            .as_ref()
+            .is_none_or(|(_, at)| now.duration_since(*at) >= GPM_MIN_SPACING);
+        if due {
+            let Some(sample) = optional(self.device.gpm_sample())? else {
+                return Ok(None);
+            };
+            if let Some((prev, _)) = &g.prev {
+                const IDS: [GpmMetricId; 4] = [
+                    GpmMetricId::SmUtil,
+                    GpmMetricId::SmOccupancy,
+                    GpmMetricId::AnyTensorUtil,
+                    GpmMetricId::DramBwUtil,
+                ];
+                let results = gpm_metrics_get(self.nvml, prev, &sample, &IDS).map_err(classify)?;
+                let mut values = [0f32; 4];
+                let mut all = true;
+                for (v, r) in values.iter_mut().zip(results) {
+                    match r {
+                        Ok(r) => *v = r.value as f32,
+                        Err(_) => all = false,
+                    }
+                }
+                // A partial answer is reported as absent rather than mixing old and new values.
+                g.values = all.then_some((values, now));
+            }
+            g.prev = Some((sample, now));
+        }
+        Ok(g
+            .values
+            .filter(|(_, at)| now.duration_since(*at) <= GPM_MAX_AGE)
+            .map(|(v, _)| v))
+    }
+
+    fn publish_processes(&mut self, ts_ns: u64, procs: &[nvml_wrapper::struct_wrappers::device::ProcessInfo]) {
+        let mut pu = self.agent.proc_util[self.gpu]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pu.wanted = procs.len() > 1;
+        let fresh = pu
+            .at
+            .is_some_and(|at| at.elapsed() <= 3 * proc_util_period(self.interval));
+        let processes: Vec<ProcessEntry> = procs
+            .iter()
+            .map(|p| ProcessEntry {
+                pid: p.pid,
+                used_memory_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                },
+                // NVML lists only processes with non-zero utilization since the last look, so a
+                // process missing from a fresh answer measured 0.
+                sm_util: (fresh && procs.len() > 1)
+                    .then(|| pu.sm_util.get(&p.pid).copied().unwrap_or(0.0)),
+            })
+            .collect();
+        drop(pu);
+        let truncated = processes.len().saturating_sub(shm::MAX_PROCESSES) as u32;
+        self.proc_version += 1;
+        self.region.write_processes(
+            self.proc_version,
+            &ProcessSnapshot {
+                ts_ns,
+                processes,
+                truncated,
+            },
+        );
+    }
+}
+
+/// `Ok(None)` for NVML's "not supported"-like answers (the value is absent), `Err` for a GPU
+/// that is lost or failing.
+fn optional<T>(r: Result<T, NvmlError>) -> Result<Option<T>, Failure> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(NvmlError::NotSupported | NvmlError::NoPermission | NvmlError::FunctionNotFound) => {
+            Ok(None)
+        }
+        Err(NvmlError::FailedToLoadSymbol(_)) => Ok(None),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// The slow path: per-process SM utilization for GPUs whose sampler asked for it.
+fn proc_util_loop(devices: &[Device<'_>], agent: &Agent, interval: Duration, stop: &Stop) {
+    let _span = tracing::info_span!("proc_util").entered();
+    let period = proc_util_period(interval);
+    let mut last_seen = vec![0u64; devices.len()];
+    let mut next = Instant::now();
+    loop {
+        next += period;
+        if stop.wait_until(next) {
+            return;
+        }
+        for (i, d) in devices.iter().enumerate() {
+            let wanted = agent.proc_util[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .wanted;
+            if !wanted {
+                continue;
+            }
+            // Samples since our last look; the first look covers one period.
+            let since = match last_seen[i] {
+                0 => (unix_now_ns() / 1000).saturating_sub(period.as_micros() as u64),
+                t => t,
+            };
+            let map = match d.process_utilization_stats(since) {
+                Ok(samples) => {
+                    let mut acc: HashMap<u32, (u64, u32)> = HashMap::new();
+                    for s in samples {
+                        last_seen[i] = last_seen[i].max(s.timestamp);
+                        let e = acc.entry(s.pid).or_default();
+                        e.0 += u64::from(s.sm_util);
+                        e.1 += 1;
+                    }
+                    acc.into_iter()
+                        .map(|(pid, (sum, n))| (pid, sum as f32 / n as f32))
+                        .collect()
+                }
+                // NOT_FOUND: no process ran a kernel since `since` — a measured zero.
+                Err(NvmlError::NotFound) => HashMap::new(),
+                Err(e) => {
+                    tracing::debug!(gpu = i, error = %e, "per-process utilization unavailable");
+                    continue;
+                }
+            };
+            let mut pu = agent.proc_util[i].lock().unwrap_or_else(|e| e.into_inner());
+            pu.sm_util = map;
+            pu.at = Some(Instant::now());
+        }
+    }
+}

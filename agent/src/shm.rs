@@ -1,0 +1,773 @@
+//! The ring file at `--shm`: creating, reusing, validating and mapping it.
+//!
+//! This module owns the header and per-GPU region layout drawn in [`crate::ring`], the writer's
+//! exclusive lock (`<path>.lock`, an `flock` the kernel drops when the agent dies), and the
+//! read-only view `dump` uses. It never interprets samples; [`crate::ring::Ring`] does.
+//!
+//! A new layout is written to `<path>.tmp-<pid>` and renamed over `path`, so a reader that has
+//! the old file mapped keeps a valid mapping (truncating a mapped file would SIGBUS it).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytemuck::{Pod, Zeroable};
+use memmap2::{Mmap, MmapMut};
+
+use crate::ring::{seq_read, seq_write, Ring, SLOT_WORDS};
+use crate::sample::GpuState;
+use crate::{Error, Result};
+
+/// First bytes of every ring file.
+pub const MAGIC: [u8; 8] = *b"GPUSCRNG";
+/// Version of the layout described in [`crate::ring`]; bump on any change.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Process entries kept in each GPU's snapshot.
+pub const MAX_PROCESSES: usize = 64;
+
+const PAGE: usize = 4096;
+const LINE: usize = 64;
+const HEAD_OFFSET: usize = 0;
+const STATE_OFFSET: usize = LINE;
+const PROCS_OFFSET: usize = 2 * LINE;
+/// Words of one process entry: pid|flags, used memory, sm_util bits.
+const PROC_ENTRY_WORDS: usize = 3;
+/// Words of the process snapshot payload: count, ts_ns, entries.
+const PROCS_WORDS: usize = 2 + MAX_PROCESSES * PROC_ENTRY_WORDS;
+
+/// The fixed part of the file header. 256 bytes, no implicit padding.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct FileHeader {
+    /// [`MAGIC`].
+    pub magic: [u8; 8],
+    /// [`LAYOUT_VERSION`].
+    pub layout_version: u32,
+    /// Bytes before the first GPU region (page aligned).
+    pub header_bytes: u32,
+    /// Bytes of one sample record.
+    pub record_bytes: u32,
+    /// Slots per GPU ring (a power of two).
+    pub capacity: u32,
+    /// GPUs in the file.
+    pub gpu_count: u32,
+    /// Process entries per snapshot.
+    pub max_processes: u32,
+    /// Bytes of one GPU region.
+    pub region_bytes: u64,
+    /// Sampling interval of the writer, nanoseconds.
+    pub interval_ns: u64,
+    /// When the file was created, nanoseconds since the Unix epoch.
+    pub created_unix_ns: u64,
+    /// Node name, NUL padded.
+    pub node_name: [u8; 64],
+    /// NVIDIA driver version, NUL padded.
+    pub driver_version: [u8; 32],
+    /// Reserved; zero.
+    pub _reserved: [u8; 104],
+}
+
+const _: () = assert!(std::mem::size_of::<FileHeader>() == 256);
+
+/// One GPU table entry. 256 bytes, no implicit padding.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct GpuEntry {
+    /// NVML index.
+    pub index: u32,
+    /// Bit 0: GPM supported.
+    pub flags: u32,
+    /// Total device memory, bytes (0 when unknown).
+    pub memory_total_bytes: u64,
+    /// UUID, NUL padded.
+    pub uuid: [u8; 96],
+    /// Product name, NUL padded.
+    pub name: [u8; 96],
+    /// Reserved; zero.
+    pub _reserved: [u8; 48],
+}
+
+const _: () = assert!(std::mem::size_of::<GpuEntry>() == 256);
+
+/// What the agent knows about a GPU when it creates the file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuInfo {
+    /// NVML index.
+    pub index: u32,
+    /// UUID (`GPU-…`), or empty when NVML could not say.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total device memory, bytes (0 when unknown).
+    pub memory_total_bytes: u64,
+    /// Whether GPM metrics are available.
+    pub gpm_supported: bool,
+}
+
+impl GpuEntry {
+    fn from_info(info: &GpuInfo) -> GpuEntry {
+        let mut e = GpuEntry::zeroed();
+        e.index = info.index;
+        e.flags = u32::from(info.gpm_supported);
+        e.memory_total_bytes = info.memory_total_bytes;
+        put_str(&mut e.uuid, &info.uuid);
+        put_str(&mut e.name, &info.name);
+        e
+    }
+
+    fn info(&self) -> GpuInfo {
+        GpuInfo {
+            index: self.index,
+            uuid: get_str(&self.uuid),
+            name: get_str(&self.name),
+            memory_total_bytes: self.memory_total_bytes,
+            gpm_supported: self.flags & 1 != 0,
+        }
+    }
+}
+
+fn put_str(dst: &mut [u8], s: &str) {
+    let mut n = s.len().min(dst.len() - 1);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn get_str(src: &[u8]) -> String {
+    let end = src.iter().position(|&b| b == 0).unwrap_or(src.len());
+    String::from_utf8_lossy(&src[..end]).into_owned()
+}
+
+/// Parameters of a ring file.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Slots per GPU (rounded up to a power of two).
+    pub capacity: u32,
+    /// Sampling interval, nanoseconds.
+    pub interval_ns: u64,
+    /// Node name.
+    pub node_name: String,
+    /// Driver version.
+    pub driver_version: String,
+}
+
+/// Slots needed to keep `history` of samples at `interval`, as a power of two, at least 1024.
+pub fn capacity_for(interval: std::time::Duration, history: std::time::Duration) -> u32 {
+    let n = history.as_nanos().div_ceil(interval.as_nanos().max(1));
+    (n.clamp(1024, 1 << 22) as u32).next_power_of_two()
+}
+
+fn region_bytes(capacity: u32) -> usize {
+    (slots_offset() + capacity as usize * SLOT_WORDS * 8).next_multiple_of(PAGE)
+}
+
+fn slots_offset() -> usize {
+    (PROCS_OFFSET + (1 + PROCS_WORDS) * 8).next_multiple_of(LINE)
+}
+
+fn header_bytes(gpu_count: usize) -> usize {
+    (256 + gpu_count * 256).next_multiple_of(PAGE)
+}
+
+/// A running process on a GPU, as kept in the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcessEntry {
+    /// Host PID.
+    pub pid: u32,
+    /// Device memory used, bytes (`None` when NVML could not say).
+    pub used_memory_bytes: Option<u64>,
+    /// SM utilization, percent, from NVML's per-process samples (`None` when not measured).
+    pub sm_util: Option<f32>,
+}
+
+/// The processes on one GPU at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessSnapshot {
+    /// When the list was read, nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    /// Processes (at most [`MAX_PROCESSES`]).
+    pub processes: Vec<ProcessEntry>,
+    /// Processes NVML reported beyond [`MAX_PROCESSES`].
+    pub truncated: u32,
+}
+
+fn encode_procs(snap: &ProcessSnapshot) -> [u64; PROCS_WORDS] {
+    let mut w = [0u64; PROCS_WORDS];
+    let n = snap.processes.len().min(MAX_PROCESSES);
+    w[0] = n as u64 | (u64::from(snap.truncated) << 32);
+    w[1] = snap.ts_ns;
+    for (i, p) in snap.processes.iter().take(n).enumerate() {
+        let flags = u64::from(p.used_memory_bytes.is_some()) | u64::from(p.sm_util.is_some()) << 1;
+        let base = 2 + i * PROC_ENTRY_WORDS;
+        w[base] = u64::from(p.pid) | flags << 32;
+        w[base + 1] = p.used_memory_bytes.unwrap_or(0);
+        w[base + 2] = u64::from(p.sm_util.unwrap_or(0.0).to_bits());
+    }
+    w
+}
+
+fn decode_procs(w: &[u64; PROCS_WORDS]) -> ProcessSnapshot {
+    let n = ((w[0] & 0xffff_ffff) as usize).min(MAX_PROCESSES);
+    let processes = (0..n)
+        .map(|i| {
+            let base = 2 + i * PROC_ENTRY_WORDS;
+            let flags = w[base] >> 32;
+            ProcessEntry {
+                pid: w[base] as u32,
+                used_memory_bytes: (flags & 1 != 0).then_some(w[base + 1]),
+                sm_util: (flags & 2 != 0).then(|| f32::from_bits(w[base + 2] as u32)),
+            }
+        })
+        .collect();
+    ProcessSnapshot {
+        ts_ns: w[1],
+        processes,
+        truncated: (w[0] >> 32) as u32,
+    }
+}
+
+/// A validated view of one GPU's region in a mapped file.
+pub struct Region<'a> {
+    words: &'a [AtomicU64],
+    capacity: usize,
+}
+
+impl<'a> Region<'a> {
+    /// The GPU's sample ring.
+    pub fn ring(&self) -> Ring<'a> {
+        let at = slots_offset() / 8;
+        Ring::new(
+            &self.words[HEAD_OFFSET / 8],
+            &self.words[at..at + self.capacity * SLOT_WORDS],
+        )
+    }
+
+    /// The GPU's state as the writer last published it.
+    pub fn state(&self) -> GpuState {
+        // Relaxed: a standalone status word; no other data hangs off it.
+        GpuState::from_code(self.words[STATE_OFFSET / 8].load(Ordering::Relaxed) as u32)
+    }
+
+    /// Publishes the GPU's state (writer only).
+    pub fn set_state(&self, state: GpuState) {
+        // Relaxed: see `state`.
+        self.words[STATE_OFFSET / 8].store(state as u64, Ordering::Relaxed);
+    }
+
+    fn procs_cell(&self) -> &'a [AtomicU64] {
+        &self.words[PROCS_OFFSET / 8..PROCS_OFFSET / 8 + 1 + PROCS_WORDS]
+    }
+
+    /// The latest process snapshot; `None` when none was written yet or the writer kept
+    /// rewriting it during every attempt.
+    pub fn processes(&self) -> Option<ProcessSnapshot> {
+        let mut w = [0u64; PROCS_WORDS];
+        (0..16).find_map(|_| seq_read(self.procs_cell(), &mut w).map(|_| decode_procs(&w)))
+    }
+
+    /// Publishes a process snapshot (writer only); `version` must increase per call.
+    pub fn write_processes(&self, version: u64, snap: &ProcessSnapshot) {
+        seq_write(self.procs_cell(), version, &encode_procs(snap));
+    }
+}
+
+/// The parts of a mapped ring file shared by the writer and readers.
+struct Layout {
+    header: FileHeader,
+    gpus: Vec<GpuInfo>,
+}
+
+fn parse_layout(path: &Path, bytes: &[u8]) -> Result<Layout> {
+    let bad = |why: String| Error::BadRingFile {
+        path: path.to_owned(),
+        why,
+    };
+    if bytes.len() < 256 {
+        return Err(bad(format!(
+            "{} bytes is too short for a gpuscale ring header",
+            bytes.len()
+        )));
+    }
+    let header: FileHeader = bytemuck::pod_read_unaligned(&bytes[..256]);
+    if header.magic != MAGIC {
+        return Err(bad(
+            "it is not a gpuscale ring file (wrong magic bytes); point --shm at the agent's ring"
+                .into(),
+        ));
+    }
+    if header.layout_version != LAYOUT_VERSION {
+        return Err(bad(format!(
+            "it has ring layout version {}, this binary reads version {LAYOUT_VERSION}; use the \
+             gpuscale-agent binary that wrote it",
+            header.layout_version
+        )));
+    }
+    let gpu_count = header.gpu_count as usize;
+    if gpu_count > 1024
+        || header.header_bytes as usize != header_bytes(gpu_count)
+        || header.record_bytes as usize != std::mem::size_of::<crate::sample::Sample>()
+        || header.max_processes as usize != MAX_PROCESSES
+        || !header.capacity.is_power_of_two()
+        || header.region_bytes as usize != region_bytes(header.capacity)
+    {
+        return Err(bad(
+            "its header is inconsistent (corrupted or written by a different build)".into(),
+        ));
+    }
+    let want = header.header_bytes as u64 + header.region_bytes * gpu_count as u64;
+    if (bytes.len() as u64) < want {
+        return Err(bad(format!(
+            "it is truncated: {} bytes, the header needs {want}",
+            bytes.len()
+        )));
+    }
+    let gpus = (0..gpu_count)
+        .map(|i| {
+            let at = 256 + i * 256;
+            bytemuck::pod_read_unaligned::<GpuEntry>(&bytes[at..at + 256]).info()
+        })
+        .collect();
+    Ok(Layout { header, gpus })
+}
+
+fn regions_of<'a>(layout: &Layout, base: *const u8, len: usize) -> Vec<Region<'a>> {
+    let h = &layout.header;
+    (0..h.gpu_count as usize)
+        .map(|i| {
+            let start = h.header_bytes as usize + i * h.region_bytes as usize;
+            let n = h.region_bytes as usize / 8;
+            assert!(start + n * 8 <= len);
+            // SAFETY: `base` is a page-aligned mapping of `len` bytes that outlives 'a (the
+            // caller ties 'a to the mapping); `start` is a multiple of 8 and the range is in
+            // bounds (asserted). Every access to the words goes through atomics, which is how
+            // the other process (or thread) writes them too.
+            let words = unsafe { std::slice::from_raw_parts(base.add(start) as *const AtomicU64, n) };
+            Region {
+                words,
+                capacity: h.capacity as usize,
+            }
+        })
+        .collect()
+}
+
+fn now_ns() -> u64 {
+    crate::unix_now_ns()
+}
+
+/// The agent's writable, exclusively locked ring file.
+pub struct ShmWriter {
+    path: PathBuf,
+    header: FileHeader,
+    gpus: Vec<GpuInfo>,
+    map: MmapMut,
+    reused: bool,
+    _lock: File,
+}
+
+impl std::fmt::Debug for ShmWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmWriter").field("path", &self.path).finish()
+    }
+}
+
+/// Path of the lock file that marks a live writer.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: flock on a valid open descriptor owned by `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+impl ShmWriter {
+    /// Opens `path` for writing: takes the writer lock, reuses the file when its layout matches
+    /// `params` and `gpus` (so history survives an agent restart), and otherwise writes a fresh
+    /// file.
+    pub fn open(path: &Path, params: &Params, gpus: &[GpuInfo]) -> Result<ShmWriter> {
+        let io = |what: &'static str| {
+            let path = path.to_owned();
+            move |error| Error::Shm { path, what, error }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("create its directory"))?;
+        }
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock_path(path))
+            .map_err(io("create its lock file"))?;
+        if !flock(&lock, libc::LOCK_EX).map_err(io("lock"))? {
+            return Err(Error::ShmBusy {
+                path: path.to_owned(),
+            });
+        }
+        let capacity = params.capacity.next_power_of_two();
+        if let Some(w) = Self::reuse(path, params, capacity, gpus, &lock)? {
+            return Ok(w);
+        }
+        let count = gpus.len();
+        let mut header = FileHeader::zeroed();
+        header.magic = MAGIC;
+        header.layout_version = LAYOUT_VERSION;
+        header.header_bytes = header_bytes(count) as u32;
+        header.record_bytes = std::mem::size_of::<crate::sample::Sample>() as u32;
+        header.capacity = capacity;
+        header.gpu_count = count as u32;
+        header.max_processes = MAX_PROCESSES as u32;
+        header.region_bytes = region_bytes(capacity) as u64;
+        header.interval_ns = params.interval_ns;
+        header.created_unix_ns = now_ns();
+        put_str(&mut header.node_name, &params.node_name);
+        put_str(&mut header.driver_version, &params.driver_version);
+        let total = header.header_bytes as u64 + header.region_bytes * count as u64;
+
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io("create"))?;
+        file.set_len(total).map_err(io("size"))?;
+        // SAFETY: the file is ours (a fresh temp name, under the writer lock) and nothing else
+        // truncates it while mapped.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io("map"))?;
+        for (i, g) in gpus.iter().enumerate() {
+            let at = 256 + i * 256;
+            map[at..at + 256].copy_from_slice(bytemuck::bytes_of(&GpuEntry::from_info(g)));
+        }
+        map[..256].copy_from_slice(bytemuck::bytes_of(&header));
+        std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
+        Ok(ShmWriter {
+            path: path.to_owned(),
+            header,
+            gpus: gpus.to_vec(),
+            map,
+            reused: false,
+            _lock: lock,
+        })
+    }
+
+    fn reuse(
+        path: &Path,
+        params: &Params,
+        capacity: u32,
+        gpus: &[GpuInfo],
+        lock: &File,
+    ) -> Result<Option<ShmWriter>> {
+        let Ok(file) = OpenOptions::new().read(true).write(true).open(path) else {
+            return Ok(None);
+        };
+        // SAFETY: we hold the writer lock, so no other agent resizes the file; readers only map.
+        let Ok(map) = (unsafe { MmapMut::map_mut(&file) }) else {
+            return Ok(None);
+        };
+        let Ok(layout) = parse_layout(path, &map) else {
+            tracing::info!(path = %path.display(), "existing ring file is not reusable; writing a new one");
+            return Ok(None);
+        };
+        let same = layout.header.capacity == capacity
+            && layout.header.interval_ns == params.interval_ns
+            && layout.gpus.len() == gpus.len()
+            && layout
+                .gpus
+                .iter()
+                .zip(gpus)
+                .all(|(a, b)| a.uuid == b.uuid && a.index == b.index);
+        if !same {
+            tracing::info!(path = %path.display(), "existing ring file has other GPUs or another interval; writing a new one");
+            return Ok(None);
+        }
+        let mut header = layout.header;
+        put_str(&mut header.driver_version, &params.driver_version);
+        let lock = lock.try_clone().map_err(|error| Error::Shm {
+            path: path.to_owned(),
+            what: "lock",
+            error,
+        })?;
+        let mut w = ShmWriter {
+            path: path.to_owned(),
+            header,
+            gpus: gpus.to_vec(),
+            map,
+            reused: true,
+            _lock: lock,
+        };
+        w.map[..256].copy_from_slice(bytemuck::bytes_of(&header));
+        for (i, g) in gpus.iter().enumerate() {
+            let at = 256 + i * 256;
+            w.map[at..at + 256].copy_from_slice(bytemuck::bytes_of(&GpuEntry::from_info(g)));
+        }
+        Ok(Some(w))
+    }
+
+    /// Whether an existing file's history was kept.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The GPUs in the file, in region order.
+    pub fn gpus(&self) -> &[GpuInfo] {
+        &self.gpus
+    }
+
+    /// The regions, one per GPU.
+    pub fn regions(&self) -> Vec<Region<'_>> {
+        let layout = Layout {
+            header: self.header,
+            gpus: vec![],
+        };
+        regions_of(&layout, self.map.as_ptr(), self.map.len())
+    }
+
+    /// Slots per GPU.
+    pub fn capacity(&self) -> u32 {
+        self.header.capacity
+    }
+}
+
+/// A read-only view of a ring file, as `dump` uses it.
+pub struct ShmReader {
+    header: FileHeader,
+    gpus: Vec<GpuInfo>,
+    map: Mmap,
+    writer_alive: bool,
+}
+
+impl ShmReader {
+    /// Maps `path` read-only and validates it.
+    pub fn open(path: &Path) -> Result<ShmReader> {
+        let file = File::open(path).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                Error::ShmMissing {
+                    path: path.to_owned(),
+                }
+            } else {
+                Error::Shm {
+                    path: path.to_owned(),
+                    what: "open",
+                    error,
+                }
+            }
+        })?;
+        // SAFETY: a read-only shared mapping; the writer never shrinks a file in place (new
+        // layouts are renamed over it), so the mapping stays valid while we hold it.
+        let map = unsafe { Mmap::map(&file) }.map_err(|error| Error::Shm {
+            path: path.to_owned(),
+            what: "map",
+            error,
+        })?;
+        let layout = parse_layout(path, &map)?;
+        let writer_alive = match File::open(lock_path(path)) {
+            Ok(lock) => !flock(&lock, libc::LOCK_SH).unwrap_or(false),
+            Err(_) => false,
+        };
+        Ok(ShmReader {
+            header: layout.header,
+            gpus: layout.gpus,
+            map,
+            writer_alive,
+        })
+    }
+
+    /// The regions, one per GPU.
+    pub fn regions(&self) -> Vec<Region<'_>> {
+        let layout = Layout {
+            header: self.header,
+            gpus: vec![],
+        };
+        regions_of(&layout, self.map.as_ptr(), self.map.len())
+    }
+
+    /// The GPUs in the file.
+    pub fn gpus(&self) -> &[GpuInfo] {
+        &self.gpus
+    }
+
+    /// Node name written by the agent.
+    pub fn node_name(&self) -> String {
+        get_str(&self.header.node_name)
+    }
+
+    /// Driver version written by the agent.
+    pub fn driver_version(&self) -> String {
+        get_str(&self.header.driver_version)
+    }
+
+    /// The writer's sampling interval, nanoseconds.
+    pub fn interval_ns(&self) -> u64 {
+        self.header.interval_ns
+    }
+
+    /// Slots per GPU.
+    pub fn capacity(&self) -> u32 {
+        self.header.capacity
+    }
+
+    /// Whether an agent holds the writer lock right now.
+    pub fn writer_alive(&self) -> bool {
+        self.writer_alive
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{Sample, Slot};
+
+    fn gpu(i: u32) -> GpuInfo {
+        GpuInfo {
+            index: i,
+            uuid: format!("GPU-{i:08}"),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            gpm_supported: i == 0,
+        }
+    }
+
+    fn params() -> Params {
+        Params {
+            capacity: 1024,
+            interval_ns: 100_000_000,
+            node_name: "node-a".into(),
+            driver_version: "580.159.04".into(),
+        }
+    }
+
+    #[test]
+    fn capacity_keeps_ten_minutes_at_the_default_interval() {
+        use std::time::Duration;
+        let c = capacity_for(Duration::from_millis(100), Duration::from_secs(600));
+        assert!(c >= 6000 && c.is_power_of_two(), "{c}");
+        assert_eq!(
+            capacity_for(Duration::from_secs(10), Duration::from_secs(600)),
+            1024
+        );
+    }
+
+    #[test]
+    fn reader_sees_what_the_writer_wrote_and_a_restart_keeps_history() {
+        let dir = tempdir();
+        let path = dir.join("agent.ring");
+        let w = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
+        assert!(!w.reused());
+        let regions = w.regions();
+        let mut s = Sample::empty(42, GpuState::Ok);
+        s.set(Slot::GpuUtil, 37.0);
+        regions[1].ring().push(&s);
+        regions[1].set_state(GpuState::Lost);
+        let snap = ProcessSnapshot {
+            ts_ns: 42,
+            processes: vec![ProcessEntry {
+                pid: 4242,
+                used_memory_bytes: Some(18 << 30),
+                sm_util: None,
+            }],
+            truncated: 0,
+        };
+        regions[1].write_processes(1, &snap);
+
+        let r = ShmReader::open(&path).unwrap();
+        assert!(r.writer_alive());
+        assert_eq!(r.gpus(), &[gpu(0), gpu(1)]);
+        assert_eq!(r.node_name(), "node-a");
+        let rr = r.regions();
+        assert_eq!(rr[1].ring().latest(), Some(s));
+        assert_eq!(rr[1].state(), GpuState::Lost);
+        assert_eq!(rr[1].processes(), Some(snap));
+        assert_eq!(rr[0].ring().latest(), None);
+        assert_eq!(rr[0].processes(), None);
+
+        assert!(matches!(
+            ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]),
+            Err(Error::ShmBusy { .. })
+        ));
+        drop(regions);
+        drop(w);
+        assert!(!ShmReader::open(&path).unwrap().writer_alive());
+        let w2 = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
+        assert!(w2.reused());
+        assert_eq!(w2.regions()[1].ring().latest(), Some(s));
+        drop(w2);
+        let w3 = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
+        assert!(!w3.reused(), "other GPUs must get a fresh file");
+        // The old reader's mapping stays valid after the rename.
+        assert_eq!(rr[1].ring().latest(), Some(s));
+    }
+
+    #[test]
+    fn dump_rejects_missing_foreign_and_other_version_files_clearly() {
+        let dir = tempdir();
+        let missing = ShmReader::open(&dir.join("nope")).err().unwrap().to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
+        let junk = dir.join("junk");
+        std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+        let e = ShmReader::open(&junk).err().unwrap().to_string();
+        assert!(e.contains("not a gpuscale ring file"), "{e}");
+        std::fs::write(&junk, b"short").unwrap();
+        assert!(ShmReader::open(&junk).is_err());
+
+        let path = dir.join("v.ring");
+        drop(ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8] = 99;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = ShmReader::open(&path).err().unwrap().to_string();
+        assert!(e.contains("layout version 99"), "{e}");
+        bytes[8] = LAYOUT_VERSION as u8;
+        bytes.truncate(5000);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = ShmReader::open(&path).err().unwrap().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn process_snapshot_round_trips_with_absent_fields() {
+        let snap = ProcessSnapshot {
+            ts_ns: 9,
+            processes: (0..70)
+                .map(|i| ProcessEntry {
+                    pid: i,
+                    used_memory_bytes: (i % 2 == 0).then_some(u64::from(i) << 20),
+                    sm_util: (i % 3 == 0).then_some(i as f32),
+                })
+                .collect(),
+            truncated: 6,
+        };
+        let back = decode_procs(&encode_procs(&snap));
+        assert_eq!(back.processes.len(), MAX_PROCESSES);
+        assert_eq!(back.processes[..], snap.processes[..MAX_PROCESSES]);
+        assert_eq!(back.truncated, 6);
+    }
+
+    pub(crate) fn tempdir() -> PathBuf {
+        use std::sync::atomic::AtomicU32;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "gpuscale-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

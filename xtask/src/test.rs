@@ -1,0 +1,52 @@
+//! `cargo xtask test`: every set-up step a fresh machine needs, then every test.
+//!
+//! Steps (each idempotent, each announced):
+//! 1. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
+//! 2. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
+//! 3. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
+
+use anyhow::Result;
+
+use crate::util::{cargo, run as run_cmd, step, target_dir};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip the loom model check (it rebuilds the agent's dependencies once, in target/loom).
+    #[arg(long)]
+    no_loom: bool,
+}
+
+/// Runs the set-up and every test.
+pub fn run(o: Options) -> Result<()> {
+    step("building the workspace (agent, fake NVML, end-to-end harness)");
+    run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
+
+    step("running every test: cargo test --workspace --all-targets");
+    run_cmd(
+        cargo().args(["test", "--workspace", "--all-targets"]),
+        "cargo test",
+    )?;
+
+    if o.no_loom {
+        eprintln!("skipped: loom model check (--no-loom)");
+    } else {
+        step("checking the ring's seqlock under loom (every interleaving, bounded preemption)");
+        run_cmd(
+            cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "agent",
+                    "--lib",
+                    "--release",
+                    "ring::loom_model",
+                ])
+                .env("RUSTFLAGS", "--cfg gpuscale_loom")
+                .env("CARGO_TARGET_DIR", target_dir().join("loom")),
+            "loom model check",
+        )?;
+    }
+    eprintln!("\nall tests passed");
+    Ok(())
+}
