@@ -102,6 +102,13 @@ pub struct ProcessReport {
     pub used_memory_bytes: Option<u64>,
     /// SM utilization percent (`null` when not measured: single-process GPUs, or not yet).
     pub sm_util: Option<f32>,
+    /// The pod's UID; `null` when the process is not in a pod (node-level usage) or unknown.
+    pub pod_uid: Option<String>,
+    /// The container's ID, when known.
+    pub container_id: Option<String>,
+    /// How the process was attributed: `procfs`, `ebpf`, or `unknown` (its cgroup could not be
+    /// read, e.g. it exited or runs in another PID namespace).
+    pub attribution: &'static str,
 }
 
 /// Builds the report from a mapped ring file, with `now_ns` as the time for ages.
@@ -147,6 +154,9 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
                         pid: p.pid,
                         used_memory_bytes: p.used_memory_bytes,
                         sm_util: p.sm_util,
+                        pod_uid: p.pod_uid.clone(),
+                        container_id: p.container_id.clone(),
+                        attribution: p.source.name(),
                     })
                     .collect(),
                 processes_truncated: snap.truncated,
@@ -232,12 +242,20 @@ pub fn render_table(r: &Report) -> String {
         } else {
             let _ = writeln!(out, "  processes:");
             for p in &g.processes {
+                let pod = match (&p.pod_uid, &p.container_id) {
+                    (Some(uid), Some(c)) => format!("pod {uid} container {}", &c[..12]),
+                    (Some(uid), None) => format!("pod {uid}"),
+                    _ if p.attribution == "unknown" => "pod unknown".to_owned(),
+                    _ => "not in a pod".to_owned(),
+                };
                 let _ = writeln!(
                     out,
-                    "    pid {:<8} vram {:>10}   sm_util {}",
+                    "    pid {:<8} vram {:>10}   sm_util {:>5}   {} ({})",
                     p.pid,
                     fmt_value(Metric::VramUsedBytes, p.used_memory_bytes.map(|b| b as f64)),
                     p.sm_util.map_or("-".into(), |u| format!("{u:.0} %")),
+                    pod,
+                    p.attribution,
                 );
             }
             if g.processes_truncated > 0 {

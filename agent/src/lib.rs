@@ -10,11 +10,19 @@ pub mod ring;
 pub mod sample;
 
 #[cfg(not(gpuscale_loom))]
+pub mod attribution;
+#[cfg(not(gpuscale_loom))]
+pub mod cgroup;
+#[cfg(not(gpuscale_loom))]
 pub mod dump;
 #[cfg(not(gpuscale_loom))]
 pub mod duration;
 #[cfg(not(gpuscale_loom))]
+pub mod live;
+#[cfg(not(gpuscale_loom))]
 pub mod sampler;
+#[cfg(not(gpuscale_loom))]
+pub mod server;
 #[cfg(not(gpuscale_loom))]
 pub mod shm;
 #[cfg(not(gpuscale_loom))]
@@ -69,6 +77,26 @@ pub enum Error {
     ShmMissing {
         /// The ring file path.
         path: PathBuf,
+    },
+    /// The gRPC listen address could not be bound.
+    #[error("cannot listen on {addr} (--listen / GPUSCALE_LISTEN): {error}; pick a free address")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The async runtime for the gRPC server could not start.
+    #[error("cannot start the gRPC runtime: {error}")]
+    Runtime {
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The gRPC server stopped with an error.
+    #[error("the agent API server failed: {why}")]
+    Serve {
+        /// What tonic said.
+        why: String,
     },
     /// The file exists but is not a ring this build can read.
     #[error("cannot read {path:?} as a gpuscale ring: {why}")]

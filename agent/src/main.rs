@@ -39,6 +39,12 @@ struct RunArgs {
     /// Node name reported with the data (default: the host name).
     #[arg(long, env = "GPUSCALE_NODE_NAME")]
     node_name: Option<String>,
+    /// Serve the agent gRPC API (for the collector) on this address, e.g. 0.0.0.0:7701.
+    #[arg(long, env = "GPUSCALE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// The host's procfs (NVML reports host PIDs; run with hostPID or mount the host's /proc).
+    #[arg(long, env = "GPUSCALE_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -110,13 +116,31 @@ fn watch_signals(stop: std::sync::Arc<Stop>) -> anyhow::Result<()> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = std::sync::Arc::new(Stop::default());
     watch_signals(stop.clone())?;
+    let listener = args.listen.map(agent::server::bind).transpose()?;
     let config = sampler::Config {
         nvml_lib: args.nvml_lib,
         shm: args.shm,
         interval: args.interval,
         node_name: args.node_name.unwrap_or_else(hostname),
+        proc_root: args.proc_root,
     };
-    sampler::run(&config, &stop, |_| {})?;
+    let mut server = None;
+    sampler::run(&config, &stop, |agent| {
+        if let Some(listener) = listener {
+            let stop2 = stop.clone();
+            server = Some(std::thread::spawn(move || {
+                let result = agent::server::serve(listener, agent, stop2.clone());
+                // Without its API the agent is useless to the collector: stop the samplers too.
+                stop2.trigger();
+                result
+            }));
+        }
+    })?;
+    if let Some(server) = server {
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the gRPC server thread panicked"))??;
+    }
     Ok(())
 }
 

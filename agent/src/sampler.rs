@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -23,7 +23,9 @@ use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, Nvml};
 
 use crate::sample::{GpuState, Sample, Slot};
-use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter};
+use crate::cgroup::{Attribution, ProcfsResolver};
+use crate::live::GpuLive;
+use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter, Source};
 use crate::window::GpuWindows;
 use crate::{unix_now_ns, Error, Result};
 
@@ -52,13 +54,26 @@ pub struct Config {
     pub interval: Duration,
     /// Node name written into the ring.
     pub node_name: String,
+    /// Where `/proc` of the host's PID namespace is (NVML reports host PIDs).
+    pub proc_root: PathBuf,
 }
 
-/// A stop signal the sampler threads wait on between samples.
-#[derive(Default)]
+/// A stop signal the sampler threads wait on between samples (and async tasks through
+/// [`Stop::stopped`]).
 pub struct Stop {
     stopped: Mutex<bool>,
     cv: Condvar,
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        Stop {
+            stopped: Mutex::new(false),
+            cv: Condvar::new(),
+            tx: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl Stop {
@@ -66,6 +81,15 @@ impl Stop {
     pub fn trigger(&self) {
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_all();
+        self.tx.send_replace(true);
+    }
+
+    /// Resolves once [`Stop::trigger`] has been called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
     }
 
     /// Whether [`Stop::trigger`] was called.
@@ -139,25 +163,32 @@ struct ProcUtil {
     sm_util: HashMap<u32, f32>,
 }
 
-/// Everything the device threads share with the rest of the agent.
+/// Everything the device threads share with the rest of the agent (the gRPC server).
 pub struct Agent {
+    /// Node name reported with the data.
+    pub node_name: String,
+    /// NVIDIA driver version.
+    pub driver_version: String,
+    /// Sampling interval.
+    pub interval: Duration,
     /// The GPUs being sampled.
     pub gpus: Vec<GpuInfo>,
-    windows: Vec<Mutex<GpuWindows>>,
+    live: Vec<Mutex<GpuLive>>,
     proc_util: Vec<Mutex<ProcUtil>>,
 }
 
 impl Agent {
-    /// A copy-free look at one GPU's windows.
-    pub fn with_windows<T>(&self, gpu: usize, f: impl FnOnce(&GpuWindows) -> T) -> T {
-        f(&self.windows[gpu].lock().unwrap_or_else(|e| e.into_inner()))
+    /// A look at one GPU's live view (windows, processes, pods), under its lock: keep `f` short,
+    /// the GPU's sampler waits for it.
+    pub fn with_live<T>(&self, gpu: usize, f: impl FnOnce(&GpuLive) -> T) -> T {
+        f(&self.live[gpu].lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 /// Runs the agent until `stop` fires: loads NVML, opens the ring, rebuilds windows from its
 /// history when the file is reused, and samples every GPU. `ready` is called once sampling has
 /// started.
-pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(&Agent)) -> Result<()> {
+pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Result<()> {
     let nvml = load_nvml(&config.nvml_lib)?;
     let nvml_err = |what: &'static str| {
         let path = config.nvml_lib.clone();
@@ -188,7 +219,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(&Agent)) -> Result<(
     };
     let writer = ShmWriter::open(&config.shm, &params, &gpus)?;
     let regions = writer.regions();
-    let windows = regions
+    let live = regions
         .iter()
         .zip(&gpus)
         .map(|(r, g)| {
@@ -197,7 +228,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(&Agent)) -> Result<(
             } else {
                 GpuWindows::for_gpu()
             };
-            Mutex::new(w)
+            Mutex::new(GpuLive::new(w, g.memory_total_bytes))
         })
         .collect();
     if writer.reused() {
@@ -211,32 +242,36 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(&Agent)) -> Result<(
         capacity = writer.capacity(),
         "sampling"
     );
-    let agent = Agent {
+    let agent = Arc::new(Agent {
+        node_name: config.node_name.clone(),
+        driver_version: driver,
+        interval: config.interval,
         proc_util: gpus.iter().map(|_| Mutex::default()).collect(),
         gpus,
-        windows,
-    };
+        live,
+    });
     std::thread::scope(|s| {
         for (i, (device, region)) in devices.iter().zip(&regions).enumerate() {
-            let agent = &agent;
+            let agent = &*agent;
             let nvml = &nvml;
             std::thread::Builder::new()
                 .name(format!("sampler-{i}"))
                 .spawn_scoped(s, move || {
                     let _span = tracing::info_span!("sampler", gpu = i).entered();
-                    DeviceLoop::new(nvml, device, region, agent, i, config.interval).run(stop);
+                    DeviceLoop::new(nvml, device, region, agent, i, config.interval, &config.proc_root)
+                        .run(stop);
                 })
                 .expect("spawning a sampler thread");
         }
         if !devices.is_empty() {
-            let agent = &agent;
+            let agent = &*agent;
             let devices = &devices;
             std::thread::Builder::new()
                 .name("proc-util".into())
                 .spawn_scoped(s, move || proc_util_loop(devices, agent, config.interval, stop))
                 .expect("spawning the process-utilization thread");
         }
-        ready(&agent);
+        ready(agent.clone());
         stop.wait();
     });
     tracing::info!("stopped sampling");
@@ -268,6 +303,7 @@ struct DeviceLoop<'a, 'n> {
     retry_at: Instant,
     proc_version: u64,
     interval: Duration,
+    resolver: ProcfsResolver,
 }
 
 struct GpmState<'n> {
@@ -283,6 +319,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         agent: &'a Agent,
         gpu: usize,
         interval: Duration,
+        proc_root: &Path,
     ) -> Self {
         DeviceLoop {
             nvml,
@@ -299,6 +336,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             retry_at: Instant::now(),
             proc_version: 0,
             interval,
+            resolver: ProcfsResolver::new(proc_root),
         }
     }
 
@@ -315,17 +353,16 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 // We fell behind (a slow NVML call): skip the missed ticks instead of bursting.
                 next = now + interval;
             }
-            let sample = if now >= self.retry_at {
+            let (sample, processes) = if now >= self.retry_at {
                 self.sample(now)
             } else {
-                Sample::empty(unix_now_ns(), self.state)
+                (Sample::empty(unix_now_ns(), self.state), Vec::new())
             };
             self.region.ring().push(&sample);
-            let total = self.agent.gpus[self.gpu].memory_total_bytes;
-            self.agent.windows[self.gpu]
+            self.agent.live[self.gpu]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push_metrics(sample.ts_ns, sample.metrics(total));
+                .record(&sample, processes);
         }
     }
 
@@ -341,7 +378,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         self.region.set_state(state);
     }
 
-    fn sample(&mut self, now: Instant) -> Sample {
+    fn sample(&mut self, now: Instant) -> (Sample, Vec<ProcessEntry>) {
         match self.try_sample(now) {
             Ok(s) => {
                 self.backoff = BACKOFF_START;
@@ -360,12 +397,12 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                     g.prev = None;
                     g.values = None;
                 }
-                Sample::empty(unix_now_ns(), state)
+                (Sample::empty(unix_now_ns(), state), Vec::new())
             }
         }
     }
 
-    fn try_sample(&mut self, now: Instant) -> Result<Sample, Failure> {
+    fn try_sample(&mut self, now: Instant) -> Result<(Sample, Vec<ProcessEntry>), Failure> {
         let d = self.device;
         let util = d.utilization_rates().map_err(classify)?;
         let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
@@ -395,8 +432,8 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         }
         let procs = optional(d.running_compute_processes())?.unwrap_or_default();
         s.process_count = procs.len() as u32;
-        self.publish_processes(s.ts_ns, &procs);
-        Ok(s)
+        let processes = self.publish_processes(s.ts_ns, &procs);
+        Ok((s, processes))
     }
 
     fn gpm_values(&mut self, now: Instant) -> Result<Option<[f32; 4]>, Failure> {
@@ -438,7 +475,13 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             .map(|(v, _)| v))
     }
 
-    fn publish_processes(&mut self, ts_ns: u64, procs: &[nvml_wrapper::struct_wrappers::device::ProcessInfo]) {
+    /// Attributes the processes to pods, writes them to the ring file's snapshot, and returns
+    /// them.
+    fn publish_processes(
+        &mut self,
+        ts_ns: u64,
+        procs: &[nvml_wrapper::struct_wrappers::device::ProcessInfo],
+    ) -> Vec<ProcessEntry> {
         let mut pu = self.agent.proc_util[self.gpu]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -458,19 +501,36 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 // process missing from a fresh answer measured 0.
                 sm_util: (fresh && procs.len() > 1)
                     .then(|| pu.sm_util.get(&p.pid).copied().unwrap_or(0.0)),
+                ..ProcessEntry::default()
             })
             .collect();
         drop(pu);
+        let mut processes = processes;
+        for p in &mut processes {
+            match self.resolver.resolve(p.pid) {
+                Attribution::Pod(pod) => {
+                    p.pod_uid = Some(pod.pod_uid);
+                    p.container_id = pod.container_id;
+                    p.source = Source::Procfs;
+                }
+                Attribution::NotInPod { .. } => p.source = Source::Procfs,
+                Attribution::Unknown { reason } => {
+                    tracing::debug!(pid = p.pid, %reason, "cannot attribute process");
+                    p.source = Source::Unknown;
+                }
+            }
+        }
+        let live: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+        self.resolver.evict_missing(&live);
         let truncated = processes.len().saturating_sub(shm::MAX_PROCESSES) as u32;
         self.proc_version += 1;
-        self.region.write_processes(
-            self.proc_version,
-            &ProcessSnapshot {
-                ts_ns,
-                processes,
-                truncated,
-            },
-        );
+        let snapshot = ProcessSnapshot {
+            ts_ns,
+            processes,
+            truncated,
+        };
+        self.region.write_processes(self.proc_version, &snapshot);
+        snapshot.processes
     }
 }
 

@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// First bytes of every ring file.
 pub const MAGIC: [u8; 8] = *b"GPUSCRNG";
 /// Version of the layout described in [`crate::ring`]; bump on any change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Process entries kept in each GPU's snapshot.
 pub const MAX_PROCESSES: usize = 64;
 
@@ -31,8 +31,9 @@ const LINE: usize = 64;
 const HEAD_OFFSET: usize = 0;
 const STATE_OFFSET: usize = LINE;
 const PROCS_OFFSET: usize = 2 * LINE;
-/// Words of one process entry: pid|flags, used memory, sm_util bits.
-const PROC_ENTRY_WORDS: usize = 3;
+/// Words of one process entry: pid|flags, used memory, sm_util bits, pod UID (16 bytes),
+/// container ID (32 bytes).
+const PROC_ENTRY_WORDS: usize = 9;
 /// Words of the process snapshot payload: count, ts_ns, entries.
 const PROCS_WORDS: usize = 2 + MAX_PROCESSES * PROC_ENTRY_WORDS;
 
@@ -171,8 +172,43 @@ fn header_bytes(gpu_count: usize) -> usize {
     (256 + gpu_count * 256).next_multiple_of(PAGE)
 }
 
+/// How a process was tied (or not) to a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Source {
+    /// Not looked up yet.
+    #[default]
+    None = 0,
+    /// From `/proc/<pid>/cgroup`.
+    Procfs = 1,
+    /// From the eBPF device-open tracker.
+    Ebpf = 2,
+    /// Looked up, but the process's cgroup could not be read (it exited, or no permission).
+    Unknown = 3,
+}
+
+impl Source {
+    /// The name dumps and the API use (`procfs`, `ebpf`, `unknown`, `none`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::Procfs => "procfs",
+            Source::Ebpf => "ebpf",
+            Source::Unknown => "unknown",
+        }
+    }
+
+    fn from_code(code: u64) -> Source {
+        match code {
+            1 => Source::Procfs,
+            2 => Source::Ebpf,
+            3 => Source::Unknown,
+            _ => Source::None,
+        }
+    }
+}
+
 /// A running process on a GPU, as kept in the snapshot.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct ProcessEntry {
     /// Host PID.
     pub pid: u32,
@@ -180,6 +216,59 @@ pub struct ProcessEntry {
     pub used_memory_bytes: Option<u64>,
     /// SM utilization, percent, from NVML's per-process samples (`None` when not measured).
     pub sm_util: Option<f32>,
+    /// The pod's UID (dashed form) when the process is in a pod.
+    pub pod_uid: Option<String>,
+    /// The container's 64-hex ID when known.
+    pub container_id: Option<String>,
+    /// How the pod was found.
+    pub source: Source,
+}
+
+/// Hex text (dashes ignored) into `out`; `false` unless it is exactly `out.len()` bytes of hex.
+fn hex_to(text: &str, out: &mut [u8]) -> bool {
+    let digits: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
+    if digits.len() != out.len() * 2 {
+        return false;
+    }
+    for (o, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        let Ok(byte) = u8::from_str_radix(std::str::from_utf8(pair).unwrap_or("x"), 16) else {
+            return false;
+        };
+        *o = byte;
+    }
+    true
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn uid_text(b: &[u8; 16]) -> String {
+    let h = to_hex(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn words_to_bytes<const N: usize>(w: &[u64]) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (chunk, word) in out.chunks_mut(8).zip(w) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
+fn bytes_to_words(b: &[u8], w: &mut [u64]) {
+    for (word, chunk) in w.iter_mut().zip(b.chunks(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(a);
+    }
 }
 
 /// The processes on one GPU at one moment.
@@ -193,31 +282,49 @@ pub struct ProcessSnapshot {
     pub truncated: u32,
 }
 
-fn encode_procs(snap: &ProcessSnapshot) -> [u64; PROCS_WORDS] {
+/// Encodes the snapshot; returns the words and how many of them carry data (the rest of the
+/// cell need not be rewritten).
+fn encode_procs(snap: &ProcessSnapshot) -> ([u64; PROCS_WORDS], usize) {
     let mut w = [0u64; PROCS_WORDS];
     let n = snap.processes.len().min(MAX_PROCESSES);
     w[0] = n as u64 | (u64::from(snap.truncated) << 32);
     w[1] = snap.ts_ns;
     for (i, p) in snap.processes.iter().take(n).enumerate() {
-        let flags = u64::from(p.used_memory_bytes.is_some()) | u64::from(p.sm_util.is_some()) << 1;
-        let base = 2 + i * PROC_ENTRY_WORDS;
-        w[base] = u64::from(p.pid) | flags << 32;
-        w[base + 1] = p.used_memory_bytes.unwrap_or(0);
-        w[base + 2] = u64::from(p.sm_util.unwrap_or(0.0).to_bits());
+        let e = &mut w[2 + i * PROC_ENTRY_WORDS..2 + (i + 1) * PROC_ENTRY_WORDS];
+        let mut uid = [0u8; 16];
+        let mut cid = [0u8; 32];
+        let has_uid = p.pod_uid.as_deref().is_some_and(|t| hex_to(t, &mut uid));
+        let has_cid = p
+            .container_id
+            .as_deref()
+            .is_some_and(|t| hex_to(t, &mut cid));
+        let flags = u64::from(p.used_memory_bytes.is_some())
+            | u64::from(p.sm_util.is_some()) << 1
+            | u64::from(has_uid) << 2
+            | u64::from(has_cid) << 3
+            | (p.source as u64) << 8;
+        e[0] = u64::from(p.pid) | flags << 32;
+        e[1] = p.used_memory_bytes.unwrap_or(0);
+        e[2] = u64::from(p.sm_util.unwrap_or(0.0).to_bits());
+        bytes_to_words(&uid, &mut e[3..5]);
+        bytes_to_words(&cid, &mut e[5..9]);
     }
-    w
+    (w, 2 + n * PROC_ENTRY_WORDS)
 }
 
 fn decode_procs(w: &[u64; PROCS_WORDS]) -> ProcessSnapshot {
     let n = ((w[0] & 0xffff_ffff) as usize).min(MAX_PROCESSES);
     let processes = (0..n)
         .map(|i| {
-            let base = 2 + i * PROC_ENTRY_WORDS;
-            let flags = w[base] >> 32;
+            let e = &w[2 + i * PROC_ENTRY_WORDS..2 + (i + 1) * PROC_ENTRY_WORDS];
+            let flags = e[0] >> 32;
             ProcessEntry {
-                pid: w[base] as u32,
-                used_memory_bytes: (flags & 1 != 0).then_some(w[base + 1]),
-                sm_util: (flags & 2 != 0).then(|| f32::from_bits(w[base + 2] as u32)),
+                pid: e[0] as u32,
+                used_memory_bytes: (flags & 1 != 0).then_some(e[1]),
+                sm_util: (flags & 2 != 0).then(|| f32::from_bits(e[2] as u32)),
+                pod_uid: (flags & 4 != 0).then(|| uid_text(&words_to_bytes(&e[3..5]))),
+                container_id: (flags & 8 != 0).then(|| to_hex(&words_to_bytes::<32>(&e[5..9]))),
+                source: Source::from_code((flags >> 8) & 0xff),
             }
         })
         .collect();
@@ -269,7 +376,8 @@ impl<'a> Region<'a> {
 
     /// Publishes a process snapshot (writer only); `version` must increase per call.
     pub fn write_processes(&self, version: u64, snap: &ProcessSnapshot) {
-        seq_write(self.procs_cell(), version, &encode_procs(snap));
+        let (words, used) = encode_procs(snap);
+        seq_write(&self.procs_cell()[..=used], version, &words[..used]);
     }
 }
 
@@ -681,6 +789,9 @@ mod tests {
                 pid: 4242,
                 used_memory_bytes: Some(18 << 30),
                 sm_util: None,
+                pod_uid: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()),
+                container_id: Some("ab".repeat(32)),
+                source: Source::Procfs,
             }],
             truncated: 0,
         };
@@ -749,11 +860,15 @@ mod tests {
                     pid: i,
                     used_memory_bytes: (i % 2 == 0).then_some(u64::from(i) << 20),
                     sm_util: (i % 3 == 0).then_some(i as f32),
+                    pod_uid: (i % 4 == 0).then(|| format!("{i:08x}-0000-4000-8000-00000000abcd")),
+                    container_id: (i % 5 == 0).then(|| format!("{i:064x}")),
+                    source: [Source::None, Source::Procfs, Source::Ebpf, Source::Unknown]
+                        [i as usize % 4],
                 })
                 .collect(),
             truncated: 6,
         };
-        let back = decode_procs(&encode_procs(&snap));
+        let back = decode_procs(&encode_procs(&snap).0);
         assert_eq!(back.processes.len(), MAX_PROCESSES);
         assert_eq!(back.processes[..], snap.processes[..MAX_PROCESSES]);
         assert_eq!(back.truncated, 6);

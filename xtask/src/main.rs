@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod scenario;
 mod test;
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the agent's CPU and memory overhead on simulated GPUs and print the numbers for docs/BENCHMARKS.md.
+    Bench(bench::Options),
     /// Run the agent on simulated GPUs whose load follows a short story, with a live dump.
     Demo(demo::Options),
     /// Set up everything a fresh machine needs, then run every test.
@@ -26,6 +29,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(o) => bench::run(o),
         Command::Demo(o) => demo::run(o),
         Command::Test(o) => test::run(o),
     };

@@ -53,9 +53,11 @@ fn dump_json_follows_the_documented_shape() {
     assert_eq!(last(&d, 0, "vram_used_bytes"), Some(20000.0 * 1048576.0));
     let pct = last(&d, 0, "vram_used_pct").unwrap();
     assert!((pct - 20000.0 / 81559.0 * 100.0).abs() < 1e-6, "{pct}");
+    // PID 4242 exists only in the scenario, so its cgroup cannot be read: unknown, not a pod.
     assert_eq!(
         g["processes"],
-        json!([{"pid": 4242, "used_memory_bytes": 18000u64 << 20, "sm_util": null}])
+        json!([{"pid": 4242, "used_memory_bytes": 18000u64 << 20, "sm_util": null,
+                "pod_uid": null, "container_id": null, "attribution": "unknown"}])
     );
     // A GPU without GPM reports sm_active as unavailable, never 0.
     assert_eq!(gpus[1]["gpm_supported"], false);

@@ -1,0 +1,234 @@
+//! The agent's gRPC API (`gpuscale.agent.v1.Agent`, see `proto/agent.proto` and `docs/API.md`):
+//! snapshots of every GPU's and pod's windows, once or as a stream.
+//!
+//! Owns turning the live view into protobuf messages and serving them. It never calls NVML and
+//! holds a GPU's lock only while copying that GPU's summaries out.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::agent::agent_server::{Agent as AgentApi, AgentServer};
+use proto::agent::{
+    GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary, ProcessUsage,
+    SnapshotRequest, WatchRequest, WindowStats,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::live::GpuLive;
+use crate::sample::{GpuState, Metric};
+use crate::sampler::{Agent, Stop};
+use crate::window::{GpuWindows, WINDOWS};
+use crate::{unix_now_ns, Error, Result};
+
+/// Revision of the v1 API this agent speaks.
+pub const API_VERSION: u32 = 1;
+
+fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<MetricSummary> {
+    Metric::ALL
+        .into_iter()
+        .map(|m| MetricSummary {
+            metric: m.name().to_owned(),
+            last: last(m),
+            windows: WINDOWS
+                .iter()
+                .enumerate()
+                .filter_map(|(w, (_, d))| {
+                    windows.metric(m, w).map(|s| WindowStats {
+                        window_s: d.as_secs() as u32,
+                        avg: s.avg,
+                        min: s.min,
+                        max: s.max,
+                        p95: s.p95,
+                        count: s.count,
+                    })
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn state(s: GpuState) -> PbGpuState {
+    match s {
+        GpuState::Starting => PbGpuState::Starting,
+        GpuState::Ok => PbGpuState::Ok,
+        GpuState::Lost => PbGpuState::Lost,
+        GpuState::Error => PbGpuState::Error,
+    }
+}
+
+fn gpu_summary(
+    info: &crate::shm::GpuInfo,
+    live: &GpuLive,
+    pods: &mut Vec<PodSummary>,
+) -> GpuSummary {
+    // `last` is the newest sample's value: unavailable when the GPU is not ok right now.
+    let ok = live.state == GpuState::Ok;
+    let gpu_metrics = metrics(&live.windows, |m| {
+        ok.then(|| live.windows.last(m.index()).map(f64::from))
+            .flatten()
+    });
+    for (uid, pod) in &live.pods {
+        pods.push(PodSummary {
+            pod_uid: uid.clone(),
+            gpu_uuid: info.uuid.clone(),
+            container_ids: pod.container_ids.clone(),
+            pids: pod.pids.clone(),
+            shared: pod.shared,
+            newest_sample_unix_ns: live.newest_ns,
+            metrics: metrics(&pod.windows, |m| {
+                ok.then(|| pod.windows.last(m.index()).map(f64::from))
+                    .flatten()
+            }),
+            attribution: pod.source.name().to_owned(),
+        });
+    }
+    GpuSummary {
+        index: info.index,
+        uuid: info.uuid.clone(),
+        name: info.name.clone(),
+        state: state(live.state) as i32,
+        gpm_supported: info.gpm_supported,
+        memory_total_bytes: info.memory_total_bytes,
+        newest_sample_unix_ns: live.newest_ns,
+        metrics: gpu_metrics,
+        processes: live
+            .processes
+            .iter()
+            .map(|p| ProcessUsage {
+                pid: p.pid,
+                used_memory_bytes: p.used_memory_bytes,
+                sm_util: p.sm_util.map(f64::from),
+                pod_uid: p.pod_uid.clone().unwrap_or_default(),
+                container_id: p.container_id.clone().unwrap_or_default(),
+                attribution: p.source.name().to_owned(),
+            })
+            .collect(),
+    }
+}
+
+/// The node's state now.
+pub fn snapshot(agent: &Agent, seq: u64) -> NodeSnapshot {
+    let mut pods = Vec::new();
+    let gpus = agent
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, info)| agent.with_live(i, |live| gpu_summary(info, live, &mut pods)))
+        .collect();
+    NodeSnapshot {
+        api_version: API_VERSION,
+        node_name: agent.node_name.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        driver_version: agent.driver_version.clone(),
+        taken_unix_ns: unix_now_ns(),
+        interval_ns: agent.interval.as_nanos() as u64,
+        seq,
+        gpus,
+        pods,
+    }
+}
+
+/// The tonic service.
+pub struct Service {
+    agent: Arc<Agent>,
+    seq: AtomicU64,
+    stop: Arc<Stop>,
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<NodeSnapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for Service {
+    async fn get_snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<NodeSnapshot>, Status> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(snapshot(&self.agent, seq)))
+    }
+
+    type WatchSnapshotsStream = SnapshotStream;
+
+    async fn watch_snapshots(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
+        let peer = request.remote_addr();
+        let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
+        let period = self.agent.interval.max(min);
+        let agent = self.agent.clone();
+        let stop = self.stop.stopped();
+        tracing::info!(?peer, period_ms = period.as_millis() as u64, "collector subscribed");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tick.tick() => {}
+                }
+                let snap = snapshot(&agent, seq);
+                seq += 1;
+                // A full channel means a slow collector: skip this tick rather than queue stale
+                // snapshots; a closed one means it went away.
+                match tx.try_send(Ok(snap)) {
+                    Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+            tracing::info!(?peer, "collector stream ended");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Binds `addr` now (so a taken port fails the agent at start) and returns a function that
+/// serves the API on it until `stop` fires.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| Error::Listen { addr, error })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|error| Error::Listen { addr, error })?;
+    Ok(listener)
+}
+
+/// Serves the agent API on `listener` until `stop` fires. Runs its own small tokio runtime;
+/// call it from a dedicated thread.
+pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>) -> Result<()> {
+    let addr = listener.local_addr().ok();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("grpc")
+        .enable_all()
+        .build()
+        .map_err(|error| Error::Runtime { error })?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|error| Error::Runtime { error })?;
+        tracing::info!(?addr, "serving the agent API");
+        let service = Service {
+            agent,
+            seq: AtomicU64::new(0),
+            stop: stop.clone(),
+        };
+        tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                AgentServer::new(service),
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.stopped(),
+            )
+            .await
+            .map_err(|e| Error::Serve {
+                why: e.to_string(),
+            })
+    })
+}

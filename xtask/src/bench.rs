@@ -1,0 +1,649 @@
+//! `cargo xtask bench`: the agent's CPU and memory overhead on simulated GPUs.
+//!
+//! Builds the agent and the fake NVML in release, then for every sampling interval and GPU count
+//! asked for runs `gpuscale-agent run` on a fake-NVML scenario for `--duration`, and measures:
+//!
+//! - CPU: utime + stime of the whole process from `/proc/<pid>/stat` (clock ticks, `getconf
+//!   CLK_TCK`), read once the agent is sampling and again at the end, as a percentage of one core
+//!   over the wall time between the two reads;
+//! - memory: peak RSS (`VmHWM`) and, at the end, `RssAnon` / `RssFile` / `RssShmem` from
+//!   `/proc/<pid>/status` (the ring is a shared file mapping: its pages are `RssShmem` on tmpfs,
+//!   `RssFile` elsewhere, and are shared with every reader);
+//! - that the agent kept up: samples written per GPU (from `gpuscale-agent dump --json`) against
+//!   the number the interval asks for.
+//!
+//! The smallest GPU count is the baseline (its difference to the largest gives the cost per
+//! GPU), and an idle `sleep` is measured alongside the first run as the floor of any process.
+//! The result is a markdown table for docs/BENCHMARKS.md. The fake NVML answers from memory, so
+//! the CPU figures are the agent's own cost, not the driver's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::util::{cargo, run as run_cmd, step, target_dir};
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// How long to measure each configuration (`60s`, `5m`). The 5 m window fills after 5 minutes
+    /// and the ring's pages are all touched only after its capacity × interval, so use e.g.
+    /// `15m` to see steady-state memory.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Sampling intervals to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "100ms,10ms")]
+    interval: Vec<String>,
+    /// Simulated GPU counts to measure, comma separated; the smallest is the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    gpus: Vec<usize>,
+    /// Where the ring files go (default: /dev/shm, like the agent's default, else the temp dir).
+    #[arg(long)]
+    shm_dir: Option<PathBuf>,
+}
+
+/// Targets from the issue, for 8 GPUs at 100 ms.
+const TARGET_CPU_PCT: f64 = 0.5;
+const TARGET_RSS_MIB: f64 = 16.0;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: write seconds or minutes, like 60s or 5m");
+    let (n, mul) = if let Some(n) = s.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1)
+    } else {
+        (s, 1)
+    };
+    let secs = n.parse::<u64>().map_err(|_| bad())? * mul;
+    if secs == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// `100ms`, `1s` … as a duration (the forms the agent's `--interval` takes that we need).
+fn parse_interval(s: &str) -> Result<Duration> {
+    let (n, unit) = if let Some(n) = s.strip_suffix("ms") {
+        (n, Duration::from_millis(1))
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, Duration::from_secs(1))
+    } else {
+        bail!("--interval {s:?}: write milliseconds or seconds, like 100ms or 1s");
+    };
+    let n: u32 = n
+        .parse()
+        .with_context(|| format!("--interval {s:?}: not a whole number"))?;
+    Ok(unit * n)
+}
+
+/// The benchmark scenario: `n` busy H100s with GPM, two processes each; GPU 1's two processes
+/// have per-process SM utilization, the others' have none (the agent still asks NVML for every
+/// GPU with more than one process).
+fn scenario(n: usize) -> Value {
+    let gpus: Vec<Value> = (0..n)
+        .map(|i| {
+            let sm = |v: u32| if i == 1 { json!(v) } else { Value::Null };
+            let pid = 5000 + 10 * i as u32;
+            json!({
+                "name": "NVIDIA H100 80GB HBM3",
+                "uuid": format!("GPU-be0c4000-0000-4000-8000-{i:012}"),
+                "memory_total_mib": 81_559,
+                "gpm": true,
+                "gpu_util": 37 + i,
+                "mem_util": 12,
+                "sm_active": 30.5,
+                "sm_occupancy": 10.25,
+                "tensor_active": 25,
+                "dram_active": 15,
+                "memory_used_mib": 20_000,
+                "power_w": 350,
+                "temp_c": 60,
+                "processes": [
+                    {"pid": pid, "used_memory_mib": 18_000, "sm_util": sm(22)},
+                    {"pid": pid + 1, "used_memory_mib": 1_500, "sm_util": sm(8)},
+                ],
+                "fail": null,
+            })
+        })
+        .collect();
+    json!({"driver_version": "580.159.04", "gpus": gpus})
+}
+
+/// CPU time (utime, stime) of the whole process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces; the fields after it are plain.
+    let rest = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unexpected {path}: {stat}"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime), counted from 1 with field 3 at index 0.
+    let get = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path} has too few fields"))?
+            .parse()
+            .with_context(|| format!("unexpected {path}: {stat}"))
+    };
+    Ok((get(11)?, get(12)?))
+}
+
+/// Memory figures of `/proc/<pid>/status`, KiB.
+#[derive(Clone, Copy, Debug, Default)]
+struct Mem {
+    hwm: u64,
+    rss: u64,
+    anon: u64,
+    file: u64,
+    shmem: u64,
+    threads: u64,
+}
+
+fn mem(pid: u32) -> Result<Mem> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut m = Mem::default();
+    for line in status.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let n = || {
+            value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match key {
+            "VmHWM" => m.hwm = n(),
+            "VmRSS" => m.rss = n(),
+            "RssAnon" => m.anon = n(),
+            "RssFile" => m.file = n(),
+            "RssShmem" => m.shmem = n(),
+            "Threads" => m.threads = n(),
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
+fn clk_tck() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// A child process that is SIGTERMed (then killed) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; whether it exited on SIGTERM with success.
+    fn stop(&mut self) -> bool {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            return status.success();
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One measured process.
+struct Measurement {
+    label: String,
+    gpus: Option<usize>,
+    interval: String,
+    interval_dur: Duration,
+    cpu_pct: f64,
+    user_s: f64,
+    sys_s: f64,
+    wall_s: f64,
+    mem: Mem,
+    /// Fewest samples any GPU's ring received, and how many the interval asks for.
+    samples: Option<(u64, u64)>,
+    clean_exit: bool,
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Where the ring files go.
+fn shm_dir(o: &Options) -> PathBuf {
+    let base = match &o.shm_dir {
+        Some(d) => d.clone(),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    };
+    base.join(format!("gpuscale-bench-{}", std::process::id()))
+}
+
+struct Bench {
+    agent: PathBuf,
+    fake: PathBuf,
+    dir: PathBuf,
+    duration: Duration,
+    tck: u64,
+}
+
+impl Bench {
+    /// User and system CPU seconds between two `cpu_ticks` readings.
+    fn cpu_delta(&self, from: (u64, u64), to: (u64, u64)) -> (f64, f64) {
+        let tck = self.tck as f64;
+        (
+            to.0.saturating_sub(from.0) as f64 / tck,
+            to.1.saturating_sub(from.1) as f64 / tck,
+        )
+    }
+
+    /// Runs the agent on `gpus` simulated GPUs at `interval` and measures it; `reference`, when
+    /// given, is measured over the same span.
+    fn measure(
+        &self,
+        gpus: usize,
+        interval: &str,
+        reference: Option<&mut Proc>,
+    ) -> Result<(Measurement, Option<Measurement>)> {
+        let interval_dur = parse_interval(interval)?;
+        let name = format!("{gpus}gpu-{interval}");
+        let scenario_path = self.dir.join(format!("scenario-{gpus}.json"));
+        std::fs::write(&scenario_path, serde_json::to_vec_pretty(&scenario(gpus))?)
+            .with_context(|| format!("writing {}", scenario_path.display()))?;
+        let ring = self.dir.join(format!("{name}.ring"));
+        let log = self.dir.join(format!("{name}.log"));
+        eprintln!(
+            "  {gpus} GPU(s) at {interval} for {} s (log: {})",
+            self.duration.as_secs(),
+            log.display()
+        );
+        let child = Command::new(&self.agent)
+            .args(["run", "--nvml-lib"])
+            .arg(&self.fake)
+            .arg("--shm")
+            .arg(&ring)
+            .args(["--interval", interval, "--node-name", "bench"])
+            .env("FAKE_NVML_SCENARIO", &scenario_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.agent.display()))?;
+        let mut agent = Proc(child);
+        let pid = agent.pid();
+
+        // Wait until it samples (the ring file exists and the log says so), so start-up (NVML
+        // load, ring creation) is not counted.
+        let spawned = Instant::now();
+        loop {
+            if let Some(status) = agent.0.try_wait()? {
+                bail!(
+                    "the agent exited during start-up ({status}); its log says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            let started = ring.exists()
+                && std::fs::read_to_string(&log).is_ok_and(|l| l.contains("sampling"));
+            if started {
+                break;
+            }
+            if spawned.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "the agent did not start sampling within 20 s; its log says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+
+        let reference = reference.map(|r| -> Result<_> { Ok((r.pid(), cpu_ticks(r.pid())?)) });
+        let reference = reference.transpose()?;
+        let t0 = Instant::now();
+        let ticks0 = cpu_ticks(pid)?;
+        let end = t0 + self.duration;
+        let mut next = t0 + PROGRESS_EVERY;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep(next.min(end).saturating_duration_since(now));
+            if let Some(status) = agent.0.try_wait()? {
+                bail!(
+                    "the agent exited while measured ({status}); its log says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            if Instant::now() >= next && next < end {
+                let t = t0.elapsed().as_secs_f64();
+                let (u, s) = cpu_ticks(pid)?;
+                let ticks = u + s - ticks0.0 - ticks0.1;
+                let m = mem(pid)?;
+                eprintln!(
+                    "    {:>4.0}/{} s: CPU {:.2} % of a core so far, RSS {:.1} MiB (peak {:.1} MiB)",
+                    t,
+                    self.duration.as_secs(),
+                    ticks as f64 / self.tck as f64 / t * 100.0,
+                    m.rss as f64 / 1024.0,
+                    m.hwm as f64 / 1024.0,
+                );
+                next += PROGRESS_EVERY;
+            }
+        }
+        let ticks1 = cpu_ticks(pid)?;
+        let wall_s = t0.elapsed().as_secs_f64();
+        let m = mem(pid)?;
+        let ref_measure = match reference {
+            Some((rpid, rticks0)) => {
+                let (user_s, sys_s) = self.cpu_delta(rticks0, cpu_ticks(rpid)?);
+                Some(Measurement {
+                    label: "idle reference (`sleep`)".into(),
+                    gpus: None,
+                    interval: "–".into(),
+                    interval_dur,
+                    cpu_pct: (user_s + sys_s) / wall_s * 100.0,
+                    user_s,
+                    sys_s,
+                    wall_s,
+                    mem: mem(rpid)?,
+                    samples: None,
+                    clean_exit: true,
+                })
+            }
+            None => None,
+        };
+
+        // Did it keep up? Samples written per GPU against the ticks since it started.
+        let asked = (spawned.elapsed().as_secs_f64() / interval_dur.as_secs_f64()) as u64;
+        let dump = Command::new(&self.agent)
+            .args(["dump", "--json", "--shm"])
+            .arg(&ring)
+            .output()
+            .context("running gpuscale-agent dump")?;
+        let samples = serde_json::from_slice::<Value>(&dump.stdout)
+            .ok()
+            .and_then(|v| {
+                v["gpus"]
+                    .as_array()?
+                    .iter()
+                    .map(|g| g["samples_written"].as_u64())
+                    .collect::<Option<Vec<u64>>>()
+            })
+            .and_then(|v| v.into_iter().min())
+            .map(|min| (min, asked));
+        if samples.is_none() {
+            eprintln!(
+                "    (could not read samples_written from `gpuscale-agent dump --json`: {})",
+                String::from_utf8_lossy(&dump.stderr).trim()
+            );
+        }
+
+        let clean_exit = agent.stop();
+        if !clean_exit {
+            eprintln!(
+                "    the agent did not exit cleanly on SIGTERM; its log says:\n{}",
+                log_tail(&log)
+            );
+        }
+        let (user_s, sys_s) = self.cpu_delta(ticks0, ticks1);
+        let me = Measurement {
+            label: format!("agent, {gpus} GPU{}", if gpus == 1 { "" } else { "s" }),
+            gpus: Some(gpus),
+            interval: interval.to_owned(),
+            interval_dur,
+            cpu_pct: (user_s + sys_s) / wall_s * 100.0,
+            user_s,
+            sys_s,
+            wall_s,
+            mem: m,
+            samples,
+            clean_exit,
+        };
+        eprintln!(
+            "    done: CPU {:.3} % of a core ({:.2} s CPU in {:.1} s), peak RSS {:.1} MiB",
+            me.cpu_pct,
+            me.user_s + me.sys_s,
+            me.wall_s,
+            me.mem.hwm as f64 / 1024.0
+        );
+        Ok((me, ref_measure))
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores ({model}), Linux {kernel}")
+}
+
+fn table(rows: &[Measurement], tck: u64) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| process | interval | CPU % of one core | user + sys CPU s / wall s | peak RSS (VmHWM) | RssAnon | \
+         RssFile | RssShmem | threads | samples per GPU (expected ≈) |\n",
+    );
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let samples = r
+            .samples
+            .map_or("–".into(), |(got, asked)| format!("{got} ({asked})"));
+        out.push_str(&format!(
+            "| {}{} | {} | {:.3} % | {:.2} + {:.2} / {:.1} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | \
+             {} | {} |\n",
+            r.label,
+            if r.clean_exit { "" } else { " (did not exit cleanly)" },
+            r.interval,
+            r.cpu_pct,
+            r.user_s,
+            r.sys_s,
+            r.wall_s,
+            mib(r.mem.hwm),
+            mib(r.mem.anon),
+            mib(r.mem.file),
+            mib(r.mem.shmem),
+            r.mem.threads,
+            samples,
+        ));
+    }
+    out.push_str(&format!(
+        "\nCPU from utime+stime in /proc/<pid>/stat ({tck} ticks/s, so ±{:.3} % over this \
+         duration); memory from /proc/<pid>/status at the end.\n",
+        rows.first()
+            .map_or(0.0, |r| 100.0 / tck as f64 / r.wall_s.max(1.0)),
+    ));
+    out
+}
+
+fn per_gpu(rows: &[Measurement]) -> String {
+    let mut out = String::new();
+    let mut intervals: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.gpus.is_some())
+        .map(|r| r.interval.as_str())
+        .collect();
+    intervals.dedup();
+    for interval in intervals {
+        let agents: Vec<&Measurement> = rows
+            .iter()
+            .filter(|r| r.gpus.is_some() && r.interval == interval)
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            agents.iter().min_by_key(|r| r.gpus),
+            agents.iter().max_by_key(|r| r.gpus),
+        ) else {
+            continue;
+        };
+        let (nl, nh) = (lo.gpus.unwrap_or(0), hi.gpus.unwrap_or(0));
+        if nh > nl {
+            let d = (nh - nl) as f64;
+            out.push_str(&format!(
+                "- at {interval}: {nh} GPUs vs {nl} (baseline): CPU {:.3} % vs {:.3} % (×{:.1}), \
+                 {:+.4} % of a core per extra GPU; peak RSS {:.1} vs {:.1} MiB (×{:.2}), \
+                 {:+.2} MiB per extra GPU (RssAnon {:+.2} MiB per GPU)\n",
+                hi.cpu_pct,
+                lo.cpu_pct,
+                hi.cpu_pct / lo.cpu_pct.max(1e-9),
+                (hi.cpu_pct - lo.cpu_pct) / d,
+                mib(hi.mem.hwm),
+                mib(lo.mem.hwm),
+                hi.mem.hwm as f64 / lo.mem.hwm.max(1) as f64,
+                (mib(hi.mem.hwm) - mib(lo.mem.hwm)) / d,
+                (mib(hi.mem.anon) - mib(lo.mem.anon)) / d,
+            ));
+        }
+        if nh == 8 && hi.interval_dur == Duration::from_millis(100) {
+            let cpu_ok = hi.cpu_pct <= TARGET_CPU_PCT;
+            let rss_ok = mib(hi.mem.hwm) <= TARGET_RSS_MIB;
+            out.push_str(&format!(
+                "- targets for 8 GPUs at 100ms: CPU ≤ {TARGET_CPU_PCT} % of a core: {:.3} % → {}; \
+                 peak RSS ≤ {TARGET_RSS_MIB} MiB: {:.1} MiB → {}\n",
+                hi.cpu_pct,
+                if cpu_ok { "met" } else { "MISSED" },
+                mib(hi.mem.hwm),
+                if rss_ok { "met" } else { "MISSED" },
+            ));
+        }
+    }
+    out
+}
+
+/// Runs the benchmark and prints the table.
+pub fn run(o: Options) -> Result<()> {
+    let intervals: Vec<String> = o.interval.iter().map(|s| s.trim().to_owned()).collect();
+    for i in &intervals {
+        parse_interval(i)?;
+    }
+    let mut counts = o.gpus.clone();
+    counts.sort_unstable();
+    counts.dedup();
+    if counts.is_empty() || intervals.is_empty() {
+        bail!("nothing to measure: give at least one --gpus count and one --interval");
+    }
+
+    step("building gpuscale-agent and the fake NVML in release (cargo build --release -p agent -p fake-nvml)");
+    run_cmd(
+        cargo().args(["build", "--release", "-p", "agent", "-p", "fake-nvml"]),
+        "cargo build --release",
+    )?;
+    let bin = target_dir().join("release");
+    let agent = bin.join("gpuscale-agent");
+    let fake = bin.join("libfake_nvml.so");
+    for f in [&agent, &fake] {
+        if !f.is_file() {
+            bail!("{} is missing after the build", f.display());
+        }
+    }
+    let dir = shm_dir(&o);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bench = Bench {
+        agent,
+        fake,
+        dir: dir.clone(),
+        duration: o.duration,
+        tck: clk_tck(),
+    };
+    let total = o.duration * (intervals.len() * counts.len()) as u32;
+    step(&format!(
+        "measuring {} configuration(s) for {} s each (about {} min), ring files in {}",
+        intervals.len() * counts.len(),
+        o.duration.as_secs(),
+        total.as_secs().div_ceil(60),
+        dir.display()
+    ));
+
+    let result = (|| -> Result<Vec<Measurement>> {
+        let mut rows = Vec::new();
+        let mut reference_row = None;
+        for (k, interval) in intervals.iter().enumerate() {
+            for (j, &n) in counts.iter().enumerate() {
+                // The idle reference runs alongside the first measurement.
+                let mut reference = if k == 0 && j == 0 {
+                    let child = Command::new("sleep")
+                        .arg((o.duration.as_secs() + 60).to_string())
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .context("starting the idle reference `sleep`")?;
+                    Some(Proc(child))
+                } else {
+                    None
+                };
+                let (m, r) = bench.measure(n, interval, reference.as_mut())?;
+                rows.push(m);
+                if r.is_some() {
+                    reference_row = r;
+                }
+            }
+        }
+        rows.extend(reference_row);
+        Ok(rows)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!(
+        "\n### Agent overhead: `cargo xtask bench --duration {}s` ({date}, {}, release build, fake \
+         NVML)\n",
+        o.duration.as_secs(),
+        machine()
+    );
+    print!("{}", table(&rows, bench.tck));
+    println!();
+    print!("{}", per_gpu(&rows));
+    Ok(())
+}
