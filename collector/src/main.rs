@@ -1,1 +1,112 @@
-fn main() {}
+//! `gpuscale-collector`: the cluster service. Flags are parsed here; the work is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// gpuscale collector: follows every agent and answers KEDA's external-scaler API.
+#[derive(Parser)]
+#[command(name = "gpuscale-collector", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Follow the agents and serve KEDA's external scaler (and the dump API) until SIGTERM.
+    Serve(ServeArgs),
+    /// Print a running collector's cluster view: nodes, GPUs, pods, freshness.
+    Dump(DumpArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Agent addresses, comma separated (host:port of each agent's --listen).
+    #[arg(long, env = "GPUSCALE_AGENTS", value_delimiter = ',', required = true)]
+    agents: Vec<String>,
+    /// Where KEDA (and dump) reach the collector.
+    #[arg(long, env = "GPUSCALE_LISTEN", default_value = "0.0.0.0:7700")]
+    listen: SocketAddr,
+    /// Pod metadata: a PodList JSON (`kubectl get pods -A -o json`), reloaded when it changes.
+    #[arg(long, env = "GPUSCALE_PODS_FILE", required = true)]
+    pods_file: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    /// The collector's address (its --listen).
+    #[arg(long, env = "GPUSCALE_COLLECTOR", default_value = "127.0.0.1:7700")]
+    collector: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(a) => {
+            let config = collector::serve::Config {
+                agents: a.agents.into_iter().filter(|s| !s.trim().is_empty()).collect(),
+                listen: a.listen,
+                pods_file: a.pods_file,
+            };
+            collector::serve::run(config, shutdown_signal()).await?;
+        }
+        Command::Dump(a) => {
+            let view = collector::dump::fetch(&a.collector).await?;
+            if a.json {
+                let v = collector::dump::to_json(&a.collector, &view);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", collector::dump::render_table(&a.collector, &view));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

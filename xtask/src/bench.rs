@@ -468,7 +468,7 @@ fn machine() -> String {
 fn table(rows: &[Measurement], tck: u64) -> String {
     let mut out = String::new();
     out.push_str(
-        "| process | interval | CPU % of one core | user + sys CPU s / wall s | peak RSS (VmHWM) | RssAnon | \
+        "| process | interval | CPU % of one core | CPU s / wall s | peak RSS (VmHWM) | RssAnon | \
          RssFile | RssShmem | threads | samples per GPU (expected ≈) |\n",
     );
     out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -477,14 +477,13 @@ fn table(rows: &[Measurement], tck: u64) -> String {
             .samples
             .map_or("–".into(), |(got, asked)| format!("{got} ({asked})"));
         out.push_str(&format!(
-            "| {}{} | {} | {:.3} % | {:.2} + {:.2} / {:.1} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | \
+            "| {}{} | {} | {:.3} % | {:.2} / {:.1} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | \
              {} | {} |\n",
             r.label,
             if r.clean_exit { "" } else { " (did not exit cleanly)" },
             r.interval,
             r.cpu_pct,
-            r.user_s,
-            r.sys_s,
+            r.user_s + r.sys_s,
             r.wall_s,
             mib(r.mem.hwm),
             mib(r.mem.anon),
@@ -550,6 +549,40 @@ fn per_gpu(rows: &[Measurement]) -> String {
                 if cpu_ok { "met" } else { "MISSED" },
                 mib(hi.mem.hwm),
                 if rss_ok { "met" } else { "MISSED" },
+            ));
+        }
+    }
+    out
+}
+
+/// When the agent's memory stops growing at `interval`: the 5 m windows are full after 5 minutes,
+/// and every page of the ring after its capacity × interval (the capacity mirrors
+/// `agent::shm::capacity_for`: 10 minutes of samples, a power of two, at least 1024).
+fn steady_after(interval: Duration) -> Duration {
+    let samples = (600.0 / interval.as_secs_f64()).ceil() as u64;
+    let capacity = samples.clamp(1024, 1 << 22).next_power_of_two();
+    let ring = interval * capacity as u32;
+    ring.max(Duration::from_secs(300))
+}
+
+fn steady_state_note(rows: &[Measurement]) -> String {
+    let mut out = String::new();
+    let mut seen = Vec::new();
+    for r in rows.iter().filter(|r| r.gpus.is_some()) {
+        if seen.contains(&r.interval_dur) {
+            continue;
+        }
+        seen.push(r.interval_dur);
+        let steady = steady_after(r.interval_dur);
+        if r.wall_s < steady.as_secs_f64() {
+            out.push_str(&format!(
+                "- at {}: memory was still growing: the 5 m windows fill after 300 s and the ring's \
+                 pages after {} s, but this run measured {:.0} s; run with `--duration {}m` for \
+                 steady-state memory\n",
+                r.interval,
+                steady.as_secs(),
+                r.wall_s,
+                steady.as_secs().div_ceil(60) + 1,
             ));
         }
     }
@@ -645,5 +678,6 @@ pub fn run(o: Options) -> Result<()> {
     print!("{}", table(&rows, bench.tck));
     println!();
     print!("{}", per_gpu(&rows));
+    print!("{}", steady_state_note(&rows));
     Ok(())
 }

@@ -1,0 +1,98 @@
+//! Agent streams: one task per `--agents` address holds `WatchSnapshots` open, writes each
+//! snapshot into the [`Cluster`] view, and reconnects with exponential backoff (100 ms doubling
+//! to 5 s) when the agent is unreachable or restarts. One agent's trouble never delays another.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::agent::agent_client::AgentClient;
+use proto::agent::WatchRequest;
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+
+use crate::view::Cluster;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A `host:port` or URL as an endpoint.
+fn endpoint(address: &str) -> Result<Endpoint, String> {
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(url)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|e| format!("{address:?} is not a valid agent address ({e}); write host:port"))
+}
+
+/// Checks every address before anything starts, so a typo fails at start.
+pub fn validate(addresses: &[String]) -> Result<(), String> {
+    addresses.iter().try_for_each(|a| endpoint(a).map(drop))
+}
+
+async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<(), String> {
+    let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client = AgentClient::new(channel);
+    let mut stream = client
+        .watch_snapshots(WatchRequest { min_interval_ms: 0 })
+        .await
+        .map_err(|s| format!("WatchSnapshots: {}", s.message()))?
+        .into_inner();
+    cluster.write(|v| {
+        let n = &mut v.nodes[node];
+        n.connected = true;
+        n.last_error.clear();
+    });
+    tracing::info!("streaming");
+    loop {
+        match stream.message().await {
+            Ok(Some(snap)) => {
+                let at = Instant::now();
+                cluster.write(|v| v.update(node, snap, at));
+            }
+            Ok(None) => return Err("the agent closed the stream".into()),
+            Err(s) => return Err(format!("stream: {}", s.message())),
+        }
+    }
+}
+
+/// Runs the stream of agent `node` forever (until the task is dropped).
+pub async fn follow(cluster: Arc<Cluster>, node: usize, address: String) {
+    let span = tracing::info_span!("agent", %address);
+    async move {
+        let ep = match endpoint(&address) {
+            Ok(ep) => ep,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_START;
+        loop {
+            let started = Instant::now();
+            let err = stream_once(&cluster, node, &ep).await.unwrap_err();
+            // A stream that ran a while was healthy: start the backoff afresh.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_START;
+            }
+            tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "agent unavailable");
+            cluster.write(|v| {
+                let n = &mut v.nodes[node];
+                n.connected = false;
+                n.last_error = err;
+                n.reconnects += 1;
+            });
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    .instrument(span)
+    .await
+}

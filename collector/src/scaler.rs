@@ -1,0 +1,229 @@
+//! KEDA's external-scaler gRPC service (`externalscaler.ExternalScaler`): `GetMetricSpec`,
+//! `GetMetrics`, `IsActive` and `StreamIsActive`, answered from memory only (never network,
+//! never NVML), one tracing span per request.
+//!
+//! Errors: bad trigger metadata → `INVALID_ARGUMENT` naming the key and the accepted values;
+//! data that cannot be trusted → `UNAVAILABLE` naming the nodes, so KEDA's `fallback` acts.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use proto::externalscaler::external_scaler_server::ExternalScaler;
+use proto::externalscaler::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::evaluate::{evaluate, Evaluation};
+use crate::pods::{PodMeta, PodSource};
+use crate::trigger::Trigger;
+use crate::view::Cluster;
+
+type Matches = Arc<Vec<Arc<PodMeta>>>;
+
+/// The KEDA-facing service.
+pub struct Scaler {
+    cluster: Arc<Cluster>,
+    pods: Arc<dyn PodSource>,
+    /// (namespace, selector) → (pod index version, matched pods).
+    selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+impl Scaler {
+    /// A scaler over `cluster` with pod metadata from `pods`.
+    pub fn new(cluster: Arc<Cluster>, pods: Arc<dyn PodSource>) -> Scaler {
+        Scaler {
+            cluster,
+            pods,
+            selections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn trigger(r: &ScaledObjectRef) -> Result<Trigger, Status> {
+        let t = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
+        t.require_selector().map_err(invalid)?;
+        Ok(t)
+    }
+
+    /// The pods of `namespace` that `trigger`'s selector matches, cached per pod-list version.
+    fn matches(&self, namespace: &str, trigger: &Trigger) -> Matches {
+        let index = self.pods.index();
+        let selector = trigger
+            .pod_selector
+            .as_ref()
+            .expect("require_selector checked it");
+        let key = (namespace.to_owned(), selector.to_string());
+        let mut cache = self.selections.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, m)) = cache.get(&key) {
+            if *v == index.version {
+                return m.clone();
+            }
+        }
+        let matched: Matches = Arc::new(
+            index
+                .by_namespace
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .filter(|p| selector.matches(&p.labels))
+                .cloned()
+                .collect(),
+        );
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, (index.version, matched.clone()));
+        matched
+    }
+
+    /// Evaluates the trigger of `r` now.
+    pub fn value(&self, r: &ScaledObjectRef) -> Result<(Trigger, Evaluation), Status> {
+        let trigger = Self::trigger(r)?;
+        let matched = self.matches(&r.namespace, &trigger);
+        let now = Instant::now();
+        let eval = self
+            .cluster
+            .read(|v| evaluate(v, &matched, &trigger, now))
+            .map_err(|u| {
+                Status::unavailable(format!(
+                    "{}/{} {}: {u}",
+                    r.namespace,
+                    r.name,
+                    trigger.metric.name()
+                ))
+            })?;
+        Ok((trigger, eval))
+    }
+
+    fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
+        let (trigger, eval) = self.value(r)?;
+        Ok(eval.value > trigger.activation_threshold)
+    }
+}
+
+fn span(rpc: &'static str, r: &ScaledObjectRef) -> tracing::Span {
+    tracing::info_span!("keda", rpc, scaled_object = %format!("{}/{}", r.namespace, r.name))
+}
+
+fn log_result<T>(result: &Result<T, Status>) {
+    if let Err(s) = result {
+        tracing::warn!(code = ?s.code(), message = s.message(), "request failed");
+    }
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
+
+/// The tonic service around a shared [`Scaler`].
+#[derive(Clone)]
+pub struct ScalerService(pub Arc<Scaler>);
+
+#[tonic::async_trait]
+impl ExternalScaler for ScalerService {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let r = request.into_inner();
+        let _g = span("IsActive", &r).entered();
+        let result = self.0.active(&r);
+        log_result(&result);
+        Ok(Response::new(IsActiveResponse { result: result? }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let r = request.into_inner();
+        let span = span("StreamIsActive", &r);
+        // Bad metadata fails the call at once; missing data just waits for data.
+        Scaler::trigger(&r)?;
+        let me = self.0.clone();
+        let mut changes = self.0.cluster.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(
+            async move {
+                tracing::info!("KEDA subscribed");
+                let mut last = None;
+                loop {
+                    match me.active(&r) {
+                        Ok(active) if Some(active) != last => {
+                            last = Some(active);
+                            tracing::info!(active, "activity changed");
+                            if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(s) => tracing::debug!(message = s.message(), "no value yet"),
+                    }
+                    // Re-evaluate on every change of the view (each agent snapshot).
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { break },
+                        _ = tx.closed() => break,
+                    }
+                }
+                tracing::info!("KEDA stream ended");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let r = request.into_inner();
+        let _g = span("GetMetricSpec", &r).entered();
+        let result = Scaler::trigger(&r);
+        log_result(&result);
+        let t = result?;
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: t.metric_name(),
+                target_size: t.target_value.ceil() as i64,
+                target_size_float: t.target_value,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let r = req.scaled_object_ref.unwrap_or_default();
+        let _g = span("GetMetrics", &r).entered();
+        let result = self.0.value(&r);
+        log_result(&result);
+        let (t, eval) = result?;
+        tracing::debug!(value = eval.value, pods = eval.running_pods, "answered");
+        let name = if req.metric_name.is_empty() {
+            t.metric_name()
+        } else {
+            req.metric_name
+        };
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name: name,
+                // KEDA reads the float when > 0, else the int: fill both.
+                metric_value: eval.value.round() as i64,
+                metric_value_float: eval.value,
+            }],
+        }))
+    }
+}

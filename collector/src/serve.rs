@@ -1,0 +1,79 @@
+//! `gpuscale-collector serve`: starts the agent streams, the pod source, and the gRPC server
+//! (KEDA's external scaler plus the debug API) on one address.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::collector::collector_server::CollectorServer;
+use proto::externalscaler::external_scaler_server::ExternalScalerServer;
+
+use crate::debug::Debug;
+use crate::pods::{PodSource, PodsFile};
+use crate::scaler::{Scaler, ScalerService};
+use crate::view::Cluster;
+use crate::{agents, Error, Result};
+
+/// What `serve` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Agent addresses (`host:port`).
+    pub agents: Vec<String>,
+    /// Where to serve gRPC.
+    pub listen: SocketAddr,
+    /// The PodList file.
+    pub pods_file: PathBuf,
+}
+
+/// Runs the collector until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    if config.agents.is_empty() {
+        return Err(Error::Config(
+            "no agents: pass --agents host:port[,host:port…] (GPUSCALE_AGENTS)".into(),
+        ));
+    }
+    agents::validate(&config.agents).map_err(Error::Config)?;
+    let pods_file = Arc::new(PodsFile::load(&config.pods_file)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| Error::Listen {
+            addr: config.listen,
+            error,
+        })?;
+    let cluster = Arc::new(Cluster::new(&config.agents));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, a) in config.agents.iter().enumerate() {
+        tasks.spawn(agents::follow(cluster.clone(), i, a.clone()));
+    }
+    tasks.spawn(pods_file.clone().watch(Duration::from_secs(1), stopped()));
+    let pods: Arc<dyn PodSource> = pods_file;
+    let scaler = Arc::new(Scaler::new(cluster.clone(), pods.clone()));
+    tracing::info!(
+        listen = %config.listen,
+        agents = config.agents.len(),
+        pods = %pods.describe(),
+        "serving KEDA's external scaler and the collector API"
+    );
+    let result = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(ScalerService(scaler)))
+        .add_service(CollectorServer::new(Debug {
+            cluster,
+            pods,
+        }))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await;
+    let _ = stop_tx.send(true);
+    tasks.abort_all();
+    result.map_err(|e| Error::Serve(e.to_string()))
+}

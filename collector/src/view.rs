@@ -1,0 +1,172 @@
+//! The collector's in-memory cluster view: the newest snapshot of every agent, with its
+//! freshness, indexed by node name and by pod UID. Agent streams write it; KEDA calls and
+//! `dump` read it. It never does I/O.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use proto::agent::NodeSnapshot;
+
+/// One agent as the collector sees it.
+#[derive(Clone, Debug)]
+pub struct NodeState {
+    /// The address the collector dials.
+    pub address: String,
+    /// Whether a stream to the agent is open.
+    pub connected: bool,
+    /// The newest snapshot, if any.
+    pub snapshot: Option<Arc<NodeSnapshot>>,
+    /// When the newest snapshot arrived (collector clock).
+    pub received: Option<Instant>,
+    /// The last connection or stream error.
+    pub last_error: String,
+    /// Times the stream was re-established.
+    pub reconnects: u32,
+}
+
+/// Where one pod's use of one GPU is in the view.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PodEntry {
+    /// Index into [`View::nodes`].
+    pub node: usize,
+    /// Index into that node snapshot's `pods`.
+    pub pod: usize,
+}
+
+/// Everything the collector knows about the agents, at one moment.
+#[derive(Debug, Default)]
+pub struct View {
+    /// One per `--agents` address, in that order.
+    pub nodes: Vec<NodeState>,
+    /// Node name (as the agent reports it) → index into `nodes`.
+    pub by_node_name: HashMap<String, usize>,
+    /// Pod UID → its per-GPU entries.
+    pub pod_gpus: HashMap<String, Vec<PodEntry>>,
+}
+
+impl View {
+    fn unindex(&mut self, node: usize) {
+        let Some(old) = self.nodes[node].snapshot.clone() else {
+            return;
+        };
+        for p in &old.pods {
+            if let Some(v) = self.pod_gpus.get_mut(&p.pod_uid) {
+                v.retain(|e| e.node != node);
+                if v.is_empty() {
+                    self.pod_gpus.remove(&p.pod_uid);
+                }
+            }
+        }
+        if self.by_node_name.get(&old.node_name) == Some(&node) {
+            self.by_node_name.remove(&old.node_name);
+        }
+    }
+
+    /// Replaces node `node`'s snapshot, received at `at`.
+    pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
+        self.unindex(node);
+        for (i, p) in snap.pods.iter().enumerate() {
+            self.pod_gpus
+                .entry(p.pod_uid.clone())
+                .or_default()
+                .push(PodEntry { node, pod: i });
+        }
+        if let Some(other) = self.by_node_name.insert(snap.node_name.clone(), node) {
+            if other != node {
+                tracing::warn!(
+                    node = %snap.node_name,
+                    a = %self.nodes[other].address,
+                    b = %self.nodes[node].address,
+                    "two agents report the same node name; using the newest"
+                );
+            }
+        }
+        let n = &mut self.nodes[node];
+        n.snapshot = Some(Arc::new(snap));
+        n.received = Some(at);
+    }
+}
+
+/// The shared view plus a change signal for `StreamIsActive`.
+pub struct Cluster {
+    view: RwLock<View>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cluster {
+    /// A view of the agents at `addresses`, none connected yet.
+    pub fn new(addresses: &[String]) -> Cluster {
+        Cluster {
+            view: RwLock::new(View {
+                nodes: addresses
+                    .iter()
+                    .map(|a| NodeState {
+                        address: a.clone(),
+                        connected: false,
+                        snapshot: None,
+                        received: None,
+                        last_error: String::new(),
+                        reconnects: 0,
+                    })
+                    .collect(),
+                ..View::default()
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Reads the view.
+    pub fn read<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        f(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes the view and wakes watchers.
+    pub fn write(&self, f: impl FnOnce(&mut View)) {
+        f(&mut self.view.write().unwrap_or_else(|e| e.into_inner()));
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::PodSummary;
+
+    fn snap(node: &str, pods: &[&str]) -> NodeSnapshot {
+        NodeSnapshot {
+            node_name: node.into(),
+            pods: pods
+                .iter()
+                .map(|p| PodSummary {
+                    pod_uid: (*p).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_snapshot_replaces_the_nodes_pod_entries() {
+        let c = Cluster::new(&["a:1".into(), "b:1".into()]);
+        let now = Instant::now();
+        c.write(|v| v.update(0, snap("n0", &["p1", "p2"]), now));
+        c.write(|v| v.update(1, snap("n1", &["p2"]), now));
+        c.read(|v| {
+            assert_eq!(v.pod_gpus["p2"].len(), 2);
+            assert_eq!(v.by_node_name["n1"], 1);
+        });
+        c.write(|v| v.update(0, snap("n0", &["p3"]), now));
+        c.read(|v| {
+            assert!(!v.pod_gpus.contains_key("p1"));
+            assert_eq!(v.pod_gpus["p2"], vec![PodEntry { node: 1, pod: 0 }]);
+            assert_eq!(v.pod_gpus["p3"], vec![PodEntry { node: 0, pod: 0 }]);
+        });
+    }
+}
