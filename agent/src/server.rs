@@ -191,8 +191,7 @@ impl AgentApi for Service {
     }
 }
 
-/// Binds `addr` now (so a taken port fails the agent at start) and returns a function that
-/// serves the API on it until `stop` fires.
+/// Binds `addr` now, so a taken port fails the agent at start rather than after NVML is up.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr).map_err(|error| Error::Listen { addr, error })?;
     listener
@@ -220,15 +219,30 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
             seq: AtomicU64::new(0),
             stop: stop.clone(),
         };
-        tonic::transport::Server::builder()
-            .serve_with_incoming_shutdown(
-                AgentServer::new(service),
-                tonic::transport::server::TcpIncoming::from(listener),
-                stop.stopped(),
-            )
-            .await
-            .map_err(|e| Error::Serve {
-                why: e.to_string(),
-            })
+        let mut server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServer::new(service))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    stop.stopped(),
+                ),
+        );
+        let result = tokio::select! {
+            r = &mut server => r,
+            _ = stop.stopped() => {
+                // Streams end on stop; a client that never hangs up gets a grace period only.
+                match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!("connections still open 3s after stop; exiting anyway");
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        result
+            .map_err(|e| Error::Serve { why: e.to_string() })?
+            .map_err(|e| Error::Serve { why: e.to_string() })
     })
 }

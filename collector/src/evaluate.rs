@@ -165,6 +165,9 @@ pub fn evaluate(
         }
     }
     if !problems.is_empty() {
+        // Several pods on one stale node tell the same story once.
+        let mut seen = std::collections::HashSet::new();
+        problems.retain(|p| seen.insert(p.clone()));
         let total = problems.len();
         problems.truncate(5);
         return Err(Unavailable {

@@ -30,6 +30,7 @@ type Matches = Arc<Vec<Arc<PodMeta>>>;
 pub struct Scaler {
     cluster: Arc<Cluster>,
     pods: Arc<dyn PodSource>,
+    stop: tokio::sync::watch::Receiver<bool>,
     /// (namespace, selector) → (pod index version, matched pods).
     selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
 }
@@ -39,11 +40,17 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 }
 
 impl Scaler {
-    /// A scaler over `cluster` with pod metadata from `pods`.
-    pub fn new(cluster: Arc<Cluster>, pods: Arc<dyn PodSource>) -> Scaler {
+    /// A scaler over `cluster` with pod metadata from `pods`; open streams end when `stop`
+    /// turns true (so a graceful shutdown does not wait for KEDA to hang up).
+    pub fn new(
+        cluster: Arc<Cluster>,
+        pods: Arc<dyn PodSource>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Scaler {
         Scaler {
             cluster,
             pods,
+            stop,
             selections: Mutex::new(HashMap::new()),
         }
     }
@@ -151,6 +158,7 @@ impl ExternalScaler for ScalerService {
         Scaler::trigger(&r)?;
         let me = self.0.clone();
         let mut changes = self.0.cluster.subscribe();
+        let mut stop = self.0.stop.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(
             async move {
@@ -172,6 +180,7 @@ impl ExternalScaler for ScalerService {
                     tokio::select! {
                         changed = changes.changed() => if changed.is_err() { break },
                         _ = tx.closed() => break,
+                        _ = stop.wait_for(|s| *s) => break,
                     }
                 }
                 tracing::info!("KEDA stream ended");

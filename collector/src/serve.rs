@@ -15,6 +15,9 @@ use crate::scaler::{Scaler, ScalerService};
 use crate::view::Cluster;
 use crate::{agents, Error, Result};
 
+/// How long a shutdown waits for in-flight requests.
+const GRACE: Duration = Duration::from_secs(3);
+
 /// What `serve` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -43,7 +46,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         })?;
     let cluster = Arc::new(Cluster::new(&config.agents));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
+    let pods_stop = {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -53,27 +56,46 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     for (i, a) in config.agents.iter().enumerate() {
         tasks.spawn(agents::follow(cluster.clone(), i, a.clone()));
     }
-    tasks.spawn(pods_file.clone().watch(Duration::from_secs(1), stopped()));
+    tasks.spawn(pods_file.clone().watch(Duration::from_secs(1), pods_stop));
     let pods: Arc<dyn PodSource> = pods_file;
-    let scaler = Arc::new(Scaler::new(cluster.clone(), pods.clone()));
+    let scaler = Arc::new(Scaler::new(cluster.clone(), pods.clone(), stop_rx.clone()));
     tracing::info!(
         listen = %config.listen,
         agents = config.agents.len(),
         pods = %pods.describe(),
         "serving KEDA's external scaler and the collector API"
     );
-    let result = tonic::transport::Server::builder()
-        .add_service(ExternalScalerServer::new(ScalerService(scaler)))
-        .add_service(CollectorServer::new(Debug {
-            cluster,
-            pods,
-        }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
-        .await;
-    let _ = stop_tx.send(true);
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ExternalScalerServer::new(ScalerService(scaler)))
+            .add_service(CollectorServer::new(Debug { cluster, pods }))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = drain_rx.await;
+                },
+            ),
+    );
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
+            // End the long-lived streams, then give in-flight requests a grace period; a
+            // client that never hangs up does not keep the collector alive.
+            let _ = stop_tx.send(true);
+            let _ = drain_tx.send(());
+            match tokio::time::timeout(GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("connections still open {GRACE:?} after the shutdown signal; exiting anyway");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
     tasks.abort_all();
-    result.map_err(|e| Error::Serve(e.to_string()))
+    result
+        .map_err(|e| Error::Serve(e.to_string()))?
+        .map_err(|e| Error::Serve(e.to_string()))
 }

@@ -81,14 +81,69 @@ fn parse_interval(s: &str) -> Result<Duration> {
     Ok(unit * n)
 }
 
-/// The benchmark scenario: `n` busy H100s with GPM, two processes each; GPU 1's two processes
-/// have per-process SM utilization, the others' have none (the agent still asks NVML for every
-/// GPU with more than one process).
-fn scenario(n: usize) -> Value {
+/// The pod (as an index) of process `j` (0 or 1) of GPU `gpu`: GPU 1 is shared by two pods,
+/// every other GPU belongs to one pod that runs two processes on it.
+fn pod_of(gpu: usize, j: usize) -> usize {
+    if gpu == 1 {
+        100 + j
+    } else {
+        gpu
+    }
+}
+
+/// Stand-ins for the GPUs' processes: real sleeping processes (so the agent reads real procfs
+/// `stat` files, as it does in production) in a fake procfs root whose `cgroup` files put them in
+/// Kubernetes pods, so the agent's per-pod attribution and windows run too.
+struct Workload {
+    procs: Vec<Proc>,
+    root: PathBuf,
+}
+
+impl Workload {
+    fn start(dir: &Path, gpus: usize, lifetime: Duration) -> Result<Workload> {
+        let root = dir.join("proc");
+        let mut procs = Vec::new();
+        for k in 0..2 * gpus {
+            let child = Command::new("sleep")
+                .arg(lifetime.as_secs().to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting a stand-in GPU process (`sleep`)")?;
+            let proc = Proc(child);
+            let pid = proc.pid();
+            procs.push(proc);
+            let d = root.join(pid.to_string());
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            std::os::unix::fs::symlink(format!("/proc/{pid}/stat"), d.join("stat"))
+                .with_context(|| format!("linking {}/stat", d.display()))?;
+            let pod = pod_of(k / 2, k % 2);
+            let uid = format!("be0c4000_0000_4000_8000_{pod:012x}");
+            let cgroup = format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/\
+                 cri-containerd-{:064x}.scope\n",
+                k + 1
+            );
+            std::fs::write(d.join("cgroup"), cgroup)
+                .with_context(|| format!("writing {}/cgroup", d.display()))?;
+        }
+        Ok(Workload { procs, root })
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+}
+
+/// The benchmark scenario: `n` busy H100s with GPM, two processes each (`pids[2i]`,
+/// `pids[2i + 1]` on GPU `i`). GPU 1 is shared by two pods, so its processes have per-process SM
+/// utilization; the others' have none (the agent still asks NVML for every GPU with more than
+/// one process).
+fn scenario(n: usize, pids: &[u32]) -> Value {
     let gpus: Vec<Value> = (0..n)
         .map(|i| {
             let sm = |v: u32| if i == 1 { json!(v) } else { Value::Null };
-            let pid = 5000 + 10 * i as u32;
+            let (pid0, pid1) = (pids[2 * i], pids[2 * i + 1]);
             json!({
                 "name": "NVIDIA H100 80GB HBM3",
                 "uuid": format!("GPU-be0c4000-0000-4000-8000-{i:012}"),
@@ -104,8 +159,8 @@ fn scenario(n: usize) -> Value {
                 "power_w": 350,
                 "temp_c": 60,
                 "processes": [
-                    {"pid": pid, "used_memory_mib": 18_000, "sm_util": sm(22)},
-                    {"pid": pid + 1, "used_memory_mib": 1_500, "sm_util": sm(8)},
+                    {"pid": pid0, "used_memory_mib": 18_000, "sm_util": sm(22)},
+                    {"pid": pid1, "used_memory_mib": 1_500, "sm_util": sm(8)},
                 ],
                 "fail": null,
             })
@@ -256,6 +311,7 @@ struct Bench {
     agent: PathBuf,
     fake: PathBuf,
     dir: PathBuf,
+    workload: Workload,
     duration: Duration,
     tck: u64,
 }
@@ -281,7 +337,7 @@ impl Bench {
         let interval_dur = parse_interval(interval)?;
         let name = format!("{gpus}gpu-{interval}");
         let scenario_path = self.dir.join(format!("scenario-{gpus}.json"));
-        std::fs::write(&scenario_path, serde_json::to_vec_pretty(&scenario(gpus))?)
+        std::fs::write(&scenario_path, serde_json::to_vec_pretty(&scenario(gpus, &self.workload.pids()))?)
             .with_context(|| format!("writing {}", scenario_path.display()))?;
         let ring = self.dir.join(format!("{name}.ring"));
         let log = self.dir.join(format!("{name}.log"));
@@ -295,9 +351,11 @@ impl Bench {
             .arg(&self.fake)
             .arg("--shm")
             .arg(&ring)
-            .args(["--interval", interval, "--node-name", "bench"])
+            .args(["--interval", interval, "--node-name", "bench", "--proc-root"])
+            .arg(&self.workload.root)
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -394,8 +452,20 @@ impl Bench {
             .arg(&ring)
             .output()
             .context("running gpuscale-agent dump")?;
-        let samples = serde_json::from_slice::<Value>(&dump.stdout)
-            .ok()
+        let report = serde_json::from_slice::<Value>(&dump.stdout).ok();
+        if let Some(gpus) = report.as_ref().and_then(|v| v["gpus"].as_array()) {
+            let procs: Vec<&Value> = gpus
+                .iter()
+                .filter_map(|g| g["processes"].as_array())
+                .flatten()
+                .collect();
+            let in_pods = procs.iter().filter(|p| p["pod_uid"].is_string()).count();
+            eprintln!(
+                "    processes attributed to pods (from dump): {in_pods} of {}",
+                procs.len()
+            );
+        }
+        let samples = report
             .and_then(|v| {
                 v["gpus"]
                     .as_array()?
@@ -617,14 +687,17 @@ pub fn run(o: Options) -> Result<()> {
     }
     let dir = shm_dir(&o);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let total = o.duration * (intervals.len() * counts.len()) as u32;
+    let max_gpus = counts.iter().copied().max().unwrap_or(0);
+    let workload = Workload::start(&dir, max_gpus, total + Duration::from_secs(600))?;
     let bench = Bench {
         agent,
         fake,
         dir: dir.clone(),
+        workload,
         duration: o.duration,
         tck: clk_tck(),
     };
-    let total = o.duration * (intervals.len() * counts.len()) as u32;
     step(&format!(
         "measuring {} configuration(s) for {} s each (about {} min), ring files in {}",
         intervals.len() * counts.len(),

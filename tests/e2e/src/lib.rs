@@ -4,6 +4,9 @@
 //! Owns process lifecycle for tests: every process it starts is stopped when its handle drops.
 #![deny(missing_docs)]
 
+pub mod keda;
+pub mod pod;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -28,33 +31,49 @@ pub fn bin_dir() -> PathBuf {
         .join("debug")
 }
 
-/// Builds the agent binary and the fake NVML library once per test process, so the tests run
-/// the code of this checkout (cargo does not build other packages' binaries for a test).
-pub fn ensure_built() -> &'static (PathBuf, PathBuf) {
-    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+/// The binaries under test.
+pub struct Bins {
+    /// `gpuscale-agent`.
+    pub agent: PathBuf,
+    /// `gpuscale-collector`.
+    pub collector: PathBuf,
+    /// `libfake_nvml.so`.
+    pub fake_nvml: PathBuf,
+}
+
+/// Builds the binaries and the fake NVML library once per test process, so the tests run the
+/// code of this checkout (cargo does not build other packages' binaries for a test).
+pub fn ensure_built() -> &'static Bins {
+    static BUILT: OnceLock<Bins> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(root())
-            .args(["build", "-p", "agent", "-p", "fake-nvml"])
+            .args(["build", "-p", "agent", "-p", "collector", "-p", "fake-nvml"])
             .status()
             .expect("running cargo build for the end-to-end binaries");
-        assert!(status.success(), "cargo build -p agent -p fake-nvml failed");
-        (
-            bin_dir().join("gpuscale-agent"),
-            bin_dir().join("libfake_nvml.so"),
-        )
+        assert!(status.success(), "cargo build -p agent -p collector -p fake-nvml failed");
+        Bins {
+            agent: bin_dir().join("gpuscale-agent"),
+            collector: bin_dir().join("gpuscale-collector"),
+            fake_nvml: bin_dir().join("libfake_nvml.so"),
+        }
     })
 }
 
 /// Path of the `gpuscale-agent` binary.
 pub fn agent_bin() -> &'static Path {
-    &ensure_built().0
+    &ensure_built().agent
+}
+
+/// Path of the `gpuscale-collector` binary.
+pub fn collector_bin() -> &'static Path {
+    &ensure_built().collector
 }
 
 /// Path of the fake NVML library.
 pub fn fake_nvml() -> &'static Path {
-    &ensure_built().1
+    &ensure_built().fake_nvml
 }
 
 /// A scratch directory removed on drop.
@@ -103,14 +122,6 @@ pub fn write_scenario(path: &Path, gpus: &[Value]) {
     std::fs::rename(&tmp, path).expect("renaming scenario");
 }
 
-/// A running `gpuscale-agent run`, stopped (SIGKILL) on drop if still running.
-pub struct Agent {
-    child: Option<Child>,
-    /// Its ring file.
-    pub shm: PathBuf,
-    log: PathBuf,
-}
-
 /// Sends `signal` to `pid`.
 pub fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) on a pid we started; no memory is involved.
@@ -119,91 +130,158 @@ pub fn signal(pid: u32, signal: libc::c_int) {
     }
 }
 
-impl Agent {
-    /// Starts an agent on `scenario` writing `shm`, with extra flags.
-    pub fn start(dir: &Scratch, scenario: &Path, shm: &Path, extra: &[&str]) -> Agent {
-        let log = dir.path(&format!(
-            "agent-{}.log",
-            Instant::now().elapsed().as_nanos() ^ rand_ish()
-        ));
-        let child = Command::new(agent_bin())
-            .args(["run", "--nvml-lib"])
-            .arg(fake_nvml())
-            .arg("--shm")
-            .arg(shm)
-            .args(["--node-name", "e2e-node"])
-            .args(extra)
-            .env("FAKE_NVML_SCENARIO", scenario)
+/// A background process under test with its log file; killed (SIGKILL) on drop if running.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` with stderr to a log file in `dir` named after `name`.
+    pub fn spawn(dir: &Scratch, name: &str, cmd: &mut Command) -> Daemon {
+        let log = dir.path(&format!("{name}-{}.log", rand_ish()));
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .expect("starting gpuscale-agent");
-        Agent {
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Daemon {
             child: Some(child),
-            shm: shm.to_owned(),
             log,
         }
     }
 
-    /// The agent's log so far.
+    /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The process id.
+    /// The process id (0 once stopped).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Polls `dump --json` until `pred` holds, up to `timeout`; returns the last dump.
-    pub fn wait_dump(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        let mut last = Value::Null;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent exited early ({status}); log:\n{}", self.log());
-            }
-            if let Ok(v) = dump_json(&self.shm) {
-                if pred(&v) {
-                    return Ok(v);
-                }
-                last = v;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    /// Fails with the log if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bail!("process exited early ({status}); log:\n{}", self.log());
         }
-        bail!(
-            "condition not met within {timeout:?}; last dump:\n{}\nagent log:\n{}",
-            serde_json::to_string_pretty(&last).unwrap_or_default(),
-            self.log()
-        )
+        Ok(())
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
+        let mut child = self.child.take().expect("already stopped");
         signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(s) = child.try_wait().expect("waiting for the agent") {
+            if let Some(s) = child.try_wait().expect("waiting for the process") {
                 return s;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent did not stop within 20 s of SIGTERM; log:\n{}", self.log());
+                panic!("process did not stop within 20 s of SIGTERM; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
 
-impl Drop for Agent {
-    fn drop(&mut self) {
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `gpuscale-agent run`.
+pub struct Agent {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its ring file.
+    pub shm: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent on `scenario` writing `shm`, with extra flags.
+    pub fn start(dir: &Scratch, scenario: &Path, shm: &Path, extra: &[&str]) -> Agent {
+        let daemon = Daemon::spawn(
+            dir,
+            "agent",
+            Command::new(agent_bin())
+                .args(["run", "--nvml-lib"])
+                .arg(fake_nvml())
+                .arg("--shm")
+                .arg(shm)
+                .args(["--node-name", "e2e-node"])
+                .args(extra)
+                .env("FAKE_NVML_SCENARIO", scenario),
+        );
+        Agent {
+            daemon,
+            shm: shm.to_owned(),
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+
+    /// Polls `dump --json` until `pred` holds, up to `timeout`; returns the last dump.
+    pub fn wait_dump(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let shm = self.shm.clone();
+        let daemon = &mut self.daemon;
+        wait_json(timeout, || {
+            daemon.check_alive()?;
+            dump_json(&shm)
+        }, pred)
+        .with_context(|| format!("agent log:\n{}", daemon.log()))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.daemon.terminate()
+    }
+}
+
+/// Polls `fetch` until `pred` holds on its answer, up to `timeout`; returns that answer.
+pub fn wait_json(
+    timeout: Duration,
+    mut fetch: impl FnMut() -> Result<Value>,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        match fetch() {
+            Ok(v) if pred(&v) => return Ok(v),
+            Ok(v) => last = v,
+            Err(e) if e.to_string().contains("exited early") => return Err(e),
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "condition not met within {timeout:?}; last answer:\n{}",
+        serde_json::to_string_pretty(&last).unwrap_or_default()
+    )
+}
+
+/// A free loopback port (bound, then released for the process under test to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 fn rand_ish() -> u128 {
