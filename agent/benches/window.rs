@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use agent::sample::{GpuState, Metric, Sample, Slot};
-use agent::window::{GpuWindows, WINDOWS};
+use agent::window::{GpuWindows, WindowSet, WINDOWS};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const INTERVAL_NS: u64 = 100_000_000;
@@ -122,6 +122,25 @@ fn window_update(c: &mut Criterion) {
             seq += 1;
             let s = black_box(s);
             w.push_metrics(s.ts_ns, s.metrics(VRAM_TOTAL));
+        })
+    });
+
+    // The same work for a single metric (`WindowSet<1>`: 1 metric × 4 windows), to split the
+    // per-sample cost into a fixed part and a per-metric part.
+    let mut one = WindowSet::<1>::new([4.0]);
+    let (_, mut load) = filled(2);
+    let values: Vec<f32> = (0..4096)
+        .map(|seq| load.sample(seq).values[Slot::SmActive as usize])
+        .collect();
+    for seq in 0..FULL {
+        one.push(seq * INTERVAL_NS, [Some(values[(seq % 4096) as usize])]);
+    }
+    let mut seq = FULL;
+    group.bench_function("push_1_metric", |b| {
+        b.iter(|| {
+            let v = values[(seq % 4096) as usize];
+            one.push(seq * INTERVAL_NS, black_box([Some(v)]));
+            seq += 1;
         })
     });
     group.finish();

@@ -19,6 +19,48 @@ enum Command {
     Serve(ServeArgs),
     /// Print a running collector's cluster view: nodes, GPUs, pods, freshness.
     Dump(DumpArgs),
+    /// Ask a collector what KEDA would be told for one trigger, and what the HPA would do.
+    Query(QueryArgs),
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    /// The collector's address (its --listen).
+    #[arg(long, env = "GPUSCALE_COLLECTOR", default_value = "127.0.0.1:7700")]
+    collector: String,
+    /// The ScaledObject's namespace (podSelector matches pods there).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// The ScaledObject's name.
+    #[arg(long, default_value = "query")]
+    name: String,
+    /// Trigger metadata, one key=value per flag (repeat it): --meta metric=sm_active
+    /// --meta podSelector=app=vllm --meta targetValue=80
+    #[arg(long = "meta", value_parser = parse_meta)]
+    meta: Vec<(String, String)>,
+    /// The trigger's metricType: AverageValue (KEDA's default) or Value.
+    #[arg(long, default_value = "AverageValue", value_parser = parse_metric_type)]
+    metric_type: collector::trigger::MetricType,
+    /// Replicas running now (used with metricType Value).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value (e.g. metric=sm_active)"))
+}
+
+fn parse_metric_type(s: &str) -> Result<collector::trigger::MetricType, String> {
+    match s {
+        "AverageValue" => Ok(collector::trigger::MetricType::AverageValue),
+        "Value" => Ok(collector::trigger::MetricType::Value),
+        _ => Err(format!("{s:?}: write AverageValue or Value")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -77,6 +119,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pods_file: a.pods_file,
             };
             collector::serve::run(config, shutdown_signal()).await?;
+        }
+        Command::Query(a) => {
+            let q = collector::query::Query {
+                collector: a.collector,
+                namespace: a.namespace,
+                name: a.name,
+                metadata: a.meta.into_iter().collect(),
+                metric_type: a.metric_type,
+                current_replicas: a.replicas,
+            };
+            let v = collector::query::run(&q).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", collector::query::render(&v));
+            }
         }
         Command::Dump(a) => {
             let view = collector::dump::fetch(&a.collector).await?;

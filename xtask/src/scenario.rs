@@ -99,6 +99,63 @@ fn load(phase: usize, gpu: usize) -> Load {
     }
 }
 
+/// A simulated pod: its process on a GPU, and its Kubernetes identity.
+pub struct DemoPod {
+    /// Pod name in namespace `ml`.
+    pub name: &'static str,
+    /// `app` label.
+    pub app: &'static str,
+    /// Pod UID.
+    pub uid: &'static str,
+    /// The (simulated) PID NVML reports.
+    pub pid: u32,
+}
+
+/// The pods of the story: two vLLM replicas with a GPU each, two embedding services sharing
+/// GPU 2.
+pub const PODS: [DemoPod; 4] = [
+    DemoPod {
+        name: "vllm-7d9c5-0",
+        app: "vllm",
+        uid: "d0000000-0000-4000-8000-000000004100",
+        pid: 4100,
+    },
+    DemoPod {
+        name: "vllm-7d9c5-1",
+        app: "vllm",
+        uid: "d0000000-0000-4000-8000-000000004101",
+        pid: 4101,
+    },
+    DemoPod {
+        name: "embed-5f6b8-a",
+        app: "embed",
+        uid: "d0000000-0000-4000-8000-000000004200",
+        pid: 4200,
+    },
+    DemoPod {
+        name: "embed-5f6b8-b",
+        app: "embed",
+        uid: "d0000000-0000-4000-8000-000000004201",
+        pid: 4201,
+    },
+];
+
+/// The pods as a `kubectl get pods -A -o json` list on node `node`.
+pub fn pod_list(node: &str) -> Value {
+    let items: Vec<Value> = PODS
+        .iter()
+        .map(|p| {
+            let rs = format!("{}-{}", p.app, &p.name[p.app.len() + 1..p.app.len() + 6]);
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"namespace": "ml", "name": p.name, "uid": p.uid,
+                                "labels": {"app": p.app, "pod-template-hash": &rs[p.app.len() + 1..]},
+                                "ownerReferences": [{"kind": "ReplicaSet", "name": rs, "controller": true}]},
+                   "spec": {"nodeName": node}, "status": {"phase": "Running"}})
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
 /// The scenario JSON for `phase`.
 pub fn scenario(phase: usize) -> Value {
     let gpus: Vec<Value> = (0..4)
