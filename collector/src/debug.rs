@@ -39,7 +39,11 @@ pub fn cluster_view(cluster: &Cluster, pods: &dyn PodSource) -> ClusterView {
                     .received
                     .map(|r| now.saturating_duration_since(r).as_secs_f64() * 1e3),
                 last_error: n.last_error.clone(),
-                gpus: n.snapshot.as_ref().map(|s| s.gpus.clone()).unwrap_or_default(),
+                gpus: n
+                    .snapshot
+                    .as_ref()
+                    .map(|s| s.gpus.clone())
+                    .unwrap_or_default(),
                 reconnects: n.reconnects,
             })
             .collect();

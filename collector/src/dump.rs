@@ -118,7 +118,9 @@ fn pct(v: Option<f64>) -> String {
 }
 
 fn gib(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{:.1} GiB", v / (1u64 << 30) as f64))
+    v.map_or("-".into(), |v| {
+        format!("{:.1} GiB", v / (1u64 << 30) as f64)
+    })
 }
 
 /// The view as a terminal table.
@@ -134,8 +136,8 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<18}{:<24}{:<11}{:>9}  {}",
-        "NODE", "AGENT", "CONNECTED", "AGE", "NOTE"
+        "\n{:<18}{:<24}{:<11}{:>9}  NOTE",
+        "NODE", "AGENT", "CONNECTED", "AGE"
     );
     for n in &v.nodes {
         let age = n
@@ -144,7 +146,11 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
         let _ = writeln!(
             out,
             "{:<18}{:<24}{:<11}{:>9}  {}",
-            if n.node_name.is_empty() { "?" } else { &n.node_name },
+            if n.node_name.is_empty() {
+                "?"
+            } else {
+                &n.node_name
+            },
             n.address,
             if n.connected { "yes" } else { "NO" },
             age,

@@ -305,7 +305,10 @@ mod tests {
         let later = now + Duration::from_secs(11);
         let err = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), later).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("node node-0") && text.contains("node node-1"), "{text}");
+        assert!(
+            text.contains("node node-0") && text.contains("node node-1"),
+            "{text}"
+        );
         assert!(text.contains("staleAfter"), "{text}");
         // A longer staleAfter trusts the same data.
         let e = evaluate(
@@ -323,7 +326,10 @@ mod tests {
         let (view, mut pods, now) = cluster();
         pods.push(pod_meta("stray", "node-9"));
         let err = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap_err();
-        assert!(err.to_string().contains("node-9 where no agent reports"), "{err}");
+        assert!(
+            err.to_string().contains("node-9 where no agent reports"),
+            "{err}"
+        );
         pods.pop();
         let mut pending = (*pod_meta("new", "")).clone();
         pending.phase = "Pending".into();
@@ -353,7 +359,8 @@ mod tests {
         view.update(1, snap, now);
         let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
         assert_eq!((e.value, e.fallbacks), (90.0 * 2.0 + 97.0 * 2.0, 2));
-        let err = evaluate(&view, &pods, &trigger(&[("metric", "tensor_active")]), now).unwrap_err();
+        let err =
+            evaluate(&view, &pods, &trigger(&[("metric", "tensor_active")]), now).unwrap_err();
         assert!(err.to_string().contains("tensor_active of pod"), "{err}");
     }
 

@@ -114,7 +114,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let config = collector::serve::Config {
-                agents: a.agents.into_iter().filter(|s| !s.trim().is_empty()).collect(),
+                agents: a
+                    .agents
+                    .into_iter()
+                    .filter(|s| !s.trim().is_empty())
+                    .collect(),
                 listen: a.listen,
                 pods_file: a.pods_file,
             };

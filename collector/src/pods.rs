@@ -149,8 +149,11 @@ pub fn parse_pod_list(path: &Path, text: &str) -> Result<Vec<PodMeta>> {
         .collect()
 }
 
-/// File identity used to notice changes (an atomic rename changes the inode).
-fn stamp(path: &Path) -> Option<(u64, u64, SystemTime)> {
+/// File identity used to notice changes (an atomic rename changes the inode): inode, length,
+/// modification time.
+type Stamp = (u64, u64, SystemTime);
+
+fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.ino(), m.len(), m.modified().ok()?))
@@ -159,7 +162,7 @@ fn stamp(path: &Path) -> Option<(u64, u64, SystemTime)> {
 /// Pods from a `PodList` file, reloaded when it changes.
 pub struct PodsFile {
     path: PathBuf,
-    current: RwLock<(Option<(u64, u64, SystemTime)>, Arc<PodIndex>)>,
+    current: RwLock<(Option<Stamp>, Arc<PodIndex>)>,
 }
 
 impl PodsFile {
@@ -209,7 +212,11 @@ impl PodsFile {
     }
 
     /// Polls the file every `period` until `stop` resolves.
-    pub async fn watch(self: Arc<Self>, period: Duration, stop: impl std::future::Future<Output = ()>) {
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(period);
         loop {
@@ -225,7 +232,11 @@ impl PodsFile {
 
 impl PodSource for PodsFile {
     fn index(&self) -> Arc<PodIndex> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     fn describe(&self) -> String {
@@ -260,13 +271,18 @@ mod tests {
         let pods = parse_pod_list(Path::new("p.json"), &text).unwrap();
         assert_eq!(pods.len(), 1);
         let p = &pods[0];
-        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("ml", "vllm-5d9c7f-abcde"));
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str()),
+            ("ml", "vllm-5d9c7f-abcde")
+        );
         assert_eq!(p.labels["app"], "vllm");
         assert_eq!(p.owner, "Deployment/vllm");
         assert_eq!((p.node.as_str(), p.phase.as_str()), ("gpu-1", "Running"));
         let idx = PodIndex::new(1, pods);
         assert_eq!(idx.by_namespace["ml"].len(), 1);
-        assert!(idx.by_uid.contains_key("11111111-2222-3333-4444-555555555555"));
+        assert!(idx
+            .by_uid
+            .contains_key("11111111-2222-3333-4444-555555555555"));
     }
 
     #[test]
@@ -274,11 +290,16 @@ mod tests {
         let p = Path::new("x.json");
         let e = parse_pod_list(p, "{").unwrap_err().to_string();
         assert!(e.contains("invalid JSON") && e.contains("x.json"), "{e}");
-        let e = parse_pod_list(p, r#"{"kind": "Deployment"}"#).unwrap_err().to_string();
-        assert!(e.contains("not PodList"), "{e}");
-        let e = parse_pod_list(p, &list(vec![json!({"kind": "Pod", "metadata": {"name": "a"}})]))
+        let e = parse_pod_list(p, r#"{"kind": "Deployment"}"#)
             .unwrap_err()
             .to_string();
+        assert!(e.contains("not PodList"), "{e}");
+        let e = parse_pod_list(
+            p,
+            &list(vec![json!({"kind": "Pod", "metadata": {"name": "a"}})]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("items[0] has no metadata.namespace"), "{e}");
     }
 
@@ -297,9 +318,16 @@ mod tests {
         assert_eq!(src.index().by_uid.len(), 1);
         write("not json");
         src.reload_if_changed();
-        assert_eq!(src.index().by_uid.len(), 1, "bad reload must keep the old list");
+        assert_eq!(
+            src.index().by_uid.len(),
+            1,
+            "bad reload must keep the old list"
+        );
         assert_eq!(src.index().version, 1);
-        write(&list(vec![pod("a", "p1", "u1", json!({})), pod("a", "p2", "u2", json!({}))]));
+        write(&list(vec![
+            pod("a", "p1", "u1", json!({})),
+            pod("a", "p2", "u2", json!({})),
+        ]));
         src.reload_if_changed();
         assert_eq!(src.index().by_uid.len(), 2);
         assert_eq!(src.index().version, 2);

@@ -70,7 +70,12 @@ pub async fn run(q: &Query) -> Result<Value> {
     let value = client
         .get_metrics(req)
         .await
-        .map(|r| r.into_inner().metric_values.first().map(|v| v.metric_value_float))
+        .map(|r| {
+            r.into_inner()
+                .metric_values
+                .first()
+                .map(|v| v.metric_value_float)
+        })
         .map_err(status);
     let active = client
         .is_active(so)

@@ -169,7 +169,11 @@ impl ExternalScaler for ScalerService {
                         Ok(active) if Some(active) != last => {
                             last = Some(active);
                             tracing::info!(active, "activity changed");
-                            if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                            if tx
+                                .send(Ok(IsActiveResponse { result: active }))
+                                .await
+                                .is_err()
+                            {
                                 break;
                             }
                         }

@@ -478,14 +478,16 @@ impl<'a> Parser<'a> {
             Tok::NotIn => Operator::NotIn,
             Tok::Gt => Operator::GreaterThan,
             Tok::Lt => Operator::LessThan,
-            _ => return Err(self.error(
-                op_tok.pos,
-                format!(
+            _ => {
+                return Err(self.error(
+                    op_tok.pos,
+                    format!(
                     "expected an operator (=, ==, !=, in, notin, >, <) after key {key:?}, found {}",
                     op_tok.shown()
                 ),
-                EXAMPLE_SELECTOR,
-            )),
+                    EXAMPLE_SELECTOR,
+                ))
+            }
         };
         let mut values = match operator {
             Operator::In | Operator::NotIn => self.set_values(op_tok.text.trim())?,
