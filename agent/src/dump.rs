@@ -201,9 +201,9 @@ pub fn render_table(r: &Report) -> String {
         r.gpus.len()
     );
     for g in &r.gpus {
-        let age = g
-            .age_ms
-            .map_or("no samples yet".into(), |a| format!("newest sample {:.1}s ago", a / 1e3));
+        let age = g.age_ms.map_or("no samples yet".into(), |a| {
+            format!("newest sample {:.1}s ago", a / 1e3)
+        });
         let _ = writeln!(
             out,
             "\nGPU {}  {}  {}  [{}]  {}{}",
@@ -212,7 +212,11 @@ pub fn render_table(r: &Report) -> String {
             g.uuid,
             g.state.to_uppercase(),
             age,
-            if g.gpm_supported { "" } else { "  (no GPM: sm_* read -)" }
+            if g.gpm_supported {
+                ""
+            } else {
+                "  (no GPM: sm_* read -)"
+            }
         );
         let _ = writeln!(
             out,

@@ -11,9 +11,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("{text:?} has no unit; write it like 100ms, 10s or 1m"))?;
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number; write it like 100ms, 10s or 1m"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("{text:?} does not start with a number; write it like 100ms, 10s or 1m")
+    })?;
     let scale = match unit {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,

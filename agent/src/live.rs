@@ -116,7 +116,10 @@ impl GpuLive {
                     pod.container_ids.push(c.clone());
                 }
             }
-            pod.source = mine().map(|p| p.source).max_by_key(|s| *s as u8).unwrap_or_default();
+            pod.source = mine()
+                .map(|p| p.source)
+                .max_by_key(|s| *s as u8)
+                .unwrap_or_default();
             pod.last_present_ns = ts;
         }
         self.pods.retain(|uid, pod| {

@@ -101,7 +101,10 @@ impl<'a> Ring<'a> {
     /// words). `capacity` must be a power of two.
     pub fn new(head: &'a AtomicU64, slots: &'a [AtomicU64]) -> Ring<'a> {
         let capacity = (slots.len() / SLOT_WORDS) as u64;
-        assert!(capacity.is_power_of_two(), "ring capacity must be a power of two");
+        assert!(
+            capacity.is_power_of_two(),
+            "ring capacity must be a power of two"
+        );
         assert_eq!(slots.len(), capacity as usize * SLOT_WORDS);
         Ring {
             head,
@@ -192,7 +195,9 @@ mod tests {
     fn storage(capacity: usize) -> (AtomicU64, Vec<AtomicU64>) {
         (
             AtomicU64::new(0),
-            (0..capacity * SLOT_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            (0..capacity * SLOT_WORDS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         )
     }
 

@@ -254,7 +254,11 @@ mod tests {
         assert_eq!(s.get(Metric::VramUsedPct, 100), None);
         s.set_vram_used(25);
         assert_eq!(s.get(Metric::VramUsedPct, 100), Some(25.0));
-        assert_eq!(s.get(Metric::VramUsedPct, 0), None, "unknown total is not 0 %");
+        assert_eq!(
+            s.get(Metric::VramUsedPct, 0),
+            None,
+            "unknown total is not 0 %"
+        );
     }
 
     #[test]

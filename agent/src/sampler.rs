@@ -22,9 +22,9 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, Nvml};
 
-use crate::sample::{GpuState, Sample, Slot};
 use crate::cgroup::{Attribution, ProcfsResolver};
 use crate::live::GpuLive;
+use crate::sample::{GpuState, Sample, Slot};
 use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter, Source};
 use crate::window::GpuWindows;
 use crate::{unix_now_ns, Error, Result};
@@ -194,7 +194,9 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         let path = config.nvml_lib.clone();
         move |error| Error::Nvml { path, what, error }
     };
-    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".into());
+    let driver = nvml
+        .sys_driver_version()
+        .unwrap_or_else(|_| "unknown".into());
     let count = nvml.device_count().map_err(nvml_err("count GPUs"))?;
     let mut devices = Vec::new();
     for i in 0..count {
@@ -258,8 +260,16 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
                 .name(format!("sampler-{i}"))
                 .spawn_scoped(s, move || {
                     let _span = tracing::info_span!("sampler", gpu = i).entered();
-                    DeviceLoop::new(nvml, device, region, agent, i, config.interval, &config.proc_root)
-                        .run(stop);
+                    DeviceLoop::new(
+                        nvml,
+                        device,
+                        region,
+                        agent,
+                        i,
+                        config.interval,
+                        &config.proc_root,
+                    )
+                    .run(stop);
                 })
                 .expect("spawning a sampler thread");
         }
@@ -268,7 +278,9 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
             let devices = &devices;
             std::thread::Builder::new()
                 .name("proc-util".into())
-                .spawn_scoped(s, move || proc_util_loop(devices, agent, config.interval, stop))
+                .spawn_scoped(s, move || {
+                    proc_util_loop(devices, agent, config.interval, stop)
+                })
                 .expect("spawning the process-utilization thread");
         }
         ready(agent.clone());
@@ -370,7 +382,9 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         if state != self.state {
             match (state, why) {
                 (GpuState::Ok, _) => tracing::info!("GPU sampled ({})", state.name()),
-                (_, Some(e)) => tracing::warn!(error = %e, "GPU is {}; retrying with backoff", state.name()),
+                (_, Some(e)) => {
+                    tracing::warn!(error = %e, "GPU is {}; retrying with backoff", state.name())
+                }
                 _ => {}
             }
         }
@@ -469,8 +483,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             }
             g.prev = Some((sample, now));
         }
-        Ok(g
-            .values
+        Ok(g.values
             .filter(|(_, at)| now.duration_since(*at) <= GPM_MAX_AGE)
             .map(|(v, _)| v))
     }

@@ -162,7 +162,11 @@ impl AgentApi for Service {
         let period = self.agent.interval.max(min);
         let agent = self.agent.clone();
         let stop = self.stop.stopped();
-        tracing::info!(?peer, period_ms = period.as_millis() as u64, "collector subscribed");
+        tracing::info!(
+            ?peer,
+            period_ms = period.as_millis() as u64,
+            "collector subscribed"
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             tokio::pin!(stop);
@@ -193,7 +197,8 @@ impl AgentApi for Service {
 
 /// Binds `addr` now, so a taken port fails the agent at start rather than after NVML is up.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|error| Error::Listen { addr, error })?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|error| Error::Listen { addr, error })?;
     listener
         .set_nonblocking(true)
         .map_err(|error| Error::Listen { addr, error })?;

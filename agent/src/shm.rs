@@ -451,7 +451,8 @@ fn regions_of<'a>(layout: &Layout, base: *const u8, len: usize) -> Vec<Region<'a
             // caller ties 'a to the mapping); `start` is a multiple of 8 and the range is in
             // bounds (asserted). Every access to the words goes through atomics, which is how
             // the other process (or thread) writes them too.
-            let words = unsafe { std::slice::from_raw_parts(base.add(start) as *const AtomicU64, n) };
+            let words =
+                unsafe { std::slice::from_raw_parts(base.add(start) as *const AtomicU64, n) };
             Region {
                 words,
                 capacity: h.capacity as usize,
@@ -476,7 +477,9 @@ pub struct ShmWriter {
 
 impl std::fmt::Debug for ShmWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmWriter").field("path", &self.path).finish()
+        f.debug_struct("ShmWriter")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -828,7 +831,10 @@ mod tests {
     #[test]
     fn dump_rejects_missing_foreign_and_other_version_files_clearly() {
         let dir = tempdir();
-        let missing = ShmReader::open(&dir.join("nope")).err().unwrap().to_string();
+        let missing = ShmReader::open(&dir.join("nope"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(missing.contains("does not exist"), "{missing}");
         let junk = dir.join("junk");
         std::fs::write(&junk, vec![0x5a; 8192]).unwrap();

@@ -320,7 +320,10 @@ mod tests {
         for u in (0..5000).chain([u32::MAX as u64 - 1, u32::MAX as u64]) {
             let b = bin(u);
             assert!(b >= prev && b < BINS, "{u} -> {b}");
-            assert!(bin_lower(b) <= u && u < bin_lower(b + 1).max(u + 1), "{u} -> {b}");
+            assert!(
+                bin_lower(b) <= u && u < bin_lower(b + 1).max(u + 1),
+                "{u} -> {b}"
+            );
             prev = b;
         }
     }
@@ -339,7 +342,11 @@ mod tests {
         let s5m = w.summary(0, 3).unwrap();
         assert_eq!(s5m.count, 300);
         assert_eq!((s5m.min, s5m.max), (100.0, 399.0));
-        assert!(w.held() <= 301, "memory bounded by the longest window: {}", w.held());
+        assert!(
+            w.held() <= 301,
+            "memory bounded by the longest window: {}",
+            w.held()
+        );
         assert_eq!(w.last(0), Some(399.0));
     }
 
@@ -349,14 +356,20 @@ mod tests {
         let mut vals = vec![];
         let mut x = 12345u64;
         for t in 0..3000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let v = (x >> 40) as f32 / (1u64 << 24) as f32 * 100.0;
             vals.push(v);
             w.push(t * S / 10, [Some(v)]);
         }
         let s = w.summary(0, 3).unwrap();
         let want = p95(&vals);
-        assert!((s.p95 - want).abs() <= want * 0.016 + 0.125, "{} vs {want}", s.p95);
+        assert!(
+            (s.p95 - want).abs() <= want * 0.016 + 0.125,
+            "{} vs {want}",
+            s.p95
+        );
         let exact_avg = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / vals.len() as f64;
         assert!((s.avg - exact_avg).abs() < 1e-6);
     }

@@ -141,7 +141,9 @@ fn write_proc_tree(root: &Path) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn output(cmd: &mut Command) -> String {
@@ -197,7 +199,13 @@ pub fn run(o: Options) -> Result<()> {
         "the collector",
         dir.join("collector.log"),
         Command::new(&collector)
-            .args(["serve", "--agents", &agent_addr, "--listen", &collector_addr])
+            .args([
+                "serve",
+                "--agents",
+                &agent_addr,
+                "--listen",
+                &collector_addr,
+            ])
             .arg("--pods-file")
             .arg(&pods),
     )?;
@@ -243,11 +251,15 @@ pub fn run(o: Options) -> Result<()> {
                 .map_or(String::new(), |d| format!(" · ends at {}s", d.as_secs())),
         ));
         if o.view == View::Agent {
-            screen.push_str(&output(Command::new(&agent).args(["dump", "--shm"]).arg(&ring)));
-        } else {
             screen.push_str(&output(
-                Command::new(&collector).args(["dump", "--collector", &collector_addr]),
+                Command::new(&agent).args(["dump", "--shm"]).arg(&ring),
             ));
+        } else {
+            screen.push_str(&output(Command::new(&collector).args([
+                "dump",
+                "--collector",
+                &collector_addr,
+            ])));
         }
         screen.push_str(
             "\nWhat KEDA is told for ScaledObject ml/vllm (podSelector app=vllm, targetValue 60, \

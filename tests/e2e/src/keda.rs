@@ -23,7 +23,10 @@ pub fn scaled_object(name: &str, metadata: &[(&str, &str)]) -> ScaledObjectRef {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    m.insert("scalerAddress".into(), "gpuscale-collector.gpuscale-system:7700".into());
+    m.insert(
+        "scalerAddress".into(),
+        "gpuscale-collector.gpuscale-system:7700".into(),
+    );
     ScaledObjectRef {
         name: name.into(),
         namespace: "ml".into(),
@@ -62,7 +65,11 @@ impl Keda {
     }
 
     /// `GetMetrics` with KEDA's 3 s deadline: (float value, int value).
-    pub fn metrics(&mut self, r: &ScaledObjectRef, metric_name: &str) -> Result<(f64, i64), Status> {
+    pub fn metrics(
+        &mut self,
+        r: &ScaledObjectRef,
+        metric_name: &str,
+    ) -> Result<(f64, i64), Status> {
         let mut req = tonic::Request::new(GetMetricsRequest {
             scaled_object_ref: Some(r.clone()),
             metric_name: metric_name.into(),
@@ -70,7 +77,10 @@ impl Keda {
         req.set_timeout(Duration::from_secs(3));
         let resp = self.rt.block_on(self.client.get_metrics(req))?.into_inner();
         let v = &resp.metric_values[0];
-        assert_eq!(v.metric_name, metric_name, "GetMetrics must echo the metric name");
+        assert_eq!(
+            v.metric_name, metric_name,
+            "GetMetrics must echo the metric name"
+        );
         Ok((v.metric_value_float, v.metric_value))
     }
 
@@ -84,7 +94,10 @@ impl Keda {
     }
 
     /// Opens `StreamIsActive`.
-    pub fn stream_is_active(&mut self, r: &ScaledObjectRef) -> Result<Streaming<IsActiveResponse>, Status> {
+    pub fn stream_is_active(
+        &mut self,
+        r: &ScaledObjectRef,
+    ) -> Result<Streaming<IsActiveResponse>, Status> {
         Ok(self
             .rt
             .block_on(self.client.stream_is_active(r.clone()))?

@@ -52,7 +52,10 @@ pub fn ensure_built() -> &'static Bins {
             .args(["build", "-p", "agent", "-p", "collector", "-p", "fake-nvml"])
             .status()
             .expect("running cargo build for the end-to-end binaries");
-        assert!(status.success(), "cargo build -p agent -p collector -p fake-nvml failed");
+        assert!(
+            status.success(),
+            "cargo build -p agent -p collector -p fake-nvml failed"
+        );
         Bins {
             agent: bin_dir().join("gpuscale-agent"),
             collector: bin_dir().join("gpuscale-collector"),
@@ -164,7 +167,11 @@ impl Daemon {
 
     /// Fails with the log if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             bail!("process exited early ({status}); log:\n{}", self.log());
         }
         Ok(())
@@ -181,7 +188,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("process did not stop within 20 s of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "process did not stop within 20 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -240,10 +250,14 @@ impl Agent {
     pub fn wait_dump(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         let shm = self.shm.clone();
         let daemon = &mut self.daemon;
-        wait_json(timeout, || {
-            daemon.check_alive()?;
-            dump_json(&shm)
-        }, pred)
+        wait_json(
+            timeout,
+            || {
+                daemon.check_alive()?;
+                dump_json(&shm)
+            },
+            pred,
+        )
         .with_context(|| format!("agent log:\n{}", daemon.log()))
     }
 

@@ -57,7 +57,10 @@ impl PodProcess {
                 dirs.push(dir.clone());
             }
         }
-        let child = Command::new("sleep").arg("600").spawn().expect("starting sleep");
+        let child = Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("starting sleep");
         std::fs::write(dir.join("cgroup.procs"), child.id().to_string())
             .unwrap_or_else(|e| panic!("moving pid into {}: {e}", dir.display()));
         PodProcess {

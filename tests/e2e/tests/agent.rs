@@ -62,14 +62,20 @@ fn dump_json_follows_the_documented_shape() {
     // A GPU without GPM reports sm_active as unavailable, never 0.
     assert_eq!(gpus[1]["gpm_supported"], false);
     assert_eq!(gpus[1]["metrics"]["sm_active"]["last"], json!(null));
-    assert_eq!(gpus[1]["metrics"]["sm_active"]["windows"]["10s"], json!(null));
+    assert_eq!(
+        gpus[1]["metrics"]["sm_active"]["windows"]["10s"],
+        json!(null)
+    );
     assert_eq!(last(&d, 1, "gpu_util"), Some(37.0));
 
-    let table = String::from_utf8(agent_cmd(&["dump", "--shm", a.shm.to_str().unwrap()]).stdout)
-        .unwrap();
+    let table =
+        String::from_utf8(agent_cmd(&["dump", "--shm", a.shm.to_str().unwrap()]).stdout).unwrap();
     assert!(table.contains("GPU 0  NVIDIA H100 80GB HBM3"), "{table}");
     assert!(table.contains("pid 4242"), "{table}");
-    assert!(a.terminate().success(), "SIGTERM must end the agent cleanly");
+    assert!(
+        a.terminate().success(),
+        "SIGTERM must end the agent cleanly"
+    );
     assert!(a.log().contains("SIGTERM"), "{}", a.log());
 }
 
@@ -89,7 +95,10 @@ fn scenario_rewrite_shows_in_the_ring_within_two_intervals() {
     let d = a
         .wait_dump(WAIT, |d| last(d, 0, "gpu_util") == Some(91.0))
         .unwrap();
-    assert_eq!(d["gpus"][0]["metrics"]["gpu_util"]["windows"]["10s"]["max"], 91.0);
+    assert_eq!(
+        d["gpus"][0]["metrics"]["gpu_util"]["windows"]["10s"]["max"],
+        91.0
+    );
 
     // Count the samples taken after the rewrite that still showed the old load: the one in
     // flight at the rewrite may; the next must not. So the change shows within two intervals.
@@ -115,7 +124,8 @@ fn a_lost_gpu_leaves_the_others_sampling_and_comes_back() {
     let scenario = dir.path("scenario.json");
     write_scenario(&scenario, &[gpu(0), gpu(1), gpu(2)]);
     let mut a = Agent::start(&dir, &scenario, &dir.path("agent.ring"), &[]);
-    a.wait_dump(WAIT, |d| d["gpus"][1]["state"] == "ok").unwrap();
+    a.wait_dump(WAIT, |d| d["gpus"][1]["state"] == "ok")
+        .unwrap();
 
     let mut lost = gpu(1);
     lost["fail"] = json!("gpu_lost");
@@ -123,7 +133,11 @@ fn a_lost_gpu_leaves_the_others_sampling_and_comes_back() {
     let d = a
         .wait_dump(WAIT, |d| d["gpus"][1]["state"] == "lost")
         .unwrap();
-    assert_eq!(last(&d, 1, "gpu_util"), None, "a lost GPU reads unavailable, not 0");
+    assert_eq!(
+        last(&d, 1, "gpu_util"),
+        None,
+        "a lost GPU reads unavailable, not 0"
+    );
     let before = d["gpus"][0]["samples_written"].as_u64().unwrap();
     // The healthy GPUs keep sampling while GPU 1 is lost.
     let d = a
@@ -168,7 +182,9 @@ fn a_restarted_agent_keeps_the_ring_history() {
     let shm = dir.path("agent.ring");
     let mut a = Agent::start(&dir, &scenario, &shm, &[]);
     let d = a
-        .wait_dump(WAIT, |d| d["gpus"][0]["samples_written"].as_u64() >= Some(20))
+        .wait_dump(WAIT, |d| {
+            d["gpus"][0]["samples_written"].as_u64() >= Some(20)
+        })
         .unwrap();
     let written = d["gpus"][0]["samples_written"].as_u64().unwrap();
     assert!(a.terminate().success());
@@ -178,14 +194,16 @@ fn a_restarted_agent_keeps_the_ring_history() {
     let mut b = Agent::start(&dir, &scenario, &shm, &[]);
     let d = b
         .wait_dump(WAIT, |d| {
-            d["agent_running"] == true
-                && d["gpus"][0]["samples_written"].as_u64() > Some(written)
+            d["agent_running"] == true && d["gpus"][0]["samples_written"].as_u64() > Some(written)
         })
         .unwrap();
     let count = d["gpus"][0]["metrics"]["gpu_util"]["windows"]["5m"]["count"]
         .as_u64()
         .unwrap();
-    assert!(count > written, "5m window lost the history: {count} <= {written}");
+    assert!(
+        count > written,
+        "5m window lost the history: {count} <= {written}"
+    );
     assert!(b.log().contains("windows rebuilt"), "{}", b.log());
 }
 
@@ -195,9 +213,7 @@ fn zero_gpus_run_and_report_zero() {
     let scenario = dir.path("scenario.json");
     write_scenario(&scenario, &[]);
     let mut a = Agent::start(&dir, &scenario, &dir.path("agent.ring"), &[]);
-    let d = a
-        .wait_dump(WAIT, |d| d["agent_running"] == true)
-        .unwrap();
+    let d = a.wait_dump(WAIT, |d| d["agent_running"] == true).unwrap();
     assert_eq!(d["gpus"], json!([]));
     assert!(a.log().contains("zero GPUs"), "{}", a.log());
     assert!(a.terminate().success());
@@ -221,7 +237,10 @@ fn a_second_agent_on_the_same_ring_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another gpuscale agent is already writing"), "{err}");
+    assert!(
+        err.contains("another gpuscale agent is already writing"),
+        "{err}"
+    );
     // The first agent is untouched and still writing.
     let before = dump_json(&shm).unwrap()["gpus"][0]["samples_written"].as_u64();
     a.wait_dump(WAIT, |d| d["gpus"][0]["samples_written"].as_u64() > before)
@@ -282,7 +301,9 @@ fn dump_of_a_missing_or_foreign_file_fails_clearly_without_panicking() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     let junk = dir.path("junk");
-    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&junk, bytes).unwrap();
     let out = agent_cmd(&["dump", "--shm", junk.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

@@ -85,7 +85,13 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
         &dir,
         "collector",
         std::process::Command::new(collector_bin())
-            .args(["serve", "--agents", &agent_addr, "--listen", &collector_addr])
+            .args([
+                "serve",
+                "--agents",
+                &agent_addr,
+                "--listen",
+                &collector_addr,
+            ])
             .arg("--pods-file")
             .arg(&pods),
     );
@@ -108,14 +114,27 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
 
     // GetMetrics: pod A has GPU 0 (30) + pod B's share of GPU 1 (40 × 30/40 = 30) = 60.
     let got = keda.wait_metrics(&so, &name, WAIT, |r| matches!(r, Ok((v, _)) if *v == 60.0));
-    assert_eq!(got.unwrap(), (60.0, 60), "collector log:\n{}", collector.log());
+    assert_eq!(
+        got.unwrap(),
+        (60.0, 60),
+        "collector log:\n{}",
+        collector.log()
+    );
     assert!(keda.is_active(&so).unwrap());
     // HPA with AverageValue: ceil(60 / 80) = 1 replica; more load asks for more.
     let quiet = scaled_object(
         "quiet",
-        &[("metric", "sm_active"), ("podSelector", "app=none"), ("targetValue", "80")],
+        &[
+            ("metric", "sm_active"),
+            ("podSelector", "app=none"),
+            ("targetValue", "80"),
+        ],
     );
-    assert_eq!(keda.metrics(&quiet, "q").unwrap(), (0.0, 0), "no pods match: 0");
+    assert_eq!(
+        keda.metrics(&quiet, "q").unwrap(),
+        (0.0, 0),
+        "no pods match: 0"
+    );
     assert!(!keda.is_active(&quiet).unwrap(), "no pods match: inactive");
 
     // StreamIsActive sends the current state at once, then the change.
@@ -141,14 +160,25 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
     // Bad metadata: INVALID_ARGUMENT naming the key and the accepted values.
     let bad = scaled_object(
         "bad",
-        &[("metric", "gpu_utilization"), ("podSelector", "app=vllm"), ("targetValue", "80")],
+        &[
+            ("metric", "gpu_utilization"),
+            ("podSelector", "app=vllm"),
+            ("targetValue", "80"),
+        ],
     );
     let err = keda.metrics(&bad, "x").unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("metric") && err.message().contains("sm_active"), "{err:?}");
+    assert!(
+        err.message().contains("metric") && err.message().contains("sm_active"),
+        "{err:?}"
+    );
     let bad = scaled_object(
         "bad",
-        &[("metric", "sm_active"), ("podSelector", "app in vllm"), ("targetValue", "80")],
+        &[
+            ("metric", "sm_active"),
+            ("podSelector", "app in vllm"),
+            ("targetValue", "80"),
+        ],
     );
     assert!(is_code(&keda.is_active(&bad), Code::InvalidArgument));
 

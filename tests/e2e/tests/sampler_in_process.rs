@@ -76,14 +76,18 @@ fn per_process_utilization_is_read_only_for_shared_gpus_and_off_the_sample_path(
     shared["process_util_delay_ms"] = json!(300);
     let (start0, start1) = (samples(0), samples(1));
     write_scenario(&scenario, &[gpu(0), shared]);
-    wait_for("per-process sm_util on the shared GPU", Duration::from_secs(30), || {
-        let Ok(r) = ShmReader::open(&config.shm) else {
-            return false;
-        };
-        let snap = r.regions()[1].processes().unwrap_or_default();
-        let utils: Vec<Option<f32>> = snap.processes.iter().map(|p| p.sm_util).collect();
-        utils == [Some(20.0), Some(5.0)]
-    });
+    wait_for(
+        "per-process sm_util on the shared GPU",
+        Duration::from_secs(30),
+        || {
+            let Ok(r) = ShmReader::open(&config.shm) else {
+                return false;
+            };
+            let snap = r.regions()[1].processes().unwrap_or_default();
+            let utils: Vec<Option<f32>> = snap.processes.iter().map(|p| p.sm_util).collect();
+            utils == [Some(20.0), Some(5.0)]
+        },
+    );
     assert!(calls("nvmlDeviceGetProcessUtilization") > 0);
     // Off the sample path: the shared GPU got about as many samples as the other one. Had the
     // slow call run on its sampler thread, it would have lost 300-600 ms of every second.
