@@ -29,8 +29,11 @@ use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter
 use crate::window::GpuWindows;
 use crate::{unix_now_ns, Error, Result};
 
-/// GPM needs two samples at least this far apart.
+/// GPM needs two samples about this far apart.
 pub const GPM_MIN_SPACING: Duration = Duration::from_millis(100);
+/// Wake-up jitter tolerated against [`GPM_MIN_SPACING`], so that at a 100 ms interval every tick
+/// refreshes GPM instead of every other one.
+const GPM_SPACING_SLACK: Duration = Duration::from_millis(10);
 /// A GPM value older than this is reported as absent rather than held.
 const GPM_MAX_AGE: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -175,6 +178,7 @@ pub struct Agent {
     pub gpus: Vec<GpuInfo>,
     live: Vec<Mutex<GpuLive>>,
     proc_util: Vec<Mutex<ProcUtil>>,
+    samples: tokio::sync::watch::Sender<u64>,
 }
 
 impl Agent {
@@ -182,6 +186,11 @@ impl Agent {
     /// the GPU's sampler waits for it.
     pub fn with_live<T>(&self, gpu: usize, f: impl FnOnce(&GpuLive) -> T) -> T {
         f(&self.live[gpu].lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A receiver that sees a new value after every recorded sample of any GPU.
+    pub fn samples(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.samples.subscribe()
     }
 }
 
@@ -251,7 +260,9 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         proc_util: gpus.iter().map(|_| Mutex::default()).collect(),
         gpus,
         live,
+        samples: tokio::sync::watch::channel(0).0,
     });
+    let epoch = Instant::now();
     std::thread::scope(|s| {
         for (i, (device, region)) in devices.iter().zip(&regions).enumerate() {
             let agent = &*agent;
@@ -269,7 +280,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
                         config.interval,
                         &config.proc_root,
                     )
-                    .run(stop);
+                    .run(epoch, stop);
                 })
                 .expect("spawning a sampler thread");
         }
@@ -352,18 +363,19 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         }
     }
 
-    fn run(mut self, stop: &Stop) {
+    /// Samples on the grid `epoch + k × interval` (shared by every GPU, so one snapshot carries
+    /// every GPU's sample of a tick) until `stop`.
+    fn run(mut self, epoch: Instant, stop: &Stop) {
         let interval = self.interval;
-        let mut next = Instant::now();
+        let mut next = epoch;
         loop {
             if stop.wait_until(next) {
                 return;
             }
             let now = Instant::now();
-            next += interval;
-            if next < now {
-                // We fell behind (a slow NVML call): skip the missed ticks instead of bursting.
-                next = now + interval;
+            // Fell behind (a slow NVML call)? Skip the missed ticks, staying on the grid.
+            while next <= now {
+                next += interval;
             }
             let (sample, processes) = if now >= self.retry_at {
                 self.sample(now)
@@ -375,6 +387,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .record(&sample, processes);
+            self.agent.samples.send_modify(|n| *n += 1);
         }
     }
 
@@ -457,7 +470,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         let due = g
             .prev
             .as_ref()
-            .is_none_or(|(_, at)| now.duration_since(*at) >= GPM_MIN_SPACING);
+            .is_none_or(|(_, at)| now.duration_since(*at) + GPM_SPACING_SLACK >= GPM_MIN_SPACING);
         if due {
             let Some(sample) = optional(self.device.gpm_sample())? else {
                 return Ok(None);

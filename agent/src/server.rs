@@ -159,33 +159,40 @@ impl AgentApi for Service {
     ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
         let peer = request.remote_addr();
         let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
-        let period = self.agent.interval.max(min);
         let agent = self.agent.clone();
         let stop = self.stop.stopped();
+        let mut samples = agent.samples();
+        // Every GPU samples on the same grid; wait this long after the first sample of a tick
+        // so one snapshot carries the whole tick.
+        let settle = (agent.interval / 10).min(Duration::from_millis(5));
         tracing::info!(
             ?peer,
-            period_ms = period.as_millis() as u64,
+            min_interval_ms = min.as_millis() as u64,
             "collector subscribed"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             tokio::pin!(stop);
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut seq = 0u64;
             loop {
-                tokio::select! {
-                    _ = &mut stop => break,
-                    _ = tick.tick() => {}
-                }
+                // The current state at once, then after every tick's samples.
                 let snap = snapshot(&agent, seq);
                 seq += 1;
-                // A full channel means a slow collector: skip this tick rather than queue stale
-                // snapshots; a closed one means it went away.
-                match tx.try_send(Ok(snap)) {
-                    Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                // A full channel means a slow collector: skip this snapshot rather than queue
+                // stale ones; a closed one means it went away.
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(Ok(snap))
+                {
+                    break;
                 }
+                let sent = tokio::time::Instant::now();
+                tokio::select! {
+                    _ = &mut stop => break,
+                    changed = samples.changed() => if changed.is_err() { break },
+                }
+                tokio::time::sleep(settle).await;
+                tokio::time::sleep_until(sent + min).await;
+                samples.borrow_and_update();
             }
             tracing::info!(?peer, "collector stream ended");
         });
@@ -228,7 +235,7 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
             tonic::transport::Server::builder()
                 .add_service(AgentServer::new(service))
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.stopped(),
                 ),
         );

@@ -26,6 +26,9 @@ use crate::view::Cluster;
 
 type Matches = Arc<Vec<Arc<PodMeta>>>;
 
+/// `StreamIsActive` re-evaluates at most this often.
+const STREAM_MIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The KEDA-facing service.
 pub struct Scaler {
     cluster: Arc<Cluster>,
@@ -180,12 +183,17 @@ impl ExternalScaler for ScalerService {
                         Ok(_) => {}
                         Err(s) => tracing::debug!(message = s.message(), "no value yet"),
                     }
-                    // Re-evaluate on every change of the view (each agent snapshot).
+                    // Re-evaluate after a change of the view (an agent snapshot), at most every
+                    // STREAM_MIN_PERIOD: with a thousand agents the view changes thousands of
+                    // times a second.
+                    let evaluated = tokio::time::Instant::now();
                     tokio::select! {
                         changed = changes.changed() => if changed.is_err() { break },
                         _ = tx.closed() => break,
                         _ = stop.wait_for(|s| *s) => break,
                     }
+                    tokio::time::sleep_until(evaluated + STREAM_MIN_PERIOD).await;
+                    changes.borrow_and_update();
                 }
                 tracing::info!("KEDA stream ended");
             }

@@ -71,7 +71,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .add_service(ExternalScalerServer::new(ScalerService(scaler)))
             .add_service(CollectorServer::new(Debug { cluster, pods }))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = drain_rx.await;
                 },

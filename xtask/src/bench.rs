@@ -337,8 +337,11 @@ impl Bench {
         let interval_dur = parse_interval(interval)?;
         let name = format!("{gpus}gpu-{interval}");
         let scenario_path = self.dir.join(format!("scenario-{gpus}.json"));
-        std::fs::write(&scenario_path, serde_json::to_vec_pretty(&scenario(gpus, &self.workload.pids()))?)
-            .with_context(|| format!("writing {}", scenario_path.display()))?;
+        std::fs::write(
+            &scenario_path,
+            serde_json::to_vec_pretty(&scenario(gpus, &self.workload.pids()))?,
+        )
+        .with_context(|| format!("writing {}", scenario_path.display()))?;
         let ring = self.dir.join(format!("{name}.ring"));
         let log = self.dir.join(format!("{name}.log"));
         eprintln!(
@@ -351,7 +354,13 @@ impl Bench {
             .arg(&self.fake)
             .arg("--shm")
             .arg(&ring)
-            .args(["--interval", interval, "--node-name", "bench", "--proc-root"])
+            .args([
+                "--interval",
+                interval,
+                "--node-name",
+                "bench",
+                "--proc-root",
+            ])
             .arg(&self.workload.root)
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .env("RUST_LOG", "info")
