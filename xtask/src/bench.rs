@@ -162,6 +162,9 @@ fn scenario(n: usize, pids: &[u32]) -> Value {
                     {"pid": pid0, "used_memory_mib": 18_000, "sm_util": sm(22)},
                     {"pid": pid1, "used_memory_mib": 1_500, "sm_util": sm(8)},
                 ],
+                // As slow as nvmlDeviceGetProcessUtilization on a real H100 (a sleep: wall time,
+                // not CPU).
+                "process_util_delay_ms": 2.5,
                 "fail": null,
             })
         })
