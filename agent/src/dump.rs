@@ -120,7 +120,11 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
         .map(|(region, info)| {
             let ring = region.ring();
             let latest = ring.latest();
-            let windows = GpuWindows::from_ring(&ring, info.memory_total_bytes);
+            let windows = GpuWindows::from_ring(
+                &ring,
+                info.memory_total_bytes,
+                std::time::Duration::from_nanos(reader.interval_ns()),
+            );
             let metrics = Metric::ALL
                 .into_iter()
                 .map(|m| {

@@ -8,6 +8,7 @@
 //! unavailable, never zero.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::attribution::{attribute, Proc};
 use crate::sample::{GpuState, Metric, Sample};
@@ -48,6 +49,7 @@ pub struct GpuLive {
     /// Pods that used the GPU recently, by UID.
     pub pods: HashMap<String, PodLive>,
     vram_total_bytes: u64,
+    interval: Duration,
 }
 
 fn idle_values() -> [Option<f64>; Metric::COUNT] {
@@ -55,8 +57,9 @@ fn idle_values() -> [Option<f64>; Metric::COUNT] {
 }
 
 impl GpuLive {
-    /// An empty view; `windows` may hold history rebuilt from the ring.
-    pub fn new(windows: GpuWindows, vram_total_bytes: u64) -> GpuLive {
+    /// An empty view; `windows` may hold history rebuilt from the ring. `interval` sizes the
+    /// pods' windows.
+    pub fn new(windows: GpuWindows, vram_total_bytes: u64, interval: Duration) -> GpuLive {
         GpuLive {
             newest_ns: windows.last_ts_ns(),
             windows,
@@ -64,6 +67,7 @@ impl GpuLive {
             processes: Vec::new(),
             pods: HashMap::new(),
             vram_total_bytes,
+            interval,
         }
     }
 
@@ -101,7 +105,7 @@ impl GpuLive {
                 .pods
                 .entry(pv.pod_uid.to_owned())
                 .or_insert_with(|| PodLive {
-                    windows: GpuWindows::for_gpu(),
+                    windows: GpuWindows::for_gpu_at(self.interval),
                     container_ids: Vec::new(),
                     pids: Vec::new(),
                     shared: false,
@@ -166,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_pod_that_leaves_the_gpu_reads_zero_then_is_forgotten() {
-        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30);
+        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30, Duration::from_secs(1));
         for t in 0..10 {
             live.record(&sample(t * S, 90.0), vec![proc(1, "a", None)]);
         }
@@ -184,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_lost_gpu_makes_pod_values_unavailable() {
-        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30);
+        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30, Duration::from_secs(1));
         live.record(&sample(0, 90.0), vec![proc(1, "a", None)]);
         live.record(&Sample::empty(20 * S, GpuState::Lost), vec![]);
         assert_eq!(avg(&live, "a", Metric::SmActive), None);
@@ -193,7 +197,7 @@ mod tests {
 
     #[test]
     fn two_pods_share_a_gpu_by_sm_util() {
-        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30);
+        let mut live = GpuLive::new(GpuWindows::for_gpu(), 80 << 30, Duration::from_secs(1));
         live.record(
             &sample(0, 80.0),
             vec![proc(1, "a", Some(30.0)), proc(2, "b", Some(10.0))],

@@ -38,6 +38,8 @@ const GPM_SPACING_SLACK: Duration = Duration::from_millis(10);
 const GPM_MAX_AGE: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long an unchanged PID list keeps its pod attribution before procfs is read again.
+pub const REATTRIBUTE_EVERY: Duration = Duration::from_secs(1);
 /// History the ring keeps at the configured interval.
 pub const RING_HISTORY: Duration = Duration::from_secs(600);
 
@@ -235,11 +237,11 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         .zip(&gpus)
         .map(|(r, g)| {
             let w = if writer.reused() {
-                GpuWindows::from_ring(&r.ring(), g.memory_total_bytes)
+                GpuWindows::from_ring(&r.ring(), g.memory_total_bytes, config.interval)
             } else {
-                GpuWindows::for_gpu()
+                GpuWindows::for_gpu_at(config.interval)
             };
-            Mutex::new(GpuLive::new(w, g.memory_total_bytes))
+            Mutex::new(GpuLive::new(w, g.memory_total_bytes, config.interval))
         })
         .collect();
     if writer.reused() {
@@ -327,6 +329,9 @@ struct DeviceLoop<'a, 'n> {
     proc_version: u64,
     interval: Duration,
     resolver: ProcfsResolver,
+    /// The processes of the last full attribution, and when it ran.
+    attributed: Vec<ProcessEntry>,
+    attributed_at: Option<Instant>,
 }
 
 struct GpmState<'n> {
@@ -360,6 +365,8 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             proc_version: 0,
             interval,
             resolver: ProcfsResolver::new(proc_root),
+            attributed: Vec::new(),
+            attributed_at: None,
         }
     }
 
@@ -501,6 +508,41 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             .map(|(v, _)| v))
     }
 
+    /// Ties each process to its pod. Reading procfs for every process on every sample was a
+    /// quarter of the agent's CPU, so an unchanged PID list reuses the previous answers for up
+    /// to [`REATTRIBUTE_EVERY`] (the resolver re-checks start times then, catching PID reuse).
+    fn attribute(&mut self, processes: &mut [ProcessEntry]) {
+        let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+        let fresh = self
+            .attributed_at
+            .is_some_and(|at| at.elapsed() < REATTRIBUTE_EVERY);
+        if fresh && pids == self.attributed.iter().map(|p| p.pid).collect::<Vec<_>>() {
+            for (p, known) in processes.iter_mut().zip(&self.attributed) {
+                p.pod_uid.clone_from(&known.pod_uid);
+                p.container_id.clone_from(&known.container_id);
+                p.source = known.source;
+            }
+            return;
+        }
+        for p in processes.iter_mut() {
+            match self.resolver.resolve(p.pid) {
+                Attribution::Pod(pod) => {
+                    p.pod_uid = Some(pod.pod_uid);
+                    p.container_id = pod.container_id;
+                    p.source = Source::Procfs;
+                }
+                Attribution::NotInPod { .. } => p.source = Source::Procfs,
+                Attribution::Unknown { reason } => {
+                    tracing::debug!(pid = p.pid, %reason, "cannot attribute process");
+                    p.source = Source::Unknown;
+                }
+            }
+        }
+        self.resolver.evict_missing(&pids);
+        self.attributed = processes.to_vec();
+        self.attributed_at = Some(Instant::now());
+    }
+
     /// Attributes the processes to pods, writes them to the ring file's snapshot, and returns
     /// them.
     fn publish_processes(
@@ -515,7 +557,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         let fresh = pu
             .at
             .is_some_and(|at| at.elapsed() <= 3 * proc_util_period(self.interval));
-        let processes: Vec<ProcessEntry> = procs
+        let mut processes: Vec<ProcessEntry> = procs
             .iter()
             .map(|p| ProcessEntry {
                 pid: p.pid,
@@ -531,23 +573,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             })
             .collect();
         drop(pu);
-        let mut processes = processes;
-        for p in &mut processes {
-            match self.resolver.resolve(p.pid) {
-                Attribution::Pod(pod) => {
-                    p.pod_uid = Some(pod.pod_uid);
-                    p.container_id = pod.container_id;
-                    p.source = Source::Procfs;
-                }
-                Attribution::NotInPod { .. } => p.source = Source::Procfs,
-                Attribution::Unknown { reason } => {
-                    tracing::debug!(pid = p.pid, %reason, "cannot attribute process");
-                    p.source = Source::Unknown;
-                }
-            }
-        }
-        let live: Vec<u32> = processes.iter().map(|p| p.pid).collect();
-        self.resolver.evict_missing(&live);
+        self.attribute(&mut processes);
         let truncated = processes.len().saturating_sub(shm::MAX_PROCESSES) as u32;
         self.proc_version += 1;
         let snapshot = ProcessSnapshot {

@@ -154,9 +154,9 @@ fn to_units(v: f64, units: f64) -> u64 {
 
 struct Entry<const M: usize> {
     ts_ns: u64,
-    /// Values; NaN means absent.
+    /// Values; NaN means absent. (Histogram buckets are recomputed on eviction rather than
+    /// stored: memory is what the 5 m window costs.)
     values: [f32; M],
-    bins: [u16; M],
 }
 
 struct Window<const M: usize> {
@@ -186,6 +186,16 @@ impl GpuWindows {
         WindowSet::new(Metric::ALL.map(units_per_value))
     }
 
+    /// Windows for every [`Metric`], with room for the longest window's samples at `interval`
+    /// reserved up front (a growing buffer would double past it).
+    pub fn for_gpu_at(interval: Duration) -> GpuWindows {
+        let mut w = Self::for_gpu();
+        let longest = WINDOWS[WINDOWS.len() - 1].1;
+        let n = longest.as_nanos() / interval.as_nanos().max(1);
+        w.buf.reserve_exact(n.min(1 << 20) as usize + 2);
+        w
+    }
+
     /// Pushes one sample's metrics (as [`crate::sample::Sample::metrics`] gives them).
     pub fn push_metrics(&mut self, ts_ns: u64, values: [Option<f64>; Metric::COUNT]) {
         self.push(ts_ns, values.map(|v| v.map(|v| v as f32)));
@@ -193,8 +203,12 @@ impl GpuWindows {
 
     /// Rebuilds the windows from a ring's history (an agent restarted on an existing ring file,
     /// or `dump` reading a running agent's ring).
-    pub fn from_ring(ring: &crate::ring::Ring<'_>, vram_total_bytes: u64) -> GpuWindows {
-        let mut w = GpuWindows::for_gpu();
+    pub fn from_ring(
+        ring: &crate::ring::Ring<'_>,
+        vram_total_bytes: u64,
+        interval: Duration,
+    ) -> GpuWindows {
+        let mut w = GpuWindows::for_gpu_at(interval);
         ring.for_each(|s| w.push_metrics(s.ts_ns, s.metrics(vram_total_bytes)));
         w
     }
@@ -234,15 +248,14 @@ impl<const M: usize> WindowSet<M> {
         let mut entry = Entry {
             ts_ns,
             values: [f32::NAN; M],
-            bins: [0; M],
         };
         for (i, v) in values.iter().enumerate() {
             if let Some(v) = v.filter(|v| v.is_finite()) {
                 entry.values[i] = v;
-                entry.bins[i] = bin(to_units(f64::from(v), self.units[i])) as u16;
+                let b = bin(to_units(f64::from(v), self.units[i]));
                 self.last[i] = Some(v);
                 for w in &mut self.windows {
-                    w.stats[i].add(seq, v, usize::from(entry.bins[i]));
+                    w.stats[i].add(seq, v, b);
                 }
             }
         }
@@ -251,6 +264,7 @@ impl<const M: usize> WindowSet<M> {
     }
 
     fn evict(&mut self, now_ns: u64) {
+        let units = self.units;
         for w in &mut self.windows {
             // The window is (now - dur, now]; nothing is old enough before `dur` has passed.
             let Some(cutoff) = now_ns.checked_sub(w.dur_ns) else {
@@ -260,9 +274,10 @@ impl<const M: usize> WindowSet<M> {
                 if e.ts_ns > cutoff {
                     break;
                 }
-                for i in 0..M {
-                    if !e.values[i].is_nan() {
-                        w.stats[i].remove(w.start, e.values[i], usize::from(e.bins[i]));
+                for (i, &v) in e.values.iter().enumerate() {
+                    if !v.is_nan() {
+                        let b = bin(to_units(f64::from(v), units[i]));
+                        w.stats[i].remove(w.start, v, b);
                     }
                 }
                 w.start += 1;
