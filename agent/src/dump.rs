@@ -25,6 +25,38 @@ pub struct Report {
     pub ring_capacity: u32,
     /// One entry per GPU.
     pub gpus: Vec<GpuReport>,
+    /// The eBPF device-open tracker: `on`, `off`, `unavailable` or `unknown`.
+    pub ebpf: &'static str,
+    /// Why eBPF is unavailable (empty otherwise).
+    pub ebpf_reason: String,
+    /// Device-open events the kernel side sent.
+    pub ebpf_events: u64,
+    /// Events lost because the kernel ring buffer was full (attribution then falls back to
+    /// procfs for those processes).
+    pub ebpf_dropped: u64,
+    /// Recent opens of GPU device files, newest last, including processes that already exited.
+    pub device_opens: Vec<DeviceOpenReport>,
+}
+
+/// One process that opened a GPU device file.
+#[derive(Debug, Serialize)]
+pub struct DeviceOpenReport {
+    /// Process ID.
+    pub pid: u32,
+    /// Command name.
+    pub comm: String,
+    /// The device path after the prefix (`0`, `ctl`, `-uvm`).
+    pub device: String,
+    /// The pod's UID; `null` outside pods or when the cgroup is gone (`cgroup_known` false).
+    pub pod_uid: Option<String>,
+    /// The container's ID, when known.
+    pub container_id: Option<String>,
+    /// Whether the process's cgroup still existed at lookup.
+    pub cgroup_known: bool,
+    /// Latest open, milliseconds ago.
+    pub age_ms: f64,
+    /// Whether the process has exited.
+    pub exited: bool,
 }
 
 /// One GPU.
@@ -167,7 +199,26 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
             }
         })
         .collect();
+    let status = reader.agent_status().unwrap_or_default();
     Report {
+        ebpf: status.ebpf.name(),
+        ebpf_reason: status.ebpf_reason,
+        ebpf_events: status.events,
+        ebpf_dropped: status.dropped,
+        device_opens: status
+            .opens
+            .into_iter()
+            .map(|o| DeviceOpenReport {
+                pid: o.tgid,
+                comm: o.comm,
+                device: o.device,
+                pod_uid: o.pod_uid,
+                container_id: o.container_id,
+                cgroup_known: o.cgroup_known,
+                age_ms: now_ns.saturating_sub(o.last_open_ns) as f64 / 1e6,
+                exited: o.exited,
+            })
+            .collect(),
         node: reader.node_name(),
         driver_version: reader.driver_version(),
         agent_running: reader.writer_alive(),
@@ -269,6 +320,38 @@ pub fn render_table(r: &Report) -> String {
             if g.processes_truncated > 0 {
                 let _ = writeln!(out, "    … and {} more", g.processes_truncated);
             }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\neBPF device-open tracker: {}{}  ({} events, {} dropped)",
+        r.ebpf,
+        if r.ebpf_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.ebpf_reason)
+        },
+        r.ebpf_events,
+        r.ebpf_dropped
+    );
+    if !r.device_opens.is_empty() {
+        let _ = writeln!(out, "recent GPU device opens (newest last):");
+        for o in &r.device_opens {
+            let pod = match (&o.pod_uid, o.cgroup_known) {
+                (Some(uid), _) => format!("pod {uid}"),
+                (None, true) => "not in a pod".into(),
+                (None, false) => "pod unknown (cgroup gone)".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  pid {:<8} {:<16} device …{:<8} {}  {:.1}s ago{}",
+                o.pid,
+                o.comm,
+                o.device,
+                pod,
+                o.age_ms / 1e3,
+                if o.exited { "  (exited)" } else { "" }
+            );
         }
     }
     out

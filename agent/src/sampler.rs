@@ -25,7 +25,9 @@ use nvml_wrapper::{Device, Nvml};
 use crate::cgroup::{Attribution, ProcfsResolver};
 use crate::live::GpuLive;
 use crate::sample::{GpuState, Sample, Slot};
-use crate::shm::{self, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter, Source};
+use crate::shm::{
+    self, AgentStatus, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter, Source,
+};
 use crate::window::GpuWindows;
 use crate::{unix_now_ns, Error, Result};
 
@@ -181,6 +183,7 @@ pub struct Agent {
     live: Vec<Mutex<GpuLive>>,
     proc_util: Vec<Mutex<ProcUtil>>,
     samples: tokio::sync::watch::Sender<u64>,
+    status: Mutex<AgentStatus>,
 }
 
 impl Agent {
@@ -188,6 +191,14 @@ impl Agent {
     /// the GPU's sampler waits for it.
     pub fn with_live<T>(&self, gpu: usize, f: impl FnOnce(&GpuLive) -> T) -> T {
         f(&self.live[gpu].lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Agent-wide status: the eBPF tracker's state and recent GPU device opens.
+    pub fn status(&self) -> AgentStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A receiver that sees a new value after every recorded sample of any GPU.
@@ -263,6 +274,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         gpus,
         live,
         samples: tokio::sync::watch::channel(0).0,
+        status: Mutex::default(),
     });
     let epoch = Instant::now();
     std::thread::scope(|s| {

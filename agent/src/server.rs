@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use proto::agent::agent_server::{Agent as AgentApi, AgentServer};
 use proto::agent::{
-    GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary, ProcessUsage,
-    SnapshotRequest, WatchRequest, WindowStats,
+    DeviceOpen, GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
+    ProcessUsage, SnapshotRequest, WatchRequest, WindowStats,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -119,7 +119,26 @@ pub fn snapshot(agent: &Agent, seq: u64) -> NodeSnapshot {
         .enumerate()
         .map(|(i, info)| agent.with_live(i, |live| gpu_summary(info, live, &mut pods)))
         .collect();
+    let status = agent.status();
+    let ebpf = match status.ebpf_reason.as_str() {
+        "" => status.ebpf.name().to_owned(),
+        why => format!("{}: {why}", status.ebpf.name()),
+    };
     NodeSnapshot {
+        opens: status
+            .opens
+            .into_iter()
+            .map(|o| DeviceOpen {
+                pid: o.tgid,
+                comm: o.comm,
+                device: o.device,
+                pod_uid: o.pod_uid.unwrap_or_default(),
+                container_id: o.container_id.unwrap_or_default(),
+                last_open_unix_ns: o.last_open_ns,
+                exited: o.exited,
+            })
+            .collect(),
+        ebpf,
         api_version: API_VERSION,
         node_name: agent.node_name.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),

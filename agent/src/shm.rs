@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// First bytes of every ring file.
 pub const MAGIC: [u8; 8] = *b"GPUSCRNG";
 /// Version of the layout described in [`crate::ring`]; bump on any change.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Process entries kept in each GPU's snapshot.
 pub const MAX_PROCESSES: usize = 64;
 
@@ -335,6 +335,196 @@ fn decode_procs(w: &[u64; PROCS_WORDS]) -> ProcessSnapshot {
     }
 }
 
+/// GPU device opens kept in the agent area (the newest).
+pub const MAX_OPENS: usize = 128;
+/// Words of one device-open entry.
+const OPEN_WORDS: usize = 14;
+/// Bytes of the eBPF status reason.
+const REASON_BYTES: usize = 120;
+/// Words of the agent area payload: state, events, dropped, count, reason, entries.
+const AGENT_WORDS: usize = 4 + REASON_BYTES / 8 + MAX_OPENS * OPEN_WORDS;
+/// Bytes of the agent area at the end of the file (stamp + payload, page aligned).
+const AGENT_AREA_BYTES: usize = ((1 + AGENT_WORDS) * 8).next_multiple_of(PAGE);
+
+fn agent_area_offset(h: &FileHeader) -> usize {
+    h.header_bytes as usize + h.region_bytes as usize * h.gpu_count as usize
+}
+
+/// Whether the agent's eBPF device-open tracker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EbpfState {
+    /// Not reported (an agent that has not started its tracker yet).
+    #[default]
+    Unknown = 0,
+    /// Loaded and attached.
+    On = 1,
+    /// Turned off with `--ebpf off`.
+    Off = 2,
+    /// `--ebpf auto` could not load it; the reason says why; procfs is used.
+    Unavailable = 3,
+}
+
+impl EbpfState {
+    /// The name dumps use.
+    pub fn name(self) -> &'static str {
+        match self {
+            EbpfState::Unknown => "unknown",
+            EbpfState::On => "on",
+            EbpfState::Off => "off",
+            EbpfState::Unavailable => "unavailable",
+        }
+    }
+
+    fn from_code(c: u64) -> EbpfState {
+        match c {
+            1 => EbpfState::On,
+            2 => EbpfState::Off,
+            3 => EbpfState::Unavailable,
+            _ => EbpfState::Unknown,
+        }
+    }
+}
+
+/// One process that opened a GPU device file, as the eBPF tracker saw it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceOpen {
+    /// Process (thread-group) ID.
+    pub tgid: u32,
+    /// Command name (up to 15 bytes).
+    pub comm: String,
+    /// The opened path after the device prefix (`0`, `ctl`, `-uvm`, …; up to 16 bytes).
+    pub device: String,
+    /// The cgroup the process ran in.
+    pub cgroup_id: u64,
+    /// Whether that cgroup still existed when last looked up (else the pod is unknown).
+    pub cgroup_known: bool,
+    /// The pod's UID, when the cgroup is a pod's.
+    pub pod_uid: Option<String>,
+    /// The container's ID, when known.
+    pub container_id: Option<String>,
+    /// First open, ns since the Unix epoch.
+    pub first_open_ns: u64,
+    /// Latest open, ns since the Unix epoch.
+    pub last_open_ns: u64,
+    /// Whether the process has exited.
+    pub exited: bool,
+}
+
+/// Agent-wide status kept at the end of the ring file for `dump`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentStatus {
+    /// The eBPF tracker's state.
+    pub ebpf: EbpfState,
+    /// Why eBPF is unavailable (empty otherwise).
+    pub ebpf_reason: String,
+    /// Device-open events received from the kernel.
+    pub events: u64,
+    /// Events the kernel dropped because the ring buffer was full.
+    pub dropped: u64,
+    /// Recent device opens, newest last (at most [`MAX_OPENS`]).
+    pub opens: Vec<DeviceOpen>,
+}
+
+fn str_words<const N: usize>(text: &str, out: &mut [u64]) {
+    let mut b = [0u8; N];
+    put_str(&mut b, text);
+    bytes_to_words(&b, out);
+}
+
+fn encode_status(st: &AgentStatus) -> ([u64; AGENT_WORDS], usize) {
+    let mut w = [0u64; AGENT_WORDS];
+    let n = st.opens.len().min(MAX_OPENS);
+    w[0] = st.ebpf as u64;
+    w[1] = st.events;
+    w[2] = st.dropped;
+    w[3] = n as u64;
+    str_words::<REASON_BYTES>(&st.ebpf_reason, &mut w[4..4 + REASON_BYTES / 8]);
+    let base = 4 + REASON_BYTES / 8;
+    let skip = st.opens.len() - n;
+    for (i, o) in st.opens.iter().skip(skip).enumerate() {
+        let e = &mut w[base + i * OPEN_WORDS..base + (i + 1) * OPEN_WORDS];
+        let mut uid = [0u8; 16];
+        let mut cid = [0u8; 32];
+        let has_uid = o.pod_uid.as_deref().is_some_and(|t| hex_to(t, &mut uid));
+        let has_cid = o
+            .container_id
+            .as_deref()
+            .is_some_and(|t| hex_to(t, &mut cid));
+        let flags = u64::from(o.exited)
+            | u64::from(has_uid) << 1
+            | u64::from(has_cid) << 2
+            | u64::from(o.cgroup_known) << 3;
+        e[0] = u64::from(o.tgid) | flags << 32;
+        str_words::<16>(&o.comm, &mut e[1..3]);
+        str_words::<16>(&o.device, &mut e[3..5]);
+        e[5] = o.cgroup_id;
+        bytes_to_words(&uid, &mut e[6..8]);
+        bytes_to_words(&cid, &mut e[8..12]);
+        e[12] = o.first_open_ns;
+        e[13] = o.last_open_ns;
+    }
+    (w, base + n * OPEN_WORDS)
+}
+
+fn decode_status(w: &[u64; AGENT_WORDS]) -> AgentStatus {
+    let n = (w[3] as usize).min(MAX_OPENS);
+    let base = 4 + REASON_BYTES / 8;
+    let opens = (0..n)
+        .map(|i| {
+            let e = &w[base + i * OPEN_WORDS..base + (i + 1) * OPEN_WORDS];
+            let flags = e[0] >> 32;
+            DeviceOpen {
+                tgid: e[0] as u32,
+                comm: get_str(&words_to_bytes::<16>(&e[1..3])),
+                device: get_str(&words_to_bytes::<16>(&e[3..5])),
+                cgroup_id: e[5],
+                cgroup_known: flags & 8 != 0,
+                pod_uid: (flags & 2 != 0).then(|| uid_text(&words_to_bytes(&e[6..8]))),
+                container_id: (flags & 4 != 0).then(|| to_hex(&words_to_bytes::<32>(&e[8..12]))),
+                first_open_ns: e[12],
+                last_open_ns: e[13],
+                exited: flags & 1 != 0,
+            }
+        })
+        .collect();
+    AgentStatus {
+        ebpf: EbpfState::from_code(w[0]),
+        ebpf_reason: get_str(&words_to_bytes::<REASON_BYTES>(&w[4..4 + REASON_BYTES / 8])),
+        events: w[1],
+        dropped: w[2],
+        opens,
+    }
+}
+
+/// The agent-wide area at the end of a mapped file: one seqlock cell.
+pub struct AgentArea<'a> {
+    cell: &'a [AtomicU64],
+}
+
+impl AgentArea<'_> {
+    /// Publishes the status (writer only); `version` must increase per call.
+    pub fn write(&self, version: u64, status: &AgentStatus) {
+        let (words, used) = encode_status(status);
+        seq_write(&self.cell[..=used], version, &words[..used]);
+    }
+
+    /// The latest status; `None` when never written (or the writer kept rewriting it).
+    pub fn read(&self) -> Option<AgentStatus> {
+        let mut w = [0u64; AGENT_WORDS];
+        (0..16).find_map(|_| seq_read(self.cell, &mut w).map(|_| decode_status(&w)))
+    }
+}
+
+fn agent_area_of<'a>(header: &FileHeader, base: *const u8, len: usize) -> AgentArea<'a> {
+    let start = agent_area_offset(header);
+    assert!(start + AGENT_AREA_BYTES <= len);
+    // SAFETY: as in `regions_of`: a page-aligned mapping of `len` bytes that outlives 'a,
+    // `start` is page aligned, the range is in bounds (asserted), accessed only through atomics.
+    let cell =
+        unsafe { std::slice::from_raw_parts(base.add(start) as *const AtomicU64, 1 + AGENT_WORDS) };
+    AgentArea { cell }
+}
+
 /// A validated view of one GPU's region in a mapped file.
 pub struct Region<'a> {
     words: &'a [AtomicU64],
@@ -424,7 +614,7 @@ fn parse_layout(path: &Path, bytes: &[u8]) -> Result<Layout> {
             "its header is inconsistent (corrupted or written by a different build)".into(),
         ));
     }
-    let want = header.header_bytes as u64 + header.region_bytes * gpu_count as u64;
+    let want = agent_area_offset(&header) as u64 + AGENT_AREA_BYTES as u64;
     if (bytes.len() as u64) < want {
         return Err(bad(format!(
             "it is truncated: {} bytes, the header needs {want}",
@@ -546,7 +736,7 @@ impl ShmWriter {
         header.created_unix_ns = now_ns();
         put_str(&mut header.node_name, &params.node_name);
         put_str(&mut header.driver_version, &params.driver_version);
-        let total = header.header_bytes as u64 + header.region_bytes * count as u64;
+        let total = agent_area_offset(&header) as u64 + AGENT_AREA_BYTES as u64;
 
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".tmp-{}", std::process::id()));
@@ -654,6 +844,11 @@ impl ShmWriter {
     pub fn capacity(&self) -> u32 {
         self.header.capacity
     }
+
+    /// The agent-wide status area.
+    pub fn agent_area(&self) -> AgentArea<'_> {
+        agent_area_of(&self.header, self.map.as_ptr(), self.map.len())
+    }
 }
 
 /// A read-only view of a ring file, as `dump` uses it.
@@ -737,6 +932,11 @@ impl ShmReader {
     /// Whether an agent holds the writer lock right now.
     pub fn writer_alive(&self) -> bool {
         self.writer_alive
+    }
+
+    /// The agent-wide status (eBPF state, device opens).
+    pub fn agent_status(&self) -> Option<AgentStatus> {
+        agent_area_of(&self.header, self.map.as_ptr(), self.map.len()).read()
     }
 }
 
@@ -855,6 +1055,43 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let e = ShmReader::open(&path).err().unwrap().to_string();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn agent_status_round_trips_and_keeps_the_newest_opens() {
+        let dir = tempdir();
+        let path = dir.join("a.ring");
+        let w = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
+        let st = AgentStatus {
+            ebpf: EbpfState::Unavailable,
+            ebpf_reason: "tracefs is not mounted".into(),
+            events: 7,
+            dropped: 2,
+            opens: (0..200u32)
+                .map(|i| DeviceOpen {
+                    tgid: i,
+                    comm: "python3".into(),
+                    device: "0".into(),
+                    cgroup_id: u64::from(i) + 1000,
+                    cgroup_known: i % 2 == 0,
+                    pod_uid: (i % 2 == 0).then(|| format!("{i:08x}-0000-4000-8000-00000000abcd")),
+                    container_id: (i % 4 == 0).then(|| format!("{i:064x}")),
+                    first_open_ns: u64::from(i),
+                    last_open_ns: u64::from(i) + 5,
+                    exited: i % 3 == 0,
+                })
+                .collect(),
+        };
+        assert_eq!(ShmReader::open(&path).unwrap().agent_status(), None);
+        w.agent_area().write(1, &st);
+        let back = ShmReader::open(&path).unwrap().agent_status().unwrap();
+        assert_eq!(back.opens.len(), MAX_OPENS);
+        assert_eq!(back.opens[..], st.opens[200 - MAX_OPENS..]);
+        assert_eq!(
+            (back.ebpf, back.events, back.dropped),
+            (EbpfState::Unavailable, 7, 2)
+        );
+        assert_eq!(back.ebpf_reason, "tracefs is not mounted");
     }
 
     #[test]

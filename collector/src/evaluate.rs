@@ -183,6 +183,36 @@ pub fn evaluate(
     })
 }
 
+/// Whether one of the `matched` pods opened a GPU device file within `within` before `now`
+/// (trigger key `activeAfterOpen`): a replica still loading its weights shows no utilization
+/// yet, but its process has opened the GPU. Times are compared on the agent's clock: the
+/// snapshot's `taken_unix_ns` plus the time since it arrived.
+pub fn opened_within(
+    view: &View,
+    matched: &[Arc<PodMeta>],
+    within: std::time::Duration,
+    now: Instant,
+) -> bool {
+    if within.is_zero() {
+        return false;
+    }
+    matched.iter().any(|pod| {
+        let Some(&node) = view.by_node_name.get(&pod.node) else {
+            return false;
+        };
+        let state = &view.nodes[node];
+        let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
+            return false;
+        };
+        let agent_now =
+            snap.taken_unix_ns + now.saturating_duration_since(received).as_nanos() as u64;
+        snap.opens.iter().any(|o| {
+            o.pod_uid == pod.uid
+                && agent_now.saturating_sub(o.last_open_unix_ns) <= within.as_nanos() as u64
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +392,30 @@ mod tests {
         let err =
             evaluate(&view, &pods, &trigger(&[("metric", "tensor_active")]), now).unwrap_err();
         assert!(err.to_string().contains("tensor_active of pod"), "{err}");
+    }
+
+    #[test]
+    fn a_recent_device_open_counts_within_active_after_open_only() {
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.taken_unix_ns = 1_000_000_000_000;
+        snap.opens.push(proto::agent::DeviceOpen {
+            pid: 7,
+            pod_uid: "p00".into(),
+            last_open_unix_ns: snap.taken_unix_ns - 20_000_000_000,
+            ..Default::default()
+        });
+        view.update(0, snap, now);
+        let s = Duration::from_secs;
+        assert!(opened_within(&view, &pods, s(60), now));
+        assert!(!opened_within(&view, &pods, s(10), now));
+        assert!(!opened_within(&view, &pods, Duration::ZERO, now));
+        // 45 s later on the collector's clock the open is 65 s old.
+        assert!(!opened_within(&view, &pods, s(60), now + s(45)));
+        assert!(
+            !opened_within(&view, &pods[2..], s(60), now),
+            "another pod's open"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::evaluate::{evaluate, Evaluation};
+use crate::evaluate::{evaluate, opened_within, Evaluation};
 use crate::pods::{PodMeta, PodSource};
 use crate::trigger::Trigger;
 use crate::view::Cluster;
@@ -114,9 +114,19 @@ impl Scaler {
         Ok((trigger, eval))
     }
 
+    /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
+    /// matched pod opened a GPU recently, so a replica still loading its model is not scaled
+    /// to zero.
     fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
         let (trigger, eval) = self.value(r)?;
-        Ok(eval.value > trigger.activation_threshold)
+        if eval.value > trigger.activation_threshold {
+            return Ok(true);
+        }
+        let matched = self.matches(&r.namespace, &trigger);
+        let now = Instant::now();
+        Ok(self
+            .cluster
+            .read(|v| opened_within(v, &matched, trigger.active_after_open, now)))
     }
 }
 

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod scenario;
+mod setup;
 mod test;
 mod util;
 

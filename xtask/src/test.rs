@@ -1,9 +1,10 @@
 //! `cargo xtask test`: every set-up step a fresh machine needs, then every test.
 //!
 //! Steps (each idempotent, each announced):
-//! 1. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
-//! 2. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
-//! 3. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
+//! 1. the eBPF toolchain ([`crate::setup::ebpf_toolchain`]), so the agent embeds its eBPF object;
+//! 2. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
+//! 3. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
+//! 4. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
 
 use anyhow::Result;
 
@@ -19,6 +20,7 @@ pub struct Options {
 
 /// Runs the set-up and every test.
 pub fn run(o: Options) -> Result<()> {
+    crate::setup::ebpf_toolchain()?;
     step("building the workspace (agent, fake NVML, end-to-end harness)");
     run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
 
