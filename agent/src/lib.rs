@@ -3,7 +3,8 @@
 //!
 //! Modules: [`sample`] (the record and metric names), [`ring`] (the seqlock ring algorithm),
 //! [`shm`] (the ring file), [`window`] (rolling statistics), [`sampler`] (NVML loops),
-//! [`dump`] (reading a running agent's ring), [`duration`] (human durations).
+//! [`dump`] (reading a running agent's ring), [`duration`] (human durations), [`ebpf`]
+//! (device-open tracking with eBPF).
 #![deny(missing_docs)]
 
 pub mod ring;
@@ -17,6 +18,8 @@ pub mod cgroup;
 pub mod dump;
 #[cfg(not(gpuscale_loom))]
 pub mod duration;
+#[cfg(not(gpuscale_loom))]
+pub mod ebpf;
 #[cfg(not(gpuscale_loom))]
 pub mod live;
 #[cfg(not(gpuscale_loom))]
@@ -104,6 +107,27 @@ pub enum Error {
         /// The file path.
         path: PathBuf,
         /// What is wrong with it.
+        why: String,
+    },
+    /// `--device-prefix` cannot be matched by the eBPF program.
+    #[error(
+        "--device-prefix / GPUSCALE_DEVICE_PREFIX {prefix:?} {why}; give an absolute path prefix \
+         of at most 32 bytes such as /dev/nvidia"
+    )]
+    DevicePrefix {
+        /// The prefix given.
+        prefix: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The eBPF device-open tracker could not start (an error with `--ebpf on`; `--ebpf auto`
+    /// logs the reason and uses procfs).
+    #[error(
+        "cannot start eBPF device-open tracking (--ebpf on / GPUSCALE_EBPF): {why}. Fix that, or \
+         run with --ebpf auto to fall back to procfs"
+    )]
+    Ebpf {
+        /// What failed and what to do about it.
         why: String,
     },
 }

@@ -45,6 +45,16 @@ struct RunArgs {
     /// The host's procfs (NVML reports host PIDs; run with hostPID or mount the host's /proc).
     #[arg(long, env = "GPUSCALE_PROC_ROOT", default_value = "/proc")]
     proc_root: PathBuf,
+    /// Track GPU device opens with eBPF: auto (use it when it loads, else procfs), on (fail
+    /// without it), off.
+    #[arg(long, env = "GPUSCALE_EBPF", value_enum, default_value = "auto")]
+    ebpf: agent::ebpf::EbpfMode,
+    /// Opens of paths starting with this count as GPU device opens.
+    #[arg(long, env = "GPUSCALE_DEVICE_PREFIX", default_value = "/dev/nvidia")]
+    device_prefix: String,
+    /// Where the cgroup v2 tree is mounted (default: found in /proc/self/mounts).
+    #[arg(long, env = "GPUSCALE_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -123,6 +133,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         interval: args.interval,
         node_name: args.node_name.unwrap_or_else(hostname),
         proc_root: args.proc_root,
+        ebpf: agent::ebpf::EbpfConfig {
+            mode: args.ebpf,
+            device_prefix: args.device_prefix,
+            cgroup_root: args.cgroup_root,
+        },
     };
     let mut server = None;
     sampler::run(&config, &stop, |agent| {

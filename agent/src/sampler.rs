@@ -23,10 +23,12 @@ use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, Nvml};
 
 use crate::cgroup::{Attribution, ProcfsResolver};
+use crate::ebpf::{EbpfConfig, EbpfMode, Tracker};
 use crate::live::GpuLive;
 use crate::sample::{GpuState, Sample, Slot};
 use crate::shm::{
-    self, AgentStatus, GpuInfo, ProcessEntry, ProcessSnapshot, Region, ShmWriter, Source,
+    self, AgentStatus, DeviceOpen, EbpfState, GpuInfo, ProcessEntry, ProcessSnapshot, Region,
+    ShmWriter, Source,
 };
 use crate::window::GpuWindows;
 use crate::{unix_now_ns, Error, Result};
@@ -40,6 +42,8 @@ const GPM_SPACING_SLACK: Duration = Duration::from_millis(10);
 const GPM_MAX_AGE: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the agent status (eBPF counters, device opens) is published.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// How long an unchanged PID list keeps its pod attribution before procfs is read again.
 pub const REATTRIBUTE_EVERY: Duration = Duration::from_secs(1);
 /// History the ring keeps at the configured interval.
@@ -63,6 +67,8 @@ pub struct Config {
     pub node_name: String,
     /// Where `/proc` of the host's PID namespace is (NVML reports host PIDs).
     pub proc_root: PathBuf,
+    /// eBPF device-open tracking (`--ebpf`, `--device-prefix`, `--cgroup-root`).
+    pub ebpf: EbpfConfig,
 }
 
 /// A stop signal the sampler threads wait on between samples (and async tasks through
@@ -184,6 +190,7 @@ pub struct Agent {
     proc_util: Vec<Mutex<ProcUtil>>,
     samples: tokio::sync::watch::Sender<u64>,
     status: Mutex<AgentStatus>,
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl Agent {
@@ -211,6 +218,7 @@ impl Agent {
 /// history when the file is reused, and samples every GPU. `ready` is called once sampling has
 /// started.
 pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Result<()> {
+    let (tracker, ebpf_state, ebpf_reason) = start_ebpf(&config.ebpf)?;
     let nvml = load_nvml(&config.nvml_lib)?;
     let nvml_err = |what: &'static str| {
         let path = config.nvml_lib.clone();
@@ -274,7 +282,12 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         gpus,
         live,
         samples: tokio::sync::watch::channel(0).0,
-        status: Mutex::default(),
+        status: Mutex::new(AgentStatus {
+            ebpf: ebpf_state,
+            ebpf_reason: ebpf_reason.clone(),
+            ..AgentStatus::default()
+        }),
+        tracker,
     });
     let epoch = Instant::now();
     std::thread::scope(|s| {
@@ -308,11 +321,88 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
                 })
                 .expect("spawning the process-utilization thread");
         }
+        {
+            let agent = &*agent;
+            let area = writer.agent_area();
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn_scoped(s, move || status_loop(agent, &area, stop))
+                .expect("spawning the status thread");
+        }
         ready(agent.clone());
         stop.wait();
     });
+    if let Some(t) = &agent.tracker {
+        t.stop();
+    }
     tracing::info!("stopped sampling");
     Ok(())
+}
+
+/// Starts eBPF tracking as `--ebpf` says; returns the tracker and the state `dump` reports.
+/// `auto` falls back to procfs with one warning saying why; `on` fails the agent instead.
+fn start_ebpf(config: &EbpfConfig) -> Result<(Option<Arc<Tracker>>, EbpfState, String)> {
+    if !crate::ebpf::built_with_ebpf() {
+        tracing::info!(
+            "this agent was built without its eBPF object (the eBPF toolchain was missing at \
+             build time); GPU processes are attributed through procfs"
+        );
+    }
+    match config.mode {
+        EbpfMode::Off => Ok((None, EbpfState::Off, String::new())),
+        EbpfMode::On => Ok((Some(Tracker::load(config)?), EbpfState::On, String::new())),
+        EbpfMode::Auto => match Tracker::load(config) {
+            Ok(t) => Ok((Some(t), EbpfState::On, String::new())),
+            Err(e @ Error::DevicePrefix { .. }) => Err(e),
+            Err(e) => {
+                let why = match e {
+                    Error::Ebpf { why } => why,
+                    e => e.to_string(),
+                };
+                tracing::warn!(
+                    "eBPF device-open tracking is unavailable ({why}); attributing GPU processes \
+                     through procfs"
+                );
+                Ok((None, EbpfState::Unavailable, why))
+            }
+        },
+    }
+}
+
+/// Publishes the agent-wide status (eBPF counters, recent device opens) once a second, to the
+/// ring file for `dump` and to memory for the gRPC API.
+fn status_loop(agent: &Agent, area: &crate::shm::AgentArea<'_>, stop: &Stop) {
+    let mut version = 0;
+    loop {
+        let mut status = agent.status();
+        if let Some(t) = &agent.tracker {
+            let stats = t.stats();
+            status.events = stats.events;
+            status.dropped = stats.dropped;
+            status.opens = t
+                .recent_opens()
+                .into_iter()
+                .map(|o| DeviceOpen {
+                    tgid: o.tgid,
+                    comm: o.comm,
+                    device: o.device,
+                    cgroup_id: o.cgroup_id,
+                    cgroup_known: o.cgroup_path.is_some(),
+                    pod_uid: o.pod.as_ref().map(|p| p.pod_uid.clone()),
+                    container_id: o.pod.and_then(|p| p.container_id),
+                    first_open_ns: o.first_open_unix_ns,
+                    last_open_ns: o.last_open_unix_ns,
+                    exited: o.exited,
+                })
+                .collect();
+            *agent.status.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
+        }
+        version += 1;
+        area.write(version, &status);
+        if stop.wait_until(Instant::now() + STATUS_PERIOD) {
+            return;
+        }
+    }
 }
 
 /// Why a device could not be sampled.
@@ -537,6 +627,21 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             return;
         }
         for p in processes.iter_mut() {
+            // eBPF saw the process open the GPU, with the cgroup it ran in: preferred.
+            if let Some(info) = self.agent.tracker.as_ref().and_then(|t| t.process(p.pid)) {
+                if info.cgroup_path.is_none() {
+                    // Its cgroup is gone: unknown, never a guess.
+                    p.source = Source::Unknown;
+                    continue;
+                }
+                if let Some(pod) = info.pod {
+                    p.pod_uid = Some(pod.pod_uid);
+                    p.container_id = pod.container_id;
+                }
+                p.source = Source::Ebpf;
+                continue;
+            }
+            // Missed by eBPF (off, unavailable, or its events dropped): procfs.
             match self.resolver.resolve(p.pid) {
                 Attribution::Pod(pod) => {
                     p.pod_uid = Some(pod.pod_uid);

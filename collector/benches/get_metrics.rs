@@ -187,6 +187,8 @@ fn snapshot(node: usize) -> NodeSnapshot {
         seq: 1,
         gpus,
         pods,
+        opens: Vec::new(),
+        ebpf: "on".into(),
     }
 }
 

@@ -27,6 +27,24 @@ fn output(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
+/// As root, mounts tracefs where it is missing: the eBPF tracepoints (and their privileged
+/// tests) need `/sys/kernel/tracing`.
+pub fn tracefs() -> Result<()> {
+    let events = Path::new("/sys/kernel/tracing/events/syscalls");
+    if events.exists() {
+        return Ok(());
+    }
+    if output(Command::new("id").arg("-u")).trim() != "0" {
+        eprintln!("note: tracefs is not mounted and this is not root: the eBPF tests will skip");
+        return Ok(());
+    }
+    step("mounting tracefs (mount -t tracefs nodev /sys/kernel/tracing)");
+    run_cmd(
+        Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]),
+        "mount tracefs",
+    )
+}
+
 /// Makes sure the eBPF toolchain is there.
 pub fn ebpf_toolchain() -> Result<()> {
     step("eBPF toolchain: nightly rust-src, LLVM 22, bpf-linker (skipped where already present)");

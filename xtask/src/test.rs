@@ -21,6 +21,7 @@ pub struct Options {
 /// Runs the set-up and every test.
 pub fn run(o: Options) -> Result<()> {
     crate::setup::ebpf_toolchain()?;
+    crate::setup::tracefs()?;
     step("building the workspace (agent, fake NVML, end-to-end harness)");
     run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
 

@@ -16,6 +16,26 @@ pub fn privileged() -> Option<String> {
     None
 }
 
+/// Mounts tracefs at /sys/kernel/tracing where it is missing (eBPF tracepoints need it); the
+/// answer says why it could not.
+pub fn ensure_tracefs() -> Result<(), String> {
+    if Path::new("/sys/kernel/tracing/events/syscalls").exists() {
+        return Ok(());
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    // Another test may have mounted it meanwhile; only the outcome matters.
+    if Path::new("/sys/kernel/tracing/events/syscalls").exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "tracefs is not mounted and mounting it failed ({status})"
+        ))
+    }
+}
+
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
 pub fn cgroup2_root() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
@@ -27,7 +47,8 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// A `sleep` process living in the cgroup of container `container_id` of pod `uid`, shaped as
-/// the kubelet's systemd driver makes it. Killed, and its cgroups removed, on drop.
+/// the kubelet's systemd driver makes it (below a private `gpuscale-e2e-<pid>` parent).
+/// Killed, and its cgroups removed, on drop.
 pub struct PodProcess {
     child: Child,
     dirs: Vec<PathBuf>,
@@ -40,8 +61,18 @@ pub struct PodProcess {
 impl PodProcess {
     /// Starts the process in the pod's Burstable container cgroup. Panics when not privileged.
     pub fn start(uid: &str, container_id: &str) -> PodProcess {
+        Self::spawn(uid, container_id, "exec sleep 600")
+    }
+
+    /// Starts a shell that joins the pod's container cgroup itself, then runs `script`
+    /// (`sh -c`), so everything the script does (opening a device file, say) happens inside
+    /// the pod's cgroup.
+    pub fn spawn(uid: &str, container_id: &str, script: &str) -> PodProcess {
         let root = cgroup2_root().expect("cgroup v2 mount");
+        // Under a private parent, so tests never touch a real kubelet's kubepods.slice; the
+        // agent finds the pod anywhere in the path.
         let rel = [
+            format!("gpuscale-e2e-{}", std::process::id()),
             "kubepods.slice".to_owned(),
             "kubepods-burstable.slice".to_owned(),
             format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")),
@@ -57,12 +88,21 @@ impl PodProcess {
                 dirs.push(dir.clone());
             }
         }
-        let child = Command::new("sleep")
-            .arg("600")
+        let procs = dir.join("cgroup.procs");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > '{}' && {script}", procs.display()))
             .spawn()
-            .expect("starting sleep");
-        std::fs::write(dir.join("cgroup.procs"), child.id().to_string())
-            .unwrap_or_else(|e| panic!("moving pid into {}: {e}", dir.display()));
+            .expect("starting sh");
+        // The shell moves itself; wait until it is in, so callers find it there.
+        let pid = child.id().to_string();
+        for _ in 0..500 {
+            let members = std::fs::read_to_string(&procs).unwrap_or_default();
+            if members.lines().any(|l| l == pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         PodProcess {
             child,
             dirs,
@@ -86,9 +126,17 @@ impl Drop for PodProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for d in self.dirs.iter().rev() {
-            // A removed cgroup must be empty; the process is reaped above.
-            let _ = std::fs::remove_dir(d);
+        // A removed cgroup must be empty; the process is reaped above. Parents shared with other
+        // pods' processes are removed by whoever leaves them empty, so walk up to the root.
+        if let (Some(root), Some(mut d)) = (cgroup2_root(), self.dirs.last().cloned()) {
+            while d != root && d.starts_with(&root) {
+                if std::fs::remove_dir(&d).is_err() {
+                    break;
+                }
+                if !d.pop() {
+                    break;
+                }
+            }
         }
     }
 }

@@ -311,3 +311,31 @@ fn dump_of_a_missing_or_foreign_file_fails_clearly_without_panicking() {
     assert!(err.contains("not a gpuscale ring file"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn an_empty_or_overlong_device_prefix_is_refused_at_start() {
+    let dir = Scratch::new("prefix");
+    let scenario = dir.path("scenario.json");
+    write_scenario(&scenario, &[gpu(0)]);
+    let long = format!("/dev/{}", "n".repeat(40));
+    for prefix in ["", long.as_str()] {
+        let out = std::process::Command::new(e2e::agent_bin())
+            .args([
+                "run",
+                "--ebpf",
+                "auto",
+                "--device-prefix",
+                prefix,
+                "--nvml-lib",
+            ])
+            .arg(e2e::fake_nvml())
+            .arg("--shm")
+            .arg(dir.path("agent.ring"))
+            .env("FAKE_NVML_SCENARIO", &scenario)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{prefix:?}: {err}");
+        assert!(err.contains("--device-prefix"), "{prefix:?}: {err}");
+    }
+}

@@ -50,6 +50,10 @@ fn per_process_utilization_is_read_only_for_shared_gpus_and_off_the_sample_path(
         interval: Duration::from_millis(50),
         node_name: "in-process".into(),
         proc_root: "/proc".into(),
+        ebpf: agent::ebpf::EbpfConfig {
+            mode: agent::ebpf::EbpfMode::Off,
+            ..Default::default()
+        },
     };
     let stop = Arc::new(Stop::default());
     let s2 = stop.clone();
