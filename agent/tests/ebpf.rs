@@ -569,5 +569,73 @@ fn openat_cost_and_open_to_tracked_latency() {
         lat[lat.len() - 1],
         lat.len()
     );
+
+    // Sustained storm: 10,000 matching opens/s for 10 s (4 threads of this process), while 20
+    // other processes that opened the device once (the ones NVML would report) must stay
+    // tracked, and the ring buffer must not drop.
+    let holders: Vec<std::process::Child> = (0..20)
+        .map(|_| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "exec 3< '{}' && exec sleep 60",
+                    dev.file("nvidia0").display()
+                ))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = tracker.stats();
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    let t0 = Instant::now();
+                    while t0.elapsed() < Duration::from_secs(10) {
+                        // 2,500 opens/s per thread, paced per millisecond.
+                        let due = (t0.elapsed().as_micros() as u64 * 2500) / 1_000_000;
+                        while n < due {
+                            // SAFETY: valid path; the fd is closed at once.
+                            let fd = unsafe {
+                                libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY)
+                            };
+                            // SAFETY: closes the fd just opened.
+                            unsafe { libc::close(fd) };
+                            n += 1;
+                        }
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = tracker.stats();
+    let tracked = holders
+        .iter()
+        .filter(|c| tracker.process(c.id()).is_some())
+        .count();
+    println!(
+        "storm: {total} matching opens in {secs:.1} s ({:.0}/s); events {} -> {} (+{}), \
+         dropped {} -> {}; holders still tracked: {tracked} of {}",
+        total as f64 / secs,
+        before.events,
+        after.events,
+        after.events - before.events,
+        before.dropped,
+        after.dropped,
+        holders.len()
+    );
+    for mut c in holders {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     tracker.stop();
 }
