@@ -16,6 +16,9 @@ pub fn privileged() -> Option<String> {
     None
 }
 
+/// Serializes creating and removing this process's test cgroups (they share parents).
+static CGROUPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Mounts tracefs at /sys/kernel/tracing where it is missing (eBPF tracepoints need it); the
 /// answer says why it could not.
 pub fn ensure_tracefs() -> Result<(), String> {
@@ -80,6 +83,8 @@ impl PodProcess {
         ];
         let mut dirs = Vec::new();
         let mut dir = root.clone();
+        // Tests of one binary run in parallel and share the parent directories.
+        let _guard = CGROUPS.lock().unwrap_or_else(|e| e.into_inner());
         for part in &rel {
             dir = dir.join(part);
             if !dir.exists() {
@@ -128,6 +133,7 @@ impl Drop for PodProcess {
         let _ = self.child.wait();
         // A removed cgroup must be empty; the process is reaped above. Parents shared with other
         // pods' processes are removed by whoever leaves them empty, so walk up to the root.
+        let _guard = CGROUPS.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(root), Some(mut d)) = (cgroup2_root(), self.dirs.last().cloned()) {
             while d != root && d.starts_with(&root) {
                 if std::fs::remove_dir(&d).is_err() {
