@@ -267,6 +267,30 @@ impl Agent {
     }
 }
 
+/// A running `gpuscale-collector serve` on a free loopback port.
+pub struct Collector {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its `--listen` address (`127.0.0.1:port`), where KEDA and `dump` reach it.
+    pub addr: String,
+}
+
+impl Collector {
+    /// Starts a collector following the agent at `agent_addr`, with pods from `pods_file`.
+    pub fn start(dir: &Scratch, agent_addr: &str, pods_file: &Path) -> Collector {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let daemon = Daemon::spawn(
+            dir,
+            "collector",
+            Command::new(collector_bin())
+                .args(["serve", "--agents", agent_addr, "--listen", &addr])
+                .arg("--pods-file")
+                .arg(pods_file),
+        );
+        Collector { daemon, addr }
+    }
+}
+
 /// Polls `fetch` until `pred` holds on its answer, up to `timeout`; returns that answer.
 pub fn wait_json(
     timeout: Duration,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use e2e::keda::{is_code, scaled_object, Keda};
 use e2e::pod::{privileged, PodProcess};
-use e2e::{collector_bin, free_port, gpu, wait_json, write_scenario, Agent, Daemon, Scratch};
+use e2e::{collector_bin, free_port, gpu, wait_json, write_scenario, Agent, Collector, Scratch};
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -80,21 +80,8 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
     assert_eq!(p["container_id"], "a".repeat(64));
     assert_eq!(p["attribution"], "procfs");
 
-    let collector_addr = format!("127.0.0.1:{}", free_port());
-    let mut collector = Daemon::spawn(
-        &dir,
-        "collector",
-        std::process::Command::new(collector_bin())
-            .args([
-                "serve",
-                "--agents",
-                &agent_addr,
-                "--listen",
-                &collector_addr,
-            ])
-            .arg("--pods-file")
-            .arg(&pods),
-    );
+    let mut collector = Collector::start(&dir, &agent_addr, &pods);
+    let collector_addr = collector.addr.clone();
     let mut keda = Keda::connect(&collector_addr);
 
     // GetMetricSpec: the metric name and targetValue, both fields.
@@ -118,7 +105,7 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
         got.unwrap(),
         (60.0, 60),
         "collector log:\n{}",
-        collector.log()
+        collector.daemon.log()
     );
     assert!(keda.is_active(&so).unwrap());
     // HPA with AverageValue: ceil(60 / 80) = 1 replica; more load asks for more.
@@ -214,7 +201,7 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
     assert!(err.message().contains("e2e-node"), "{err:?}");
     assert!(is_code(&keda.is_active(&so), Code::Unavailable));
     // The collector itself keeps serving.
-    collector.check_alive().unwrap();
+    collector.daemon.check_alive().unwrap();
     assert_eq!(keda.metrics(&quiet, "q").unwrap(), (0.0, 0));
 
     // The agent comes back on the same address: the collector reconnects on its own.
@@ -227,5 +214,9 @@ fn keda_sees_per_pod_values_through_agent_and_collector() {
     let got = keda.wait_metrics(&so, &name, WAIT, |r| matches!(r, Ok((v, _)) if *v == 120.0));
     assert_eq!(got.unwrap().0, 120.0, "agent log:\n{}", agent.log());
     assert!(agent.terminate().success());
-    assert!(collector.terminate().success(), "{}", collector.log());
+    assert!(
+        collector.daemon.terminate().success(),
+        "{}",
+        collector.daemon.log()
+    );
 }

@@ -263,22 +263,8 @@ fn a_pod_loading_its_model_stays_active_with_active_after_open() {
         .to_string(),
     )
     .unwrap();
-    let collector_addr = format!("127.0.0.1:{}", e2e::free_port());
-    let _collector = e2e::Daemon::spawn(
-        &dir,
-        "collector",
-        Command::new(e2e::collector_bin())
-            .args([
-                "serve",
-                "--agents",
-                &agent_addr,
-                "--listen",
-                &collector_addr,
-            ])
-            .arg("--pods-file")
-            .arg(&pods),
-    );
-    let mut keda = Keda::connect(&collector_addr);
+    let collector = e2e::Collector::start(&dir, &agent_addr, &pods);
+    let mut keda = Keda::connect(&collector.addr);
     let meta = [
         ("metric", "sm_active"),
         ("podSelector", "app=llm"),
