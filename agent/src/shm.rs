@@ -630,8 +630,7 @@ fn parse_layout(path: &Path, bytes: &[u8]) -> Result<Layout> {
     Ok(Layout { header, gpus })
 }
 
-fn regions_of<'a>(layout: &Layout, base: *const u8, len: usize) -> Vec<Region<'a>> {
-    let h = &layout.header;
+fn regions_of<'a>(h: &FileHeader, base: *const u8, len: usize) -> Vec<Region<'a>> {
     (0..h.gpu_count as usize)
         .map(|i| {
             let start = h.header_bytes as usize + i * h.region_bytes as usize;
@@ -833,11 +832,7 @@ impl ShmWriter {
 
     /// The regions, one per GPU.
     pub fn regions(&self) -> Vec<Region<'_>> {
-        let layout = Layout {
-            header: self.header,
-            gpus: vec![],
-        };
-        regions_of(&layout, self.map.as_ptr(), self.map.len())
+        regions_of(&self.header, self.map.as_ptr(), self.map.len())
     }
 
     /// Slots per GPU.
@@ -897,11 +892,7 @@ impl ShmReader {
 
     /// The regions, one per GPU.
     pub fn regions(&self) -> Vec<Region<'_>> {
-        let layout = Layout {
-            header: self.header,
-            gpus: vec![],
-        };
-        regions_of(&layout, self.map.as_ptr(), self.map.len())
+        regions_of(&self.header, self.map.as_ptr(), self.map.len())
     }
 
     /// The GPUs in the file.

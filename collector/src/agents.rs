@@ -15,21 +15,16 @@ use crate::view::Cluster;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A `host:port` or URL as an endpoint.
+/// An agent's endpoint, with keep-alives so a hung agent is noticed.
 fn endpoint(address: &str) -> Result<Endpoint, String> {
-    let url = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    Endpoint::from_shared(url)
+    crate::endpoint(address)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(2))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true)
         })
-        .map_err(|e| format!("{address:?} is not a valid agent address ({e}); write host:port"))
+        .map_err(|e| format!("agent address {e}"))
 }
 
 /// Checks every address before anything starts, so a typo fails at start.

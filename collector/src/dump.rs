@@ -12,33 +12,24 @@ use crate::{Error, Result};
 
 /// Fetches the view from the collector at `addr` (`host:port`).
 pub async fn fetch(addr: &str) -> Result<ClusterView> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let connect = |why: String| Error::Connect {
-        addr: addr.to_owned(),
-        why,
-    };
-    let ep = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| connect(format!("not an address ({e}); write host:port")))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(5));
-    let channel = ep.connect().await.map_err(|e| connect(e.to_string()))?;
+    let channel = crate::connect_collector(addr, Some(std::time::Duration::from_secs(5))).await?;
     CollectorClient::new(channel)
         .get_cluster_view(ClusterViewRequest {})
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|s| connect(s.message().to_owned()))
+        .map_err(|s| Error::Connect {
+            addr: addr.to_owned(),
+            why: s.message().to_owned(),
+        })
 }
 
-fn state_name(code: i32) -> &'static str {
-    match code {
-        1 => "starting",
-        2 => "ok",
-        3 => "lost",
-        4 => "error",
+/// The name of a GPU state as agents report it (`ok`, `lost`, `error`, `starting`).
+pub fn state_name(code: i32) -> &'static str {
+    match proto::agent::GpuState::try_from(code) {
+        Ok(proto::agent::GpuState::Starting) => "starting",
+        Ok(proto::agent::GpuState::Ok) => "ok",
+        Ok(proto::agent::GpuState::Lost) => "lost",
+        Ok(proto::agent::GpuState::Error) => "error",
         _ => "unknown",
     }
 }

@@ -90,12 +90,7 @@ fn pod_gpu_value(
             return Ok((v, true));
         }
     }
-    let state = gpu.map_or("not reported", |g| match g.state {
-        2 => "ok",
-        3 => "lost",
-        4 => "error",
-        _ => "starting",
-    });
+    let state = gpu.map_or("not reported", |g| crate::dump::state_name(g.state));
     Err(format!(
         "{name} of pod {} on GPU {} of node {} is not measured over {}s (GPU state {state})",
         pod.pod_uid,

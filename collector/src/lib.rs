@@ -60,3 +60,33 @@ pub enum Error {
 
 /// Result with the collector's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A gRPC endpoint for `address`, written `host:port` (or as a URL).
+pub fn endpoint(address: &str) -> std::result::Result<tonic::transport::Endpoint, String> {
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| format!("{address:?} is not an address ({e}); write host:port"))
+}
+
+/// Connects to the collector at `addr` for a command-line client (`dump`, `query`), with an
+/// optional deadline on every request.
+pub async fn connect_collector(
+    addr: &str,
+    request_timeout: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel> {
+    let fail = |why: String| Error::Connect {
+        addr: addr.to_owned(),
+        why,
+    };
+    let mut ep = endpoint(addr)
+        .map_err(fail)?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    if let Some(t) = request_timeout {
+        ep = ep.timeout(t);
+    }
+    ep.connect().await.map_err(|e| fail(e.to_string()))
+}

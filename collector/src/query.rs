@@ -10,7 +10,7 @@ use proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use serde_json::{json, Value};
 
 use crate::trigger::{desired_replicas, MetricType};
-use crate::{Error, Result};
+use crate::Result;
 
 /// What to ask.
 #[derive(Clone, Debug)]
@@ -32,21 +32,8 @@ pub struct Query {
 /// Calls the three RPCs as KEDA does and returns what happened as JSON: `metric_name`,
 /// `target`, `value` or `error`, `active` or `error`, and the HPA's `desired_replicas`.
 pub async fn run(q: &Query) -> Result<Value> {
-    let url = if q.collector.contains("://") {
-        q.collector.clone()
-    } else {
-        format!("http://{}", q.collector)
-    };
-    let connect = |why: String| Error::Connect {
-        addr: q.collector.clone(),
-        why,
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| connect(format!("not an address ({e}); write host:port")))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| connect(e.to_string()))?;
+    // No channel-wide deadline: GetMetrics carries KEDA's own 3 s one below.
+    let channel = crate::connect_collector(&q.collector, None).await?;
     let mut client = ExternalScalerClient::new(channel);
     let so = ScaledObjectRef {
         name: q.name.clone(),
