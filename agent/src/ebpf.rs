@@ -3,8 +3,8 @@
 //! Owns loading the embedded eBPF object (`agent-ebpf/program`, built by `build.rs` when the
 //! eBPF toolchain is present; see [`built_with_ebpf`]), overriding its device-prefix global,
 //! attaching its three tracepoints (`syscalls/sys_enter_openat`, `syscalls/sys_enter_openat2`,
-//! `sched/sched_process_exit`), and a [`Tracker`] that reads the `EVENTS` ring buffer on its own
-//! thread and answers queries: per tgid the open info ([`Tracker::process`]), the last
+//! `sched/sched_process_exit`), and a [`Tracker`] that reads the `EVENTS` ring buffer through
+//! tokio's `AsyncFd` on its own thread and answers queries: per tgid the open info ([`Tracker::process`]), the last
 //! [`RECENT_CAP`] processes that opened a device, exited ones included
 //! ([`Tracker::recent_opens`]), and counters ([`Tracker::stats`]).
 //!
@@ -29,7 +29,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -125,6 +124,41 @@ pub struct EbpfConfig {
     /// `--cgroup-root`: where the cgroup v2 tree is mounted; `None` finds the `cgroup2` mount in
     /// `/proc/self/mounts`.
     pub cgroup_root: Option<PathBuf>,
+    /// `--ebpf-hook`: how opens are caught.
+    pub open_hook: OpenHook,
+}
+
+/// How the program catches device opens (`--ebpf-hook`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OpenHook {
+    /// fentry when the kernel allows it, else the syscall tracepoints.
+    #[default]
+    Auto,
+    /// fentry on `do_sys_openat2` (kernel BTF and BPF trampolines, 5.5+); fail without it.
+    Fentry,
+    /// The `syscalls/sys_enter_openat{,2}` tracepoints (every kernel the agent supports), at the
+    /// price of every syscall taking the kernel's slow path while attached.
+    Tracepoint,
+}
+
+impl OpenHook {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpenHook::Auto => "auto",
+            OpenHook::Fentry => "fentry",
+            OpenHook::Tracepoint => "tracepoint",
+        }
+    }
+
+    /// What the hook attaches to, for logs and dumps.
+    pub fn describe(self) -> &'static str {
+        match self {
+            OpenHook::Auto => "fentry or tracepoints",
+            OpenHook::Fentry => "fentry do_sys_openat2",
+            OpenHook::Tracepoint => "tracepoints sys_enter_openat, sys_enter_openat2",
+        }
+    }
 }
 
 impl Default for EbpfConfig {
@@ -133,6 +167,7 @@ impl Default for EbpfConfig {
             mode: EbpfMode::Auto,
             device_prefix: "/dev/nvidia".to_owned(),
             cgroup_root: None,
+            open_hook: OpenHook::Auto,
         }
     }
 }
@@ -206,7 +241,8 @@ pub struct Tracker {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The loaded object: its programs stay attached while this is `Some`.
     ebpf: Mutex<Option<aya::Ebpf>>,
-    dropped: Mutex<Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>>,
+    /// The open hook attached (never `Auto`).
+    hook: OpenHook,
 }
 
 struct Shared {
@@ -214,8 +250,10 @@ struct Shared {
     events: AtomicU64,
     /// The DROPPED total last read (what [`Tracker::stats`] reports once stopped).
     dropped: AtomicU64,
-    /// eventfd the reader thread polls next to the ring buffer; [`Tracker::stop`] writes it.
-    wake: OwnedFd,
+    /// Wakes the reader for [`Tracker::stop`] (a stored permit: a stop is never missed).
+    wake: tokio::sync::Notify,
+    /// The DROPPED map, read by [`Tracker::stats`] and by the reader's sweep.
+    dropped_map: Mutex<Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>>,
     state: Mutex<State>,
     cgroups: Mutex<CgroupIndex>,
 }
@@ -240,6 +278,22 @@ struct Pending {
 
 /// Upper bound on [`State::pending`] (opens beyond it in one burst stay without a path).
 const PENDING_CAP: usize = 4096;
+
+impl Shared {
+    /// Sums the DROPPED map over CPUs (the last sum once stopped).
+    fn dropped_now(&self) -> u64 {
+        let map = lock(&self.dropped_map);
+        if let Some(sum) = map
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+        {
+            // Relaxed (here and below): a counter read on its own.
+            self.dropped.store(sum, Ordering::Relaxed);
+        }
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -305,9 +359,9 @@ impl Tracker {
             .override_global(common::GLOBAL_PREFIX_LEN, &prefix_len, true)
             .load(object)
             .map_err(|e| ebpf_err(format!("loading the eBPF object failed: {}", chain(&e))))?;
-        for (program, category, name) in common::PROGRAMS {
-            attach(&mut ebpf, program, category, name)?;
-        }
+        let hook = attach_open(&mut ebpf, config.open_hook)?;
+        let (program, category, name) = common::TRACEPOINT_EXIT;
+        attach(&mut ebpf, program, category, name)?;
         let events = ebpf
             .take_map(common::MAP_EVENTS)
             .ok_or_else(|| ebpf_err("the eBPF object has no EVENTS map"))?;
@@ -319,24 +373,14 @@ impl Tracker {
         let dropped = aya::maps::PerCpuArray::<_, u64>::try_from(dropped)
             .map_err(|e| ebpf_err(format!("opening the DROPPED map: {}", chain(&e))))?;
 
-        // SAFETY: plain syscall; the returned fd (checked below) is owned by nobody else.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(ebpf_err(format!(
-                "eventfd failed: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `wake` is a fresh, valid fd that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
-
         let mut index = CgroupIndex::new(cgroup_root.clone());
         index.walk();
         let shared = Arc::new(Shared {
             stopped: AtomicBool::new(false),
             events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            wake,
+            wake: tokio::sync::Notify::new(),
+            dropped_map: Mutex::new(Some(dropped)),
             state: Mutex::new(State::default()),
             cgroups: Mutex::new(index),
         });
@@ -350,14 +394,20 @@ impl Tracker {
         tracing::info!(
             prefix = %config.device_prefix,
             cgroup_root = %cgroup_root.display(),
-            "eBPF device-open tracking attached (openat, openat2, process exit)"
+            "eBPF device-open tracking attached ({}, process exit)",
+            hook.describe()
         );
         Ok(Arc::new(Tracker {
             shared,
             thread: Mutex::new(Some(reader)),
             ebpf: Mutex::new(Some(ebpf)),
-            dropped: Mutex::new(Some(dropped)),
+            hook,
         }))
+    }
+
+    /// The open hook attached: [`OpenHook::Fentry`] or [`OpenHook::Tracepoint`].
+    pub fn hook(&self) -> OpenHook {
+        self.hook
     }
 
     /// What the tracker knows about live process `tgid`, or `None` when it did not see it open
@@ -377,22 +427,9 @@ impl Tracker {
         EbpfStats {
             // Relaxed (here and below): counters read on their own.
             events: self.shared.events.load(Ordering::Relaxed),
-            dropped: self.read_dropped(),
+            dropped: self.shared.dropped_now(),
             tracked: lock(&self.shared.state).procs.len(),
         }
-    }
-
-    /// Sums the DROPPED map over CPUs (the last sum once stopped).
-    fn read_dropped(&self) -> u64 {
-        let map = lock(&self.dropped);
-        if let Some(sum) = map
-            .as_ref()
-            .and_then(|m| m.get(&0, 0).ok())
-            .map(|per_cpu| per_cpu.iter().sum())
-        {
-            self.shared.dropped.store(sum, Ordering::Relaxed);
-        }
-        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// The path (below the cgroup v2 root) of the cgroup with id `cgroup_id` now, or `None` when
@@ -406,20 +443,12 @@ impl Tracker {
     pub fn stop(&self) {
         // Release: the reader's Acquire load sees the stop before it polls again.
         self.shared.stopped.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        let _ = unsafe {
-            libc::write(
-                self.shared.wake.as_raw_fd(),
-                std::ptr::from_ref(&one).cast(),
-                8,
-            )
-        };
+        self.shared.wake.notify_one();
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
-        self.read_dropped();
-        lock(&self.dropped).take();
+        self.shared.dropped_now();
+        lock(&self.shared.dropped_map).take();
         lock(&self.ebpf).take();
     }
 }
@@ -452,6 +481,50 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// Attaches the open hook `wanted` says: fentry on `do_sys_openat2` when the kernel allows it
+/// (`Auto` falls back to the syscall tracepoints, logging why), or the
+/// tracepoints. Returns the hook attached.
+fn attach_open(ebpf: &mut aya::Ebpf, wanted: OpenHook) -> Result<OpenHook> {
+    if wanted != OpenHook::Tracepoint {
+        match attach_fentry(ebpf) {
+            Ok(()) => return Ok(OpenHook::Fentry),
+            Err(e) if wanted == OpenHook::Fentry => return Err(e),
+            Err(e) => tracing::info!(
+                "the kernel refused the fentry open hook ({e}); using the syscall tracepoints, \
+                 which slow every syscall a little while attached"
+            ),
+        }
+    }
+    for (program, category, name) in common::TRACEPOINTS_OPEN {
+        attach(ebpf, program, category, name)?;
+    }
+    Ok(OpenHook::Tracepoint)
+}
+
+fn attach_fentry(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let (program, function) = common::FENTRY_OPEN;
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| ebpf_err(format!("reading the kernel's BTF failed: {}", chain(&e))))?;
+    let prog: &mut aya::programs::FEntry = ebpf
+        .program_mut(program)
+        .ok_or_else(|| ebpf_err(format!("the eBPF object has no program {program}")))?
+        .try_into()
+        .map_err(|e| ebpf_err(format!("{program} is not an fentry program: {e}")))?;
+    prog.load(function, &btf).map_err(|e| {
+        ebpf_err(format!(
+            "the kernel rejected the {program} program: {}",
+            chain(&e)
+        ))
+    })?;
+    prog.attach().map_err(|e| {
+        ebpf_err(format!(
+            "attaching fentry to {function} failed: {}",
+            chain(&e)
+        ))
+    })?;
+    Ok(())
 }
 
 fn attach(ebpf: &mut aya::Ebpf, program: &str, category: &str, name: &str) -> Result<()> {
@@ -715,13 +788,48 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(common::until_nul(bytes)).into_owned()
 }
 
-/// The reader thread: drain the ring buffer, then sleep in `poll` on it and on the wake eventfd.
-fn read_loop(shared: &Shared, mut ring: aya::maps::RingBuf<aya::maps::MapData>) {
-    let ring_fd: RawFd = ring.as_raw_fd();
-    let wake_fd: RawFd = shared.wake.as_raw_fd();
+/// The reader thread: runs [`read_events`] on its own current-thread tokio runtime, so the
+/// reader never competes with the agent's gRPC tasks and works whether or not the caller has a
+/// runtime.
+fn read_loop(shared: &Shared, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(
+                "cannot start the eBPF reader's runtime ({e}); no device opens are read"
+            );
+            return;
+        }
+    };
+    runtime.block_on(read_events(shared, ring));
+}
+
+/// Drains the ring buffer, then waits, through tokio's [`AsyncFd`](tokio::io::unix::AsyncFd),
+/// for it to become readable, for [`Tracker::stop`], or for the next cgroup walk or liveness
+/// sweep to be due.
+async fn read_events(shared: &Shared, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+
+    // SAFETY: the `RingBuf` owns its map fd and keeps it open, unchanged, until it is dropped,
+    // which only happens when this `AsyncFd` is dropped.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(e) => {
+            let e = std::io::Error::from(e);
+            tracing::error!("cannot watch the eBPF ring buffer ({e}); no device opens are read");
+            return;
+        }
+    };
     let mut batch: Vec<Event> = Vec::with_capacity(64);
+    let mut sweep = Sweep::new();
     loop {
-        while let Some(item) = ring.next() {
+        while let Some(item) = ring.get_mut().next() {
             if item.len() == std::mem::size_of::<Event>() {
                 // SAFETY: the item holds exactly one `Event` written by the program; `Event` is
                 // plain old data, and `read_unaligned` copes with any alignment.
@@ -736,36 +844,81 @@ fn read_loop(shared: &Shared, mut ring: aya::maps::RingBuf<aya::maps::MapData>) 
         if shared.stopped.load(Ordering::Acquire) {
             return;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: ring_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         // With opens waiting for a cgroup walk, wake up when the next walk is allowed.
-        let timeout_ms = if lock(&shared.state).pending.is_empty() {
-            1000
-        } else {
-            let wait = lock(&shared.cgroups).next_walk_in();
-            wait.as_millis().clamp(1, 1000) as libc::c_int
-        };
-        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                tracing::warn!("polling the eBPF ring buffer failed ({e}); retrying");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        let mut wait = sweep.next_in();
+        if !lock(&shared.state).pending.is_empty() {
+            let walk = lock(&shared.cgroups).next_walk_in();
+            wait = wait.min(walk.max(Duration::from_millis(1)));
+        }
+        tokio::select! {
+            ready = ring.readable_mut() => match ready {
+                // Cleared before the drain at the top of the loop: an event written after the
+                // drain sets readiness again, so none waits for the next wake-up.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::warn!("waiting on the eBPF ring buffer failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(wait) => {}
         }
         resolve_pending(shared);
+        sweep.run_if_due(shared);
     }
+}
+
+/// How often the tracker checks that the processes it holds are still alive.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Forgets tracked processes that are gone without an exit event: the program drops events
+/// when the ring buffer is full (an exit among them), and a stale entry must not outlive its
+/// process. Runs every [`SWEEP_EVERY`], and at once after the program reports new drops.
+struct Sweep {
+    last: Instant,
+    dropped_seen: u64,
+}
+
+impl Sweep {
+    fn new() -> Sweep {
+        Sweep {
+            last: Instant::now(),
+            dropped_seen: 0,
+        }
+    }
+
+    fn next_in(&self) -> Duration {
+        SWEEP_EVERY.saturating_sub(self.last.elapsed())
+    }
+
+    fn run_if_due(&mut self, shared: &Shared) {
+        let dropped = shared.dropped_now();
+        if self.last.elapsed() < SWEEP_EVERY && dropped == self.dropped_seen {
+            return;
+        }
+        self.last = Instant::now();
+        self.dropped_seen = dropped;
+        let mut state = lock(&shared.state);
+        let gone: Vec<u32> = state
+            .procs
+            .keys()
+            .copied()
+            .filter(|&tgid| !process_exists(tgid))
+            .collect();
+        for tgid in gone {
+            state.exit(tgid);
+        }
+    }
+}
+
+/// Whether process `tgid` exists (signal 0: permission errors still mean it exists).
+fn process_exists(tgid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(tgid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Gives the opens that waited for a cgroup walk their path (or, when the walk does not find
@@ -983,6 +1136,7 @@ mod tests {
             mode: EbpfMode::Off,
             device_prefix: String::new(),
             cgroup_root: None,
+            ..EbpfConfig::default()
         };
         assert!(Tracker::start(&config).unwrap().is_none());
     }

@@ -4,7 +4,8 @@
 //! Modules: [`sample`] (the record and metric names), [`ring`] (the seqlock ring algorithm),
 //! [`shm`] (the ring file), [`window`] (rolling statistics), [`sampler`] (NVML loops),
 //! [`dump`] (reading a running agent's ring), [`duration`] (human durations), [`ebpf`]
-//! (device-open tracking with eBPF).
+//! (device-open tracking with eBPF), [`metrics`] (health, readiness and Prometheus series for
+//! `--http-listen`).
 #![deny(missing_docs)]
 
 pub mod ring;
@@ -22,6 +23,8 @@ pub mod duration;
 pub mod ebpf;
 #[cfg(not(gpuscale_loom))]
 pub mod live;
+#[cfg(not(gpuscale_loom))]
+pub mod metrics;
 #[cfg(not(gpuscale_loom))]
 pub mod sampler;
 #[cfg(not(gpuscale_loom))]

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use agent::sampler::{self, Stop};
 use agent::shm::ShmReader;
 
+mod watch;
+
 /// gpuscale node agent: samples NVML into a shared-memory ring and keeps rolling windows.
 #[derive(Parser)]
 #[command(name = "gpuscale-agent", version)]
@@ -23,6 +25,8 @@ enum Command {
     Run(RunArgs),
     /// Print what a running agent's ring holds (no network needed).
     Dump(DumpArgs),
+    /// Print every new sample of a running agent's ring as it is written, one line each.
+    Watch(watch::Args),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +59,14 @@ struct RunArgs {
     /// Where the cgroup v2 tree is mounted (default: found in /proc/self/mounts).
     #[arg(long, env = "GPUSCALE_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// How eBPF catches device opens: auto (fentry on do_sys_openat2 where the kernel allows
+    /// it, else the syscall tracepoints), fentry, tracepoint.
+    #[arg(long, env = "GPUSCALE_EBPF_HOOK", value_enum, default_value = "auto")]
+    ebpf_hook: agent::ebpf::OpenHook,
+    /// Serve /healthz, /readyz and Prometheus /metrics over HTTP on this address, e.g.
+    /// 0.0.0.0:7702 (off by default).
+    #[arg(long, env = "GPUSCALE_HTTP_LISTEN")]
+    http_listen: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -127,6 +139,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = std::sync::Arc::new(Stop::default());
     watch_signals(stop.clone())?;
     let listener = args.listen.map(agent::server::bind).transpose()?;
+    // Bound now, so a taken port fails the agent before NVML is touched.
+    let http_listener = args
+        .http_listen
+        .as_deref()
+        .map(gpuscale_health::listen)
+        .transpose()?;
     let config = sampler::Config {
         nvml_lib: args.nvml_lib,
         shm: args.shm,
@@ -137,10 +155,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mode: args.ebpf,
             device_prefix: args.device_prefix,
             cgroup_root: args.cgroup_root,
+            open_hook: args.ebpf_hook,
         },
     };
     let mut server = None;
+    let mut http = None;
     sampler::run(&config, &stop, |agent| {
+        if let Some(listener) = http_listener {
+            let started = start_http(listener, agent.clone(), stop.clone());
+            if started.is_err() {
+                stop.trigger();
+            }
+            http = Some(started);
+        }
         if let Some(listener) = listener {
             let stop2 = stop.clone();
             server = Some(std::thread::spawn(move || {
@@ -156,7 +183,37 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .join()
             .map_err(|_| anyhow::anyhow!("the gRPC server thread panicked"))??;
     }
+    if let Some(http) = http {
+        http?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the HTTP server thread panicked"))??;
+    }
     Ok(())
+}
+
+/// Serves `--http-listen` (/healthz, /readyz, /metrics) on a thread of its own until `stop`.
+/// If the server fails, the agent stops with its error: its probes would fail anyway.
+fn start_http(
+    listener: std::net::TcpListener,
+    agent: std::sync::Arc<agent::sampler::Agent>,
+    stop: std::sync::Arc<Stop>,
+) -> anyhow::Result<std::thread::JoinHandle<Result<(), gpuscale_health::Error>>> {
+    let endpoints = agent::metrics::endpoints(agent, stop.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let thread = std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let result = rt.block_on(gpuscale_health::serve(listener, endpoints, stop.stopped()));
+            if result.is_err() {
+                stop.trigger();
+            }
+            result
+        })
+        .context("starting the HTTP thread")?;
+    Ok(thread)
 }
 
 fn dump(args: DumpArgs) -> anyhow::Result<()> {
@@ -176,6 +233,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Dump(a) => dump(a),
+        Command::Watch(a) => watch::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

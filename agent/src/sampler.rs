@@ -25,6 +25,7 @@ use nvml_wrapper::{Device, Nvml};
 use crate::cgroup::{Attribution, ProcfsResolver};
 use crate::ebpf::{EbpfConfig, EbpfMode, Tracker};
 use crate::live::GpuLive;
+use crate::metrics::Stats;
 use crate::sample::{GpuState, Sample, Slot};
 use crate::shm::{
     self, AgentStatus, DeviceOpen, EbpfState, GpuInfo, ProcessEntry, ProcessSnapshot, Region,
@@ -191,6 +192,8 @@ pub struct Agent {
     samples: tokio::sync::watch::Sender<u64>,
     status: Mutex<AgentStatus>,
     tracker: Option<Arc<Tracker>>,
+    /// Progress and timing of the loops, for `/healthz` and `/metrics`.
+    pub(crate) stats: Stats,
 }
 
 impl Agent {
@@ -211,6 +214,55 @@ impl Agent {
     /// A receiver that sees a new value after every recorded sample of any GPU.
     pub fn samples(&self) -> tokio::sync::watch::Receiver<u64> {
         self.samples.subscribe()
+    }
+
+    /// Takes one tick's sample of GPU `gpu` into the live view and the stats, and wakes the
+    /// snapshot streams.
+    fn record(&self, gpu: usize, sample: &Sample, processes: Vec<ProcessEntry>) {
+        let mut live = self.live[gpu].lock().unwrap_or_else(|e| e.into_inner());
+        live.record(sample, processes);
+        // Under the live lock, so a scrape sees the sample with its processes.
+        self.stats.gpus[gpu].record(sample);
+        drop(live);
+        self.samples.send_modify(|n| *n += 1);
+    }
+}
+
+#[cfg(test)]
+impl Agent {
+    /// An agent on node `test-node` with `gpus` and nothing sampled, for other modules' tests.
+    pub(crate) fn for_tests(gpus: Vec<GpuInfo>, interval: Duration) -> Agent {
+        Agent {
+            node_name: "test-node".into(),
+            driver_version: "580.159.04".into(),
+            interval,
+            live: gpus
+                .iter()
+                .map(|g| {
+                    Mutex::new(GpuLive::new(
+                        GpuWindows::for_gpu(),
+                        g.memory_total_bytes,
+                        interval,
+                    ))
+                })
+                .collect(),
+            proc_util: gpus.iter().map(|_| Mutex::default()).collect(),
+            stats: Stats::new(gpus.len()),
+            gpus,
+            samples: tokio::sync::watch::channel(0).0,
+            status: Mutex::new(AgentStatus::default()),
+            tracker: None,
+        }
+    }
+
+    /// Records a sample of GPU `gpu` as a sampler tick does.
+    pub(crate) fn tick_for_tests(&self, gpu: usize, sample: &Sample, processes: Vec<ProcessEntry>) {
+        self.record(gpu, sample, processes);
+    }
+
+    /// Sets the agent-wide status as the status loop does.
+    pub(crate) fn set_status_for_tests(&self, status: AgentStatus) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 }
 
@@ -279,6 +331,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         driver_version: driver,
         interval: config.interval,
         proc_util: gpus.iter().map(|_| Mutex::default()).collect(),
+        stats: Stats::new(gpus.len()),
         gpus,
         live,
         samples: tokio::sync::watch::channel(0).0,
@@ -350,9 +403,16 @@ fn start_ebpf(config: &EbpfConfig) -> Result<(Option<Arc<Tracker>>, EbpfState, S
     }
     match config.mode {
         EbpfMode::Off => Ok((None, EbpfState::Off, String::new())),
-        EbpfMode::On => Ok((Some(Tracker::load(config)?), EbpfState::On, String::new())),
+        EbpfMode::On => {
+            let t = Tracker::load(config)?;
+            let hook = t.hook().describe().to_owned();
+            Ok((Some(t), EbpfState::On, hook))
+        }
         EbpfMode::Auto => match Tracker::load(config) {
-            Ok(t) => Ok((Some(t), EbpfState::On, String::new())),
+            Ok(t) => {
+                let hook = t.hook().describe().to_owned();
+                Ok((Some(t), EbpfState::On, hook))
+            }
             Err(e @ Error::DevicePrefix { .. }) => Err(e),
             Err(e) => {
                 let why = match e {
@@ -399,6 +459,7 @@ fn status_loop(agent: &Agent, area: &crate::shm::AgentArea<'_>, stop: &Stop) {
         }
         version += 1;
         area.write(version, &status);
+        agent.stats.status.beat();
         if stop.wait_until(Instant::now() + STATUS_PERIOD) {
             return;
         }
@@ -487,16 +548,17 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 next += interval;
             }
             let (sample, processes) = if now >= self.retry_at {
-                self.sample(now)
+                let started = Instant::now();
+                let s = self.sample(now);
+                self.agent.stats.gpus[self.gpu]
+                    .sample_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                s
             } else {
                 (Sample::empty(unix_now_ns(), self.state), Vec::new())
             };
             self.region.ring().push(&sample);
-            self.agent.live[self.gpu]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(&sample, processes);
-            self.agent.samples.send_modify(|n| *n += 1);
+            self.agent.record(self.gpu, &sample, processes);
         }
     }
 
@@ -522,9 +584,16 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 s
             }
             Err(f) => {
+                let stats = &self.agent.stats.gpus[self.gpu];
                 let (state, e) = match f {
-                    Failure::Lost => (GpuState::Lost, NvmlError::GpuLost),
-                    Failure::Error(e) => (GpuState::Error, e),
+                    Failure::Lost => {
+                        stats.lost.inc();
+                        (GpuState::Lost, NvmlError::GpuLost)
+                    }
+                    Failure::Error(e) => {
+                        stats.errors.inc();
+                        (GpuState::Error, e)
+                    }
                 };
                 self.set_state(state, Some(&e));
                 self.retry_at = now + self.backoff;
@@ -723,6 +792,7 @@ fn proc_util_loop(devices: &[Device<'_>], agent: &Agent, interval: Duration, sto
     let mut last_seen = vec![0u64; devices.len()];
     let mut next = Instant::now();
     loop {
+        agent.stats.proc_util.beat();
         next += period;
         if stop.wait_until(next) {
             return;

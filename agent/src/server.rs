@@ -1,8 +1,9 @@
 //! The agent's gRPC API (`gpuscale.agent.v1.Agent`, see `proto/agent.proto` and `docs/API.md`):
 //! snapshots of every GPU's and pod's windows, once or as a stream.
 //!
-//! Owns turning the live view into protobuf messages and serving them. It never calls NVML and
-//! holds a GPU's lock only while copying that GPU's summaries out.
+//! Owns turning the live view into protobuf messages and serving them, next to
+//! `grpc.health.v1` (SERVING once every GPU reported, as `/readyz`; NOT_SERVING when stopping).
+//! It never calls NVML and holds a GPU's lock only while copying that GPU's summaries out.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,7 +17,10 @@ use proto::agent::{
     ProcessUsage, SnapshotRequest, WatchRequest, WindowStats,
 };
 use tokio_stream::Stream;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::live::GpuLive;
 use crate::sample::{GpuState, Metric};
@@ -245,6 +249,9 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|error| Error::Runtime { error })?;
         tracing::info!(?addr, "serving the agent API");
+        let (reporter, health) = tonic_health::server::health_reporter();
+        set_health(&reporter, ServingStatus::NotServing).await;
+        tokio::spawn(report_health(reporter, agent.clone(), stop.clone()));
         let service = Service {
             agent,
             seq: AtomicU64::new(0),
@@ -253,6 +260,7 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
         let mut server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(AgentServer::new(service))
+                .add_service(health)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.stopped(),
@@ -276,4 +284,38 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
             .map_err(|e| Error::Serve { why: e.to_string() })?
             .map_err(|e| Error::Serve { why: e.to_string() })
     })
+}
+
+/// How often `grpc.health.v1` re-reads readiness.
+const HEALTH_PERIOD: Duration = Duration::from_millis(250);
+
+/// Sets the status of the whole server (`""`) and of the agent API.
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(<AgentServer<Service> as NamedService>::NAME, status)
+        .await;
+}
+
+/// Keeps `grpc.health.v1` in step with [`crate::metrics::readiness`]: SERVING once every GPU
+/// reported, NOT_SERVING from the moment `stop` fires.
+async fn report_health(reporter: HealthReporter, agent: Arc<Agent>, stop: Arc<Stop>) {
+    let stopped = stop.stopped();
+    tokio::pin!(stopped);
+    let mut last = None;
+    loop {
+        let status = match crate::metrics::readiness(&agent) {
+            Ok(()) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            set_health(&reporter, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(HEALTH_PERIOD) => {}
+        }
+    }
+    set_health(&reporter, ServingStatus::NotServing).await;
 }

@@ -250,10 +250,12 @@ impl<const M: usize> WindowSet<M> {
             values: [f32::NAN; M],
         };
         for (i, v) in values.iter().enumerate() {
-            if let Some(v) = v.filter(|v| v.is_finite()) {
+            // `last` is this sample's value: a metric the newest sample lacks has none, rather
+            // than a stale one that reads as current.
+            self.last[i] = v.filter(|v| v.is_finite());
+            if let Some(v) = self.last[i] {
                 entry.values[i] = v;
                 let b = bin(to_units(f64::from(v), self.units[i]));
-                self.last[i] = Some(v);
                 for w in &mut self.windows {
                     w.stats[i].add(seq, v, b);
                 }
@@ -296,7 +298,7 @@ impl<const M: usize> WindowSet<M> {
         self.windows[w].stats[i].summary(self.units[i])
     }
 
-    /// The newest value of metric `i`, however old.
+    /// Metric `i` in the newest sample; `None` when that sample lacks it.
     pub fn last(&self, i: usize) -> Option<f32> {
         self.last[i]
     }
@@ -363,6 +365,10 @@ mod tests {
             w.held()
         );
         assert_eq!(w.last(0), Some(399.0));
+        // A sample without the metric: no `last`, though the windows still hold older values.
+        w.push(400 * S, [None]);
+        assert_eq!(w.last(0), None);
+        assert!(w.summary(0, 0).is_some());
     }
 
     #[test]

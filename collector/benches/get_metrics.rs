@@ -211,6 +211,7 @@ fn pod_meta(i: usize) -> PodMeta {
         node: node_name(i / PODS_PER_NODE),
         phase: "Running".into(),
         owner: format!("Deployment/svc-{app}"),
+        container_ids: Vec::new(),
     }
 }
 
@@ -291,6 +292,7 @@ impl Fixture {
         Scaler::new(
             self.cluster.clone(),
             self.pods.clone(),
+            None,
             self.stop_rx.clone(),
         )
     }

@@ -1,8 +1,11 @@
-//! Agent streams: one task per `--agents` address holds `WatchSnapshots` open, writes each
+//! Agent streams: one task per agent address holds `WatchSnapshots` open, writes each
 //! snapshot into the [`Cluster`] view, and reconnects with exponential backoff (100 ms doubling
 //! to 5 s) when the agent is unreachable or restarts. One agent's trouble never delays another.
+//! The set of addresses is fixed (`--agents`) or follows discovery (`--agent-service`):
+//! [`Fleet::set`] starts streams for new addresses and stops and retires the ones that left.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::agent::agent_client::AgentClient;
@@ -90,4 +93,71 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, address: String) {
     }
     .instrument(span)
     .await
+}
+
+/// The agents being followed, by address.
+pub struct Fleet {
+    cluster: Arc<Cluster>,
+    streams: Mutex<HashMap<String, (usize, tokio::task::AbortHandle)>>,
+}
+
+impl Fleet {
+    /// Follows no agent yet.
+    pub fn new(cluster: Arc<Cluster>) -> Fleet {
+        Fleet {
+            cluster,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes `addresses` the followed set: starts a stream for each new address, and stops
+    /// the streams of addresses that left (their nodes leave the view at once). Must run on a
+    /// tokio runtime. Invalid addresses are skipped with a warning.
+    pub fn set(&self, addresses: &[String]) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = streams
+            .keys()
+            .filter(|a| !addresses.contains(a))
+            .cloned()
+            .collect();
+        for address in gone {
+            if let Some((node, task)) = streams.remove(&address) {
+                task.abort();
+                self.cluster.write(|v| v.retire_node(node));
+                tracing::info!(%address, "agent left; stopped following it");
+            }
+        }
+        for address in addresses {
+            if streams.contains_key(address) {
+                continue;
+            }
+            if let Err(e) = endpoint(address) {
+                tracing::warn!("skipping agent: {e}");
+                continue;
+            }
+            let mut node = 0;
+            self.cluster.write(|v| node = v.add_node(address));
+            let task = tokio::spawn(follow(self.cluster.clone(), node, address.clone()));
+            streams.insert(address.clone(), (node, task.abort_handle()));
+            tracing::info!(%address, "following agent");
+        }
+    }
+
+    /// How many agents are followed.
+    pub fn len(&self) -> usize {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no agent is followed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops every stream.
+    pub fn stop(&self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, (_, task)) in streams.drain() {
+            task.abort();
+        }
+    }
 }

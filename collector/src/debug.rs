@@ -27,6 +27,7 @@ pub fn cluster_view(cluster: &Cluster, pods: &dyn PodSource) -> ClusterView {
         let nodes = v
             .nodes
             .iter()
+            .filter(|n| !n.retired)
             .map(|n| NodeView {
                 address: n.address.clone(),
                 node_name: n

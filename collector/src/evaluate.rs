@@ -252,6 +252,7 @@ mod tests {
             node: node.into(),
             phase: "Running".into(),
             owner: "Deployment/vllm".into(),
+            container_ids: Vec::new(),
         })
     }
 
@@ -262,12 +263,8 @@ mod tests {
         let mut metas = vec![];
         for n in 0..2 {
             view.nodes.push(crate::view::NodeState {
-                address: format!("10.0.0.{n}:7701"),
                 connected: true,
-                snapshot: None,
-                received: None,
-                last_error: String::new(),
-                reconnects: 0,
+                ..crate::view::NodeState::new(&format!("10.0.0.{n}:7701"))
             });
             let pods: Vec<PodSummary> = (0..2)
                 .map(|i| PodSummary {

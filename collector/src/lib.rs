@@ -5,14 +5,17 @@
 //! Modules: [`agents`] (agent streams), [`view`] (the in-memory view), [`pods`] (pod metadata
 //! sources), [`selector`] (label selectors), [`trigger`] (trigger metadata and HPA math),
 //! [`evaluate`] (a trigger's value), [`scaler`] (KEDA's gRPC service), [`debug`] (the dump API),
-//! [`dump`] (the dump client), [`query`] (what KEDA would be told), [`serve`] (wiring it
-//! together).
+//! [`dump`] (the dump client), [`query`] (what KEDA would be told), [`http`] (health and
+//! readiness), [`metrics`] (Prometheus series), [`serve`] (wiring it together).
 #![deny(missing_docs)]
 
 pub mod agents;
 pub mod debug;
 pub mod dump;
 pub mod evaluate;
+pub mod http;
+pub mod k8s;
+pub mod metrics;
 pub mod pods;
 pub mod query;
 pub mod scaler;

@@ -44,9 +44,16 @@ struct QueryArgs {
     /// Replicas running now (used with metricType Value).
     #[arg(long, default_value_t = 1)]
     replicas: u32,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (with --watch: one object per line).
     #[arg(long)]
     json: bool,
+    /// Ask again every DUR (50ms, 1s) over one connection, printing each answer with the time
+    /// it arrived (`ts_ns`), until stopped or --count answers.
+    #[arg(long, value_parser = collector::query::parse_every)]
+    watch: Option<std::time::Duration>,
+    /// With --watch: stop after this many answers.
+    #[arg(long, requires = "watch")]
+    count: Option<u64>,
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -66,14 +73,32 @@ fn parse_metric_type(s: &str) -> Result<collector::trigger::MetricType, String> 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Agent addresses, comma separated (host:port of each agent's --listen).
-    #[arg(long, env = "GPUSCALE_AGENTS", value_delimiter = ',', required = true)]
+    #[arg(long, env = "GPUSCALE_AGENTS", value_delimiter = ',')]
     agents: Vec<String>,
+    /// Or discover the agents from the EndpointSlices of their headless Service, NAMESPACE/NAME
+    /// (needs --kube).
+    #[arg(long, env = "GPUSCALE_AGENT_SERVICE", value_parser = collector::k8s::parse_service)]
+    agent_service: Option<(String, String)>,
     /// Where KEDA (and dump) reach the collector.
     #[arg(long, env = "GPUSCALE_LISTEN", default_value = "0.0.0.0:7700")]
     listen: SocketAddr,
     /// Pod metadata: a PodList JSON (`kubectl get pods -A -o json`), reloaded when it changes.
-    #[arg(long, env = "GPUSCALE_PODS_FILE", required = true)]
-    pods_file: PathBuf,
+    #[arg(
+        long,
+        env = "GPUSCALE_PODS_FILE",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pods_file: Option<PathBuf>,
+    /// Pod metadata (and with --agent-service the agents) from the Kubernetes API: in-cluster
+    /// config or the kubeconfig (KUBECONFIG, ~/.kube/config). Triggers may then leave out
+    /// podSelector: the ScaledObject's target's selector is used.
+    #[arg(long, env = "GPUSCALE_KUBE")]
+    kube: bool,
+    /// Serve /healthz, /readyz and Prometheus /metrics over HTTP on this address, e.g.
+    /// 0.0.0.0:7703 (off by default).
+    #[arg(long, env = "GPUSCALE_HTTP_LISTEN")]
+    http_listen: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -119,8 +144,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .into_iter()
                     .filter(|s| !s.trim().is_empty())
                     .collect(),
+                agent_service: a.agent_service,
                 listen: a.listen,
-                pods_file: a.pods_file,
+                pods: match a.pods_file {
+                    Some(path) => collector::serve::PodsFrom::File(path),
+                    None => collector::serve::PodsFrom::Kube,
+                },
+                http_listen: a.http_listen,
             };
             collector::serve::run(config, shutdown_signal()).await?;
         }
@@ -133,6 +163,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metric_type: a.metric_type,
                 current_replicas: a.replicas,
             };
+            if let Some(every) = a.watch {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                collector::query::watch(&q, every, a.count, |v| {
+                    let line = if a.json {
+                        format!("{v}\n")
+                    } else {
+                        collector::query::render(v)
+                    };
+                    // Whoever reads stdout went away: stop quietly.
+                    out.write_all(line.as_bytes())
+                        .and_then(|()| out.flush())
+                        .is_ok()
+                })
+                .await?;
+                return Ok(());
+            }
             let v = collector::query::run(&q).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -29,6 +29,9 @@ pub struct PodMeta {
     pub phase: String,
     /// The top of the owner chain this source knows, like `Deployment/vllm`.
     pub owner: String,
+    /// The IDs of its containers (without the `containerd://` scheme), as agents see them in
+    /// cgroup paths.
+    pub container_ids: Vec<String>,
 }
 
 /// An immutable snapshot of the pods a source knows, indexed for the scaler.
@@ -45,11 +48,16 @@ pub struct PodIndex {
 impl PodIndex {
     /// Indexes `pods` as `version`.
     pub fn new(version: u64, pods: Vec<PodMeta>) -> PodIndex {
+        Self::from_shared(version, pods.into_iter().map(Arc::new))
+    }
+
+    /// Indexes shared `pods` as `version`.
+    pub fn from_shared(version: u64, pods: impl IntoIterator<Item = Arc<PodMeta>>) -> PodIndex {
         let mut index = PodIndex {
             version,
             ..PodIndex::default()
         };
-        for p in pods.into_iter().map(Arc::new) {
+        for p in pods {
             index
                 .by_namespace
                 .entry(p.namespace.clone())
@@ -67,6 +75,20 @@ pub trait PodSource: Send + Sync {
     fn index(&self) -> Arc<PodIndex>;
     /// A short description for logs and dumps (`pods-file /etc/pods.json`).
     fn describe(&self) -> String;
+    /// Whether the list can be trusted now (a file source always can once loaded).
+    fn health(&self) -> SourceHealth {
+        SourceHealth::default()
+    }
+}
+
+/// How far a pod source can be trusted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceHealth {
+    /// `Some(why)` until the first complete list arrived: no answer may rely on it yet.
+    pub unsynced: Option<String>,
+    /// How long the source has been out of contact (`None` while it is in contact), and why:
+    /// the last list stays in use, but a trigger's `staleAfter` bounds how long.
+    pub out_of_contact: Option<(Duration, String)>,
 }
 
 fn owner_of(item: &Value) -> String {
@@ -111,42 +133,55 @@ pub fn parse_pod_list(path: &Path, text: &str) -> Result<Vec<PodMeta>> {
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            let field = |f: &str| -> Result<String> {
-                item["metadata"][f]
-                    .as_str()
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .ok_or_else(|| bad(format!("items[{i}] has no metadata.{f}")))
-            };
-            if !matches!(item["kind"].as_str(), None | Some("Pod")) {
-                return Err(bad(format!("items[{i}] is a {}, not a Pod", item["kind"])));
-            }
-            let labels = item["metadata"]["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(PodMeta {
-                namespace: field("namespace")?,
-                name: field("name")?,
-                uid: field("uid")?,
-                labels,
-                node: item["spec"]["nodeName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                phase: item["status"]["phase"]
-                    .as_str()
-                    .unwrap_or("Unknown")
-                    .to_owned(),
-                owner: owner_of(item),
-            })
-        })
+        .map(|(i, item)| pod_from_json(item).map_err(|why| bad(format!("items[{i}] {why}"))))
         .collect()
+}
+
+/// One pod object (as the API server or `kubectl -o json` writes it) as a [`PodMeta`]; the
+/// error says what is missing ("has no metadata.uid").
+pub fn pod_from_json(item: &Value) -> std::result::Result<PodMeta, String> {
+    let field = |f: &str| -> std::result::Result<String, String> {
+        item["metadata"][f]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("has no metadata.{f}"))
+    };
+    if !matches!(item["kind"].as_str(), None | Some("Pod")) {
+        return Err(format!("is a {}, not a Pod", item["kind"]));
+    }
+    let labels = item["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    // `containerd://<64 hex>` and the like: the ID agents see in cgroup paths.
+    let container_ids = ["initContainerStatuses", "containerStatuses"]
+        .iter()
+        .filter_map(|k| item["status"][k].as_array())
+        .flatten()
+        .filter_map(|c| c["containerID"].as_str())
+        .filter_map(|id| id.split_once("://").map(|(_, id)| id.to_owned()))
+        .collect();
+    Ok(PodMeta {
+        namespace: field("namespace")?,
+        name: field("name")?,
+        uid: field("uid")?,
+        labels,
+        node: item["spec"]["nodeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        phase: item["status"]["phase"]
+            .as_str()
+            .unwrap_or("Unknown")
+            .to_owned(),
+        owner: owner_of(item),
+        container_ids,
+    })
 }
 
 /// File identity used to notice changes (an atomic rename changes the inode): inode, length,

@@ -1,6 +1,8 @@
 //! `gpuscale-collector query`: asks a collector what KEDA would be told for one trigger, over
 //! KEDA's own external-scaler gRPC API (`GetMetricSpec`, `GetMetrics`, `IsActive`), and shows the
-//! replica count the HPA would want. For debugging a ScaledObject before applying it.
+//! replica count the HPA would want. For debugging a ScaledObject before applying it; with
+//! `--watch DUR` it asks again every `DUR` over one connection and prints every answer with the
+//! time it arrived (how `cargo xtask gpu-check` times a load step reaching KEDA).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,9 +34,55 @@ pub struct Query {
 /// Calls the three RPCs as KEDA does and returns what happened as JSON: `metric_name`,
 /// `target`, `value` or `error`, `active` or `error`, and the HPA's `desired_replicas`.
 pub async fn run(q: &Query) -> Result<Value> {
+    let mut client = connect(q).await?;
+    Ok(ask(&mut client, q).await)
+}
+
+/// Asks as [`run`] does every `every` (the next round starts `every` after the previous one
+/// started, or at once when a round took longer), over one connection, and hands each answer to
+/// `each` with `ts_ns`: when the `GetMetrics` answer arrived, nanoseconds since the Unix epoch.
+/// Stops after `count` answers, or when `each` returns `false`. A failed call is an answer (with
+/// its error), not the end: the collector may be restarting.
+pub async fn watch(
+    q: &Query,
+    every: Duration,
+    count: Option<u64>,
+    mut each: impl FnMut(&Value) -> bool,
+) -> Result<()> {
+    if every.is_zero() {
+        return Err(crate::Error::Config(
+            "--watch 0: give the time between queries, e.g. --watch 50ms".into(),
+        ));
+    }
+    let mut client = connect(q).await?;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut answered = 0u64;
+    while count.is_none_or(|c| answered < c) {
+        ticks.tick().await;
+        let v = ask(&mut client, q).await;
+        answered += 1;
+        if !each(&v) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn connect(q: &Query) -> Result<ExternalScalerClient<tonic::transport::Channel>> {
     // No channel-wide deadline: GetMetrics carries KEDA's own 3 s one below.
     let channel = crate::connect_collector(&q.collector, None).await?;
-    let mut client = ExternalScalerClient::new(channel);
+    Ok(ExternalScalerClient::new(channel))
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One round of the three RPCs; every outcome is an answer.
+async fn ask(client: &mut ExternalScalerClient<tonic::transport::Channel>, q: &Query) -> Value {
     let so = ScaledObjectRef {
         name: q.name.clone(),
         namespace: q.namespace.clone(),
@@ -43,10 +91,10 @@ pub async fn run(q: &Query) -> Result<Value> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let spec = match client.get_metric_spec(so.clone()).await {
         Ok(r) => r.into_inner().metric_specs.into_iter().next(),
-        Err(s) => return Ok(json!({"error": status(s)})),
+        Err(s) => return json!({"error": status(s), "ts_ns": unix_now_ns()}),
     };
     let Some(spec) = spec else {
-        return Ok(json!({"error": "GetMetricSpec returned no metric"}));
+        return json!({"error": "GetMetricSpec returned no metric", "ts_ns": unix_now_ns()});
     };
     let mut req = tonic::Request::new(GetMetricsRequest {
         scaled_object_ref: Some(so.clone()),
@@ -64,6 +112,7 @@ pub async fn run(q: &Query) -> Result<Value> {
                 .map(|v| v.metric_value_float)
         })
         .map_err(status);
+    let ts_ns = unix_now_ns();
     let active = client
         .is_active(so)
         .await
@@ -74,6 +123,7 @@ pub async fn run(q: &Query) -> Result<Value> {
         "metric_name": spec.metric_name,
         "target": spec.target_size_float,
         "metric_type": match q.metric_type { MetricType::AverageValue => "AverageValue", MetricType::Value => "Value" },
+        "ts_ns": ts_ns,
     });
     match value {
         Ok(Some(v)) => {
@@ -92,7 +142,25 @@ pub async fn run(q: &Query) -> Result<Value> {
         Ok(a) => out["active"] = json!(a),
         Err(e) => out["active_error"] = json!(e),
     }
-    Ok(out)
+    out
+}
+
+/// Parses `--watch`: a duration of milliseconds or seconds (`50ms`, `1s`, `0.5s`), 1 ms to 1 h.
+pub fn parse_every(s: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("{s:?}: write the time between queries like 50ms or 1s");
+    let t = s.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(bad());
+    };
+    let secs = number.parse::<f64>().map_err(|_| bad())? * scale;
+    if !(1e-3..=3600.0).contains(&secs) {
+        return Err(format!("{s:?} is outside the accepted range 1ms to 1h"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 /// One line for a terminal.
@@ -122,4 +190,20 @@ pub fn render(v: &Value) -> String {
         _ => "IsActive ?".into(),
     };
     format!("{head}\n  {value}\n  {active}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_interval_takes_ms_and_s_and_refuses_the_rest_with_the_fix() {
+        assert_eq!(parse_every("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_every("0.5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_every("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_every("50").unwrap_err().contains("like 50ms or 1s"));
+        assert!(parse_every("fast").unwrap_err().contains("like 50ms or 1s"));
+        assert!(parse_every("0ms").unwrap_err().contains("1ms to 1h"));
+        assert!(parse_every("2h").unwrap_err().contains("like 50ms"));
+    }
 }

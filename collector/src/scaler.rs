@@ -20,7 +20,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::evaluate::{evaluate, opened_within, Evaluation};
+use crate::metrics::CollectorMetrics;
 use crate::pods::{PodMeta, PodSource};
+use crate::selector::Selector;
 use crate::trigger::Trigger;
 use crate::view::Cluster;
 
@@ -29,11 +31,39 @@ type Matches = Arc<Vec<Arc<PodMeta>>>;
 /// `StreamIsActive` re-evaluates at most this often.
 const STREAM_MIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Where the pod selector of a trigger without `podSelector` comes from: the ScaledObject's
+/// target (in-cluster mode). Answers from memory.
+pub trait Targets: Send + Sync {
+    /// The selector string of the target of ScaledObject `namespace/scaled_object`.
+    fn selector(&self, namespace: &str, scaled_object: &str) -> Result<String, TargetError>;
+}
+
+/// Why a target's selector is not known.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TargetError {
+    /// The ScaledObject or its target is wrong (missing, no selector): `INVALID_ARGUMENT`.
+    Invalid(String),
+    /// Not known yet or not readable now: `UNAVAILABLE`, so KEDA's fallback acts.
+    Unavailable(String),
+}
+
+impl From<TargetError> for Status {
+    fn from(e: TargetError) -> Status {
+        match e {
+            TargetError::Invalid(why) => Status::invalid_argument(why),
+            TargetError::Unavailable(why) => Status::unavailable(why),
+        }
+    }
+}
+
 /// The KEDA-facing service.
 pub struct Scaler {
     cluster: Arc<Cluster>,
     pods: Arc<dyn PodSource>,
+    targets: Option<Arc<dyn Targets>>,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Where `GetMetrics` answers are recorded for `/metrics`, when served.
+    metrics: std::sync::OnceLock<Arc<CollectorMetrics>>,
     /// (namespace, selector) → (pod index version, matched pods).
     selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
 }
@@ -43,34 +73,86 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 }
 
 impl Scaler {
-    /// A scaler over `cluster` with pod metadata from `pods`; open streams end when `stop`
-    /// turns true (so a graceful shutdown does not wait for KEDA to hang up).
+    /// A scaler over `cluster` with pod metadata from `pods` and, in-cluster, the selectors of
+    /// ScaledObjects' targets from `targets`; open streams end when `stop` turns true (so a
+    /// graceful shutdown does not wait for KEDA to hang up).
     pub fn new(
         cluster: Arc<Cluster>,
         pods: Arc<dyn PodSource>,
+        targets: Option<Arc<dyn Targets>>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Scaler {
         Scaler {
             cluster,
             pods,
+            targets,
             stop,
+            metrics: std::sync::OnceLock::new(),
             selections: Mutex::new(HashMap::new()),
         }
     }
 
-    fn trigger(r: &ScaledObjectRef) -> Result<Trigger, Status> {
-        let t = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
-        t.require_selector().map_err(invalid)?;
-        Ok(t)
+    /// Records every `GetMetrics` answer in `metrics` (the per-ScaledObject value series).
+    pub fn observe_with(&self, metrics: Arc<CollectorMetrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
-    /// The pods of `namespace` that `trigger`'s selector matches, cached per pod-list version.
-    fn matches(&self, namespace: &str, trigger: &Trigger) -> Matches {
+    /// Records `GetMetrics`'s answer for `r`: its value, or none after an error.
+    fn observe(&self, r: &ScaledObjectRef, answer: &Result<(Trigger, Evaluation), Status>) {
+        let Some(m) = self.metrics.get() else { return };
+        match answer {
+            Ok((t, eval)) => {
+                m.observe_scaled_object(&r.namespace, &r.name, &t.metric_name(), eval.value)
+            }
+            Err(_) => {
+                if let Ok(t) = Trigger::parse(&r.scaler_metadata) {
+                    m.scaled_object_unavailable(&r.namespace, &r.name, &t.metric_name());
+                }
+            }
+        }
+    }
+
+    /// The trigger of `r` and its pod selector: `podSelector`, else (in-cluster) the selector
+    /// of the ScaledObject's target.
+    fn trigger(&self, r: &ScaledObjectRef) -> Result<(Trigger, Selector), Status> {
+        let t = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
+        let selector = match (&t.pod_selector, &self.targets) {
+            (Some(s), _) => s.clone(),
+            (None, Some(targets)) => {
+                let text = targets.selector(&r.namespace, &r.name)?;
+                Selector::parse(&text).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "the pod selector of ScaledObject {}/{}'s target, {text:?}, is not \
+                         usable: {e}; set podSelector",
+                        r.namespace, r.name
+                    ))
+                })?
+            }
+            (None, None) => t.require_selector().map_err(invalid)?.clone(),
+        };
+        Ok((t, selector))
+    }
+
+    /// `UNAVAILABLE` when the pod list cannot be trusted for `trigger`: never listed, or out of
+    /// contact for longer than its `staleAfter`.
+    fn check_pods(&self, trigger: &Trigger) -> Result<(), Status> {
+        let h = self.pods.health();
+        if let Some(why) = h.unsynced {
+            return Err(Status::unavailable(why));
+        }
+        match h.out_of_contact {
+            Some((d, why)) if d > trigger.stale_after => Err(Status::unavailable(format!(
+                "pod metadata is stale: out of contact for {:.1}s (staleAfter {:?}): {why}",
+                d.as_secs_f64(),
+                trigger.stale_after
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The pods of `namespace` that `selector` matches, cached per pod-list version.
+    fn matches(&self, namespace: &str, selector: &Selector) -> Matches {
         let index = self.pods.index();
-        let selector = trigger
-            .pod_selector
-            .as_ref()
-            .expect("require_selector checked it");
         let key = (namespace.to_owned(), selector.to_string());
         let mut cache = self.selections.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((v, m)) = cache.get(&key) {
@@ -97,8 +179,9 @@ impl Scaler {
 
     /// Evaluates the trigger of `r` now.
     pub fn value(&self, r: &ScaledObjectRef) -> Result<(Trigger, Evaluation), Status> {
-        let trigger = Self::trigger(r)?;
-        let matched = self.matches(&r.namespace, &trigger);
+        let (trigger, selector) = self.trigger(r)?;
+        self.check_pods(&trigger)?;
+        let matched = self.matches(&r.namespace, &selector);
         let now = Instant::now();
         let eval = self
             .cluster
@@ -122,7 +205,8 @@ impl Scaler {
         if eval.value > trigger.activation_threshold {
             return Ok(true);
         }
-        let matched = self.matches(&r.namespace, &trigger);
+        let (_, selector) = self.trigger(r)?;
+        let matched = self.matches(&r.namespace, &selector);
         let now = Instant::now();
         Ok(self
             .cluster
@@ -168,7 +252,11 @@ impl ExternalScaler for ScalerService {
         let r = request.into_inner();
         let span = span("StreamIsActive", &r);
         // Bad metadata fails the call at once; missing data just waits for data.
-        Scaler::trigger(&r)?;
+        if let Err(s) = self.0.trigger(&r) {
+            if s.code() == tonic::Code::InvalidArgument {
+                return Err(s);
+            }
+        }
         let me = self.0.clone();
         let mut changes = self.0.cluster.subscribe();
         let mut stop = self.0.stop.clone();
@@ -220,9 +308,9 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
         let r = request.into_inner();
         let _g = span("GetMetricSpec", &r).entered();
-        let result = Scaler::trigger(&r);
+        let result = self.0.trigger(&r);
         log_result(&result);
-        let t = result?;
+        let (t, _) = result?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: t.metric_name(),
@@ -241,6 +329,7 @@ impl ExternalScaler for ScalerService {
         let _g = span("GetMetrics", &r).entered();
         let result = self.0.value(&r);
         log_result(&result);
+        self.0.observe(&r, &result);
         let (t, eval) = result?;
         tracing::debug!(value = eval.value, pods = eval.running_pods, "answered");
         let name = if req.metric_name.is_empty() {

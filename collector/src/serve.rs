@@ -10,8 +10,10 @@ use proto::collector::collector_server::CollectorServer;
 use proto::externalscaler::external_scaler_server::ExternalScalerServer;
 
 use crate::debug::Debug;
+use crate::http::Observability;
+use crate::k8s::{AgentDiscovery, KubePods, KubeTargets};
 use crate::pods::{PodSource, PodsFile};
-use crate::scaler::{Scaler, ScalerService};
+use crate::scaler::{Scaler, ScalerService, Targets};
 use crate::view::Cluster;
 use crate::{agents, Error, Result};
 
@@ -21,55 +23,128 @@ const GRACE: Duration = Duration::from_secs(3);
 /// What `serve` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Agent addresses (`host:port`).
+    /// Agent addresses (`host:port`), fixed.
     pub agents: Vec<String>,
+    /// Or: discover agents from the EndpointSlices of this Service (`namespace`, `name`).
+    pub agent_service: Option<(String, String)>,
     /// Where to serve gRPC.
     pub listen: SocketAddr,
-    /// The PodList file.
-    pub pods_file: PathBuf,
+    /// Where pod metadata comes from.
+    pub pods: PodsFrom,
+    /// Where to serve /healthz, /readyz and /metrics over HTTP (`--http-listen`), if anywhere.
+    pub http_listen: Option<String>,
+}
+
+/// Where pod metadata comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodsFrom {
+    /// A PodList file (`--pods-file`).
+    File(PathBuf),
+    /// The Kubernetes API (`--kube`).
+    Kube,
 }
 
 /// Runs the collector until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    if config.agents.is_empty() {
-        return Err(Error::Config(
-            "no agents: pass --agents host:port[,host:port…] (GPUSCALE_AGENTS)".into(),
-        ));
+    match (
+        &config.agent_service,
+        config.agents.is_empty(),
+        &config.pods,
+    ) {
+        (Some(_), false, _) => {
+            return Err(Error::Config(
+                "pass either --agents or --agent-service, not both".into(),
+            ))
+        }
+        (Some(_), true, PodsFrom::File(_)) => {
+            return Err(Error::Config(
+                "--agent-service reads EndpointSlices from the Kubernetes API: add --kube".into(),
+            ))
+        }
+        (None, true, _) => {
+            return Err(Error::Config(
+                "no agents: pass --agents host:port[,host:port…] (GPUSCALE_AGENTS), or with \
+                 --kube --agent-service NAMESPACE/NAME to discover them"
+                    .into(),
+            ))
+        }
+        _ => {}
     }
     agents::validate(&config.agents).map_err(Error::Config)?;
-    let pods_file = Arc::new(PodsFile::load(&config.pods_file)?);
+    let client = match config.pods {
+        PodsFrom::Kube => Some(crate::k8s::client().await?),
+        PodsFrom::File(_) => None,
+    };
+    let pods_file = match &config.pods {
+        PodsFrom::File(path) => Some(Arc::new(PodsFile::load(path)?)),
+        PodsFrom::Kube => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| Error::Listen {
             addr: config.listen,
             error,
         })?;
-    let cluster = Arc::new(Cluster::new(&config.agents));
+    let cluster = Arc::new(Cluster::new(&[]));
+    let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref())?;
+    let fleet = Arc::new(agents::Fleet::new(cluster.clone()));
+    fleet.set(&config.agents);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let pods_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, a) in config.agents.iter().enumerate() {
-        tasks.spawn(agents::follow(cluster.clone(), i, a.clone()));
+    let (pods, targets): (Arc<dyn PodSource>, Option<Arc<dyn Targets>>) =
+        match (pods_file, client.clone()) {
+            (Some(file), _) => {
+                let pods_stop = {
+                    let mut rx = stop_rx.clone();
+                    async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    }
+                };
+                tasks.spawn(file.clone().watch(Duration::from_secs(1), pods_stop));
+                (file, None)
+            }
+            (None, Some(client)) => {
+                let pods = KubePods::new();
+                tasks.spawn(pods.clone().run(client.clone()));
+                let targets = KubeTargets::new(client);
+                tasks.spawn(targets.clone().run());
+                (pods, Some(targets))
+            }
+            (None, None) => unreachable!("a file or a client was made above"),
+        };
+    let discovery = Arc::new(AgentDiscovery::default());
+    if let (Some((namespace, service)), Some(client)) = (&config.agent_service, client) {
+        tasks.spawn(crate::k8s::discover_agents(
+            client,
+            namespace.clone(),
+            service.clone(),
+            fleet.clone(),
+            discovery.clone(),
+        ));
     }
-    tasks.spawn(pods_file.clone().watch(Duration::from_secs(1), pods_stop));
-    let pods: Arc<dyn PodSource> = pods_file;
-    let scaler = Arc::new(Scaler::new(cluster.clone(), pods.clone(), stop_rx.clone()));
+    let scaler = Arc::new(Scaler::new(
+        cluster.clone(),
+        pods.clone(),
+        targets,
+        stop_rx.clone(),
+    ));
+    scaler.observe_with(obs.metrics.clone());
     tracing::info!(
         listen = %config.listen,
-        agents = config.agents.len(),
+        agents = %match &config.agent_service {
+            Some((ns, name)) => format!("discovered from Service {ns}/{name}"),
+            None => config.agents.len().to_string(),
+        },
         pods = %pods.describe(),
         "serving KEDA's external scaler and the collector API"
     );
+    start_observability(&mut obs, &mut tasks, pods.clone()).await;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(ExternalScalerServer::new(ScalerService(scaler)))
+            .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler))))
             .add_service(CollectorServer::new(Debug { cluster, pods }))
+            .add_service(obs.grpc_health())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
@@ -80,6 +155,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let result = tokio::select! {
         r = &mut server => r,
         _ = shutdown => {
+            obs.shutting_down().await;
             // End the long-lived streams, then give in-flight requests a grace period; a
             // client that never hangs up does not keep the collector alive.
             let _ = stop_tx.send(true);
@@ -95,7 +171,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         }
     };
     tasks.abort_all();
+    fleet.stop();
     result
         .map_err(|e| Error::Serve(e.to_string()))?
         .map_err(|e| Error::Serve(e.to_string()))
+}
+
+/// Starts the heartbeat, `--http-listen` (health, readiness, metrics with `pods` read at scrape
+/// time) and `grpc.health.v1` for the services of the gRPC port.
+async fn start_observability(
+    obs: &mut Observability,
+    tasks: &mut tokio::task::JoinSet<()>,
+    pods: Arc<dyn PodSource>,
+) {
+    use tonic::server::NamedService;
+    let services = vec![
+        <ExternalScalerServer<ScalerService> as NamedService>::NAME,
+        <CollectorServer<Debug> as NamedService>::NAME,
+    ];
+    obs.start(tasks, pods, services).await;
 }

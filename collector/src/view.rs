@@ -23,6 +23,23 @@ pub struct NodeState {
     pub last_error: String,
     /// Times the stream was re-established.
     pub reconnects: u32,
+    /// The agent left the discovered set (its slot is kept, empty, for a later return).
+    pub retired: bool,
+}
+
+impl NodeState {
+    /// An agent at `address`, not connected yet.
+    pub fn new(address: &str) -> NodeState {
+        NodeState {
+            address: address.to_owned(),
+            connected: false,
+            snapshot: None,
+            received: None,
+            last_error: String::new(),
+            reconnects: 0,
+            retired: false,
+        }
+    }
 }
 
 /// Where one pod's use of one GPU is in the view.
@@ -63,6 +80,29 @@ impl View {
         }
     }
 
+    /// The slot for the agent at `address`: its old slot when it was seen before (retired or
+    /// not), else a new one.
+    pub fn add_node(&mut self, address: &str) -> usize {
+        if let Some(i) = self.nodes.iter().position(|n| n.address == address) {
+            self.nodes[i].retired = false;
+            return i;
+        }
+        self.nodes.push(NodeState::new(address));
+        self.nodes.len() - 1
+    }
+
+    /// Forgets what agent `node` reported (its pods and node name leave the indexes) and marks
+    /// its slot retired.
+    pub fn retire_node(&mut self, node: usize) {
+        self.unindex(node);
+        let n = &mut self.nodes[node];
+        *n = NodeState {
+            retired: true,
+            reconnects: n.reconnects,
+            ..NodeState::new(&n.address)
+        };
+    }
+
     /// Replaces node `node`'s snapshot, received at `at`.
     pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
         self.unindex(node);
@@ -83,6 +123,11 @@ impl View {
             }
         }
         let n = &mut self.nodes[node];
+        if n.retired {
+            // A stream that outlived its agent's removal by a moment.
+            self.unindex(node);
+            return;
+        }
         n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
     }
@@ -99,17 +144,7 @@ impl Cluster {
     pub fn new(addresses: &[String]) -> Cluster {
         Cluster {
             view: RwLock::new(View {
-                nodes: addresses
-                    .iter()
-                    .map(|a| NodeState {
-                        address: a.clone(),
-                        connected: false,
-                        snapshot: None,
-                        received: None,
-                        last_error: String::new(),
-                        reconnects: 0,
-                    })
-                    .collect(),
+                nodes: addresses.iter().map(|a| NodeState::new(a)).collect(),
                 ..View::default()
             }),
             changed: tokio::sync::watch::channel(0).0,

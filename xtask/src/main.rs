@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod deploy;
+mod gpu_check;
 mod scenario;
 mod setup;
 mod test;
@@ -23,6 +25,12 @@ enum Command {
     Bench(bench::Options),
     /// Run the agent on simulated GPUs whose load follows a short story, with a live dump.
     Demo(demo::Options),
+    /// Install gpuscale into a cluster: build the image without Docker, push it, apply deploy/
+    /// and wait for the rollout (--dry-run prints the manifests; --uninstall removes it).
+    Deploy(deploy::Options),
+    /// Check the agent and collector on this machine's NVIDIA GPU against NVML's own numbers
+    /// (skips without a GPU), or write the bundle that does it elsewhere (--bundle DIR).
+    GpuCheck(gpu_check::Options),
     /// Set up everything a fresh machine needs, then run every test.
     Test(test::Options),
 }
@@ -32,6 +40,8 @@ fn main() {
     let result = match cli.command {
         Command::Bench(o) => bench::run(o),
         Command::Demo(o) => demo::run(o),
+        Command::Deploy(o) => deploy::run(o),
+        Command::GpuCheck(o) => gpu_check::run(o),
         Command::Test(o) => test::run(o),
     };
     if let Err(e) = result {

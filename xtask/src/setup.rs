@@ -96,23 +96,7 @@ pub fn ebpf_toolchain() -> Result<()> {
             );
         }
         eprintln!("installing LLVM 22 (apt-get install llvm-22-dev), about a minute");
-        run_cmd(
-            Command::new("apt-get").args(["update", "-qq"]),
-            "apt-get update",
-        )?;
-        run_cmd(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "llvm-22-dev",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            "apt-get install llvm-22-dev",
-        )
-        .context("installing llvm-22-dev (needs root)")?;
+        apt_install("llvm-22-dev")?;
     }
     eprintln!(
         "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (cargo install), about two minutes"
@@ -123,5 +107,129 @@ pub fn ebpf_toolchain() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
         "cargo install bpf-linker",
+    )
+}
+
+/// nvidia-ml-py (the `pynvml` module) version the gpu-check tests install.
+const NVIDIA_ML_PY_VERSION: &str = "13.615.71";
+
+/// Where the gpu-check tests' Python environment lives (a venv with nvidia-ml-py).
+pub fn gpu_check_venv() -> std::path::PathBuf {
+    crate::util::target_dir().join("gpu-check-venv")
+}
+
+/// Makes the Python environment the gpu-check tests run the bundle's checker with: a venv in
+/// `target/gpu-check-venv` holding nvidia-ml-py, whose `pynvml` then loads the fake NVML in the
+/// simulated runs. Skipped when it is already there; without `python3` the tests say they skip.
+pub fn gpu_check_python() -> Result<()> {
+    let venv = gpu_check_venv();
+    let ready = quiet_ok(Command::new(venv.join("bin/python3")).args(["-c", "import pynvml"]));
+    python_venv(
+        "gpu-check tests",
+        &venv,
+        "nvidia-ml-py",
+        NVIDIA_ML_PY_VERSION,
+        ready,
+    )
+}
+
+/// Makes (or reuses, when `ready`) a venv at `venv` holding `package==version`, for the tests
+/// described by `what`. Without `python3` it says those tests will skip.
+fn python_venv(
+    what: &str,
+    venv: &std::path::Path,
+    package: &str,
+    version: &str,
+    ready: bool,
+) -> Result<()> {
+    step(&format!(
+        "{what}: a Python venv with {package} {version} (skipped where present)"
+    ));
+    if ready {
+        eprintln!("ok: {package} {version} in {}", venv.display());
+        return Ok(());
+    }
+    if !quiet_ok(Command::new("python3").arg("--version")) {
+        eprintln!("note: python3 is missing: the {what} will skip");
+        return Ok(());
+    }
+    let python = venv.join("bin/python3");
+    if !python.exists() {
+        eprintln!("creating {} (python3 -m venv)", venv.display());
+        run_cmd(
+            Command::new("python3").arg("-m").arg("venv").arg(venv),
+            "python3 -m venv",
+        )
+        .context("creating the venv (on Debian, apt-get install python3-venv first)")?;
+    }
+    eprintln!("installing {package} {version} into it (pip install)");
+    run_cmd(
+        Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("{package}=={version}"),
+        ]),
+        &format!("pip install {package}"),
+    )
+}
+
+/// kubernetes-validate version the manifest tests check `deploy/` with (it bundles the
+/// Kubernetes JSON schemas, 1.25 to 1.37, so it validates offline).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Where the manifest tests find kubernetes-validate: a venv in `target/kubernetes-validate-venv`.
+/// (`xtask/deploy/tests/deploy/manifests.rs` looks in the same place.)
+pub fn kubernetes_validate_venv() -> std::path::PathBuf {
+    crate::util::target_dir().join("kubernetes-validate-venv")
+}
+
+/// Installs kubernetes-validate (PyPI) into its venv for the manifest tests. Skipped when that
+/// version is already there; without `python3` the tests say they skip (and fail under CI).
+pub fn kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    let exe = venv.join("bin/kubernetes-validate");
+    let ready = output(Command::new(&exe).arg("--version")).contains(KUBERNETES_VALIDATE_VERSION);
+    python_venv(
+        "manifest schema tests",
+        &venv,
+        "kubernetes-validate",
+        KUBERNETES_VALIDATE_VERSION,
+        ready,
+    )
+}
+
+/// Installs Debian's `docker-registry` (the CNCF distribution registry) for the image test,
+/// which starts one on loopback to push the image to and pull it back. Skipped when
+/// `docker-registry` is on the PATH; without root or apt-get the test says it skips.
+pub fn docker_registry() -> Result<()> {
+    step("image test: a local OCI registry, Debian's docker-registry (skipped where present)");
+    if quiet_ok(Command::new("sh").args(["-c", "command -v docker-registry"])) {
+        eprintln!("ok: docker-registry");
+        return Ok(());
+    }
+    if output(Command::new("id").arg("-u")).trim() != "0"
+        || !quiet_ok(Command::new("apt-get").arg("--version"))
+    {
+        eprintln!("note: docker-registry is missing and this is not root with apt-get: the image test will skip");
+        return Ok(());
+    }
+    eprintln!("installing docker-registry (apt-get install docker-registry); the test runs its own, not the service");
+    apt_install("docker-registry")
+}
+
+/// `apt-get update`, then `apt-get install` of `package` without recommends, non-interactive.
+fn apt_install(package: &str) -> Result<()> {
+    run_cmd(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("apt-get install {package}"),
     )
 }

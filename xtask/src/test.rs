@@ -1,7 +1,10 @@
 //! `cargo xtask test`: every set-up step a fresh machine needs, then every test.
 //!
 //! Steps (each idempotent, each announced):
-//! 1. the eBPF toolchain ([`crate::setup::ebpf_toolchain`]), so the agent embeds its eBPF object;
+//! 1. the eBPF toolchain ([`crate::setup::ebpf_toolchain`]), so the agent embeds its eBPF object,
+//!    and the Python venv the gpu-check bundle tests use ([`crate::setup::gpu_check_python`]);
+//!    and what the deploy tests use: kubernetes-validate ([`crate::setup::kubernetes_validate`])
+//!    and a local registry ([`crate::setup::docker_registry`]);
 //! 2. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
 //! 3. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
 //! 4. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
@@ -22,6 +25,9 @@ pub struct Options {
 pub fn run(o: Options) -> Result<()> {
     crate::setup::ebpf_toolchain()?;
     crate::setup::tracefs()?;
+    crate::setup::gpu_check_python()?;
+    crate::setup::kubernetes_validate()?;
+    crate::setup::docker_registry()?;
     step("building the workspace (agent, fake NVML, end-to-end harness)");
     run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
 

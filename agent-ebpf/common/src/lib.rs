@@ -38,12 +38,18 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_OPENS: &str = "OPENS";
 /// Name of the per-CPU array (one `u64` slot) counting events lost to a full ring buffer.
 pub const MAP_DROPPED: &str = "DROPPED";
-/// Names of the programs and the tracepoints (`category`, `name`) each attaches to.
-pub const PROGRAMS: [(&str, &str, &str); 3] = [
+/// The preferred open hook: program name and the kernel function its fentry attaches to
+/// (needs kernel BTF and BPF trampolines; costs opens nothing but the program itself).
+pub const FENTRY_OPEN: (&str, &str) = ("do_sys_openat2", "do_sys_openat2");
+/// The fallback open hooks when fentry cannot attach: programs and the tracepoints
+/// (`category`, `name`) each attaches to.
+pub const TRACEPOINTS_OPEN: [(&str, &str, &str); 2] = [
     ("sys_enter_openat", "syscalls", "sys_enter_openat"),
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
 ];
+/// The exit hook: program and tracepoint (`category`, `name`).
+pub const TRACEPOINT_EXIT: (&str, &str, &str) =
+    ("sched_process_exit", "sched", "sched_process_exit");
 
 /// Byte size of the `EVENTS` ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;

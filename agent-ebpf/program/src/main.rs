@@ -1,9 +1,11 @@
 //! gpuscale's eBPF program: ties every process that opens an NVIDIA device node to its cgroup.
 //!
-//! Three tracepoints (no kprobes):
-//! - `syscalls/sys_enter_openat` and `syscalls/sys_enter_openat2`: read the path argument
-//!   (offset [`agent_ebpf_common::FILENAME_OFFSET`] of the tracepoint record, from the `format`
-//!   files under `/sys/kernel/tracing/events/syscalls/`), compare it with the prefix in the
+//! Programs (no kprobes; the agent attaches the fentry one where the kernel allows it, else the
+//! two open tracepoints, and always the exit tracepoint):
+//! - fentry `do_sys_openat2` (argument 1 is the user path), or the tracepoints
+//!   `syscalls/sys_enter_openat` and `syscalls/sys_enter_openat2` (the path argument at offset
+//!   [`agent_ebpf_common::FILENAME_OFFSET`] of the tracepoint record, from the `format` files
+//!   under `/sys/kernel/tracing/events/syscalls/`): read the path, compare it with the prefix in the
 //!   `DEVICE_PREFIX`/`PREFIX_LEN` globals (user space overrides them at load; default
 //!   `/dev/nvidia`), and on a match upsert `OPENS[tgid]` and send an
 //!   [`agent_ebpf_common::EVENT_OPEN`] [`agent_ebpf_common::Event`] to the `EVENTS` ring buffer.
@@ -17,7 +19,7 @@
 //! `/dev/nvidia*` paths.
 //!
 //! Minimum kernel: 5.8 (`BPF_MAP_TYPE_RINGBUF`; bounded loops need 5.3, global data 5.2,
-//! `bpf_get_current_cgroup_id` 4.18).
+//! `bpf_get_current_cgroup_id` 4.18; fentry 5.5 with BTF).
 //!
 //! Built only for `bpfel-unknown-none`/`bpfeb-unknown-none` (by aya-build, from
 //! `agent/build.rs`); on the host this crate compiles to an empty binary.
@@ -35,9 +37,9 @@ mod program {
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
             bpf_ktime_get_ns, bpf_probe_read_user_str_bytes,
         },
-        macros::{map, tracepoint},
+        macros::{fentry, map, tracepoint},
         maps::{LruHashMap, PerCpuArray, RingBuf},
-        programs::TracePointContext,
+        programs::{FEntryContext, TracePointContext},
         Global,
     };
 
@@ -64,9 +66,22 @@ mod program {
     /// Bytes read of the path: the prefix, the device suffix, and the terminating NUL.
     const PATH_BUF: usize = PREFIX_CAP + DEVICE_CAP + 1;
 
+    /// Entry of `do_sys_openat2(int dfd, const char __user *filename, struct open_how *how)`,
+    /// which `open`, `openat`, `openat2` and `creat` all go through: preferred over the syscall
+    /// tracepoints where the kernel has BTF and BPF trampolines, because enabling a syscall
+    /// tracepoint sends every syscall of every task through the slow path.
+    #[fentry(function = "do_sys_openat2")]
+    pub fn do_sys_openat2(ctx: FEntryContext) -> u32 {
+        let filename: *const u8 = ctx.arg(1);
+        match try_open(filename) {
+            Ok(ret) => ret,
+            Err(ret) => ret,
+        }
+    }
+
     #[tracepoint]
     pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
-        match try_open(&ctx) {
+        match try_open_tp(&ctx) {
             Ok(ret) => ret,
             Err(ret) => ret,
         }
@@ -74,7 +89,7 @@ mod program {
 
     #[tracepoint]
     pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
-        match try_open(&ctx) {
+        match try_open_tp(&ctx) {
             Ok(ret) => ret,
             Err(ret) => ret,
         }
@@ -88,14 +103,18 @@ mod program {
         }
     }
 
-    fn try_open(ctx: &TracePointContext) -> Result<u32, u32> {
+    fn try_open_tp(ctx: &TracePointContext) -> Result<u32, u32> {
+        // SAFETY: offset FILENAME_OFFSET of both syscalls' records is the `const char *filename`
+        // argument (8 bytes); the helper checks the read.
+        let filename: *const u8 = unsafe { ctx.read_at(FILENAME_OFFSET) }.map_err(|_| 1u32)?;
+        try_open(filename)
+    }
+
+    fn try_open(filename: *const u8) -> Result<u32, u32> {
         let len = PREFIX_LEN.load() as usize;
         if len == 0 || len > PREFIX_CAP {
             return Ok(0);
         }
-        // SAFETY: offset FILENAME_OFFSET of both syscalls' records is the `const char *filename`
-        // argument (8 bytes); the helper checks the read.
-        let filename: *const u8 = unsafe { ctx.read_at(FILENAME_OFFSET) }.map_err(|_| 1u32)?;
         let mut path = [0u8; PATH_BUF];
         // SAFETY: `filename` is a user-space pointer; the helper faults safely and NUL-terminates.
         let read = unsafe { bpf_probe_read_user_str_bytes(filename, &mut path) }

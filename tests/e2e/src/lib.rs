@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod keda;
+pub mod kubeapi;
 pub mod pod;
 
 use std::path::{Path, PathBuf};
@@ -117,6 +118,28 @@ pub fn gpu(index: usize) -> Value {
     })
 }
 
+/// Adds process `pid` to a procfs tree at `root` (for the agent's `--proc-root`), running in
+/// container `container_id` of pod `pod_uid` under the kubelet's systemd driver: how tests give
+/// the fake NVML's processes a pod without root.
+pub fn fake_proc(root: &Path, pid: u32, pod_uid: &str, container_id: &str) {
+    let d = root.join(pid.to_string());
+    std::fs::create_dir_all(&d).expect("creating the fake procfs entry");
+    std::fs::write(
+        d.join("stat"),
+        format!("{pid} (python3) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0\n"),
+    )
+    .expect("writing the fake stat");
+    std::fs::write(
+        d.join("cgroup"),
+        format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/\
+             cri-containerd-{container_id}.scope\n",
+            pod_uid.replace('-', "_"),
+        ),
+    )
+    .expect("writing the fake cgroup");
+}
+
 /// Writes a scenario atomically (temp file + rename), as the fake NVML expects.
 pub fn write_scenario(path: &Path, gpus: &[Value]) {
     let tmp = path.with_extension("tmp");
@@ -221,7 +244,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent on `scenario` writing `shm`, with extra flags.
+    /// Starts an agent on `scenario` writing `shm`, with extra flags (node `e2e-node` unless
+    /// they name another).
     pub fn start(dir: &Scratch, scenario: &Path, shm: &Path, extra: &[&str]) -> Agent {
         let daemon = Daemon::spawn(
             dir,
@@ -231,7 +255,11 @@ impl Agent {
                 .arg(fake_nvml())
                 .arg("--shm")
                 .arg(shm)
-                .args(["--node-name", "e2e-node"])
+                .args(if extra.contains(&"--node-name") {
+                    &[][..]
+                } else {
+                    &["--node-name", "e2e-node"][..]
+                })
                 .args(extra)
                 .env("FAKE_NVML_SCENARIO", scenario),
         );
@@ -278,16 +306,46 @@ pub struct Collector {
 impl Collector {
     /// Starts a collector following the agent at `agent_addr`, with pods from `pods_file`.
     pub fn start(dir: &Scratch, agent_addr: &str, pods_file: &Path) -> Collector {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let daemon = Daemon::spawn(
+        let pods_file = pods_file.to_string_lossy();
+        Collector::spawn(
             dir,
-            "collector",
-            Command::new(collector_bin())
-                .args(["serve", "--agents", agent_addr, "--listen", &addr])
-                .arg("--pods-file")
-                .arg(pods_file),
-        );
+            &["--agents", agent_addr, "--pods-file", &pods_file],
+            &[],
+        )
+    }
+
+    /// Starts `gpuscale-collector serve --listen <free port>` with the other flags in `args` and
+    /// the environment `env` added.
+    pub fn spawn(dir: &Scratch, args: &[&str], env: &[(&str, &Path)]) -> Collector {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(collector_bin());
+        cmd.args(["serve", "--listen", &addr]).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let daemon = Daemon::spawn(dir, "collector", &mut cmd);
         Collector { daemon, addr }
+    }
+
+    /// Polls `dump --json` until `pred` holds, up to `timeout`; returns the last dump.
+    pub fn wait_dump(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let addr = self.addr.clone();
+        let daemon = &mut self.daemon;
+        wait_json(
+            timeout,
+            || {
+                daemon.check_alive()?;
+                let out = Command::new(collector_bin())
+                    .args(["dump", "--json", "--collector", &addr])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("dump failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok(serde_json::from_slice(&out.stdout)?)
+            },
+            pred,
+        )
+        .with_context(|| format!("collector log:\n{}", daemon.log()))
     }
 }
 

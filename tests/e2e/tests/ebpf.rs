@@ -31,6 +31,51 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// An agent with eBPF on, tracking opens of "devices" (plain files) under a test prefix.
+struct Tracking {
+    dir: Scratch,
+    /// The "device" directory (removed on drop).
+    dev: Scratch,
+    /// `<dev>/nvidia0`.
+    device: std::path::PathBuf,
+    scenario: std::path::PathBuf,
+    agent: Agent,
+}
+
+impl Tracking {
+    /// Starts the agent once its eBPF tracker is on and GPU 0 samples; the device directory is
+    /// `/tmp/<short>-<pid>` because the prefix must fit the program's 32 bytes.
+    fn start(name: &str, short: &str) -> Tracking {
+        let dir = Scratch::new(name);
+        let dev = Scratch(std::path::PathBuf::from(format!(
+            "/tmp/{short}-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&dev.0).unwrap();
+        let prefix = dev.path("nvidia");
+        let device = dev.path("nvidia0");
+        std::fs::write(&device, b"").unwrap();
+        let scenario = dir.path("scenario.json");
+        write_scenario(&scenario, &[gpu(0)]);
+        let mut agent = Agent::start(
+            &dir,
+            &scenario,
+            &dir.path("agent.ring"),
+            &["--ebpf", "on", "--device-prefix", prefix.to_str().unwrap()],
+        );
+        agent
+            .wait_dump(WAIT, |d| d["ebpf"] == "on" && d["gpus"][0]["state"] == "ok")
+            .unwrap();
+        Tracking {
+            dir,
+            dev,
+            device,
+            scenario,
+            agent,
+        }
+    }
+}
+
 fn open_of(d: &Value, pid: u32) -> Option<&Value> {
     d["device_opens"]
         .as_array()?
@@ -45,27 +90,13 @@ fn ebpf_attributes_gpu_processes_and_remembers_short_lived_ones() {
         eprintln!("skipped: ebpf_attributes_gpu_processes_and_remembers_short_lived_ones: {why}");
         return;
     }
-    let dir = Scratch::new("ebpf");
-    // The prefix must fit the eBPF program's 32 bytes, so the "devices" get a short directory.
-    let dev = Scratch(std::path::PathBuf::from(format!(
-        "/tmp/gsdev-{}",
-        std::process::id()
-    )));
-    std::fs::create_dir_all(&dev.0).unwrap();
-    let prefix = dev.path("nvidia");
-    let device = dev.path("nvidia0");
-    std::fs::write(&device, b"").unwrap();
-    let scenario = dir.path("scenario.json");
-    write_scenario(&scenario, &[gpu(0)]);
-    let mut agent = Agent::start(
-        &dir,
-        &scenario,
-        &dir.path("agent.ring"),
-        &["--ebpf", "on", "--device-prefix", prefix.to_str().unwrap()],
-    );
-    agent
-        .wait_dump(WAIT, |d| d["ebpf"] == "on" && d["gpus"][0]["state"] == "ok")
-        .unwrap();
+    let Tracking {
+        dir,
+        dev: _dev,
+        device,
+        scenario,
+        mut agent,
+    } = Tracking::start("ebpf", "gsdev");
 
     // A process in a pod opens the "GPU" and keeps running; NVML reports it.
     let cid = "e".repeat(64);
@@ -290,4 +321,89 @@ fn a_pod_loading_its_model_stays_active_with_active_after_open() {
         "without the grace, 0 is inactive"
     );
     drop(loader);
+}
+
+/// Waits until process `pid` runs `comm` (a pod script has reached its final `exec`).
+fn wait_comm(pid: u32, comm: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != comm
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} never ran {comm}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_full_ring_buffer_is_counted_and_missed_processes_fall_back_to_procfs() {
+    if let Some(why) = skip_reason() {
+        eprintln!(
+            "skipped: a_full_ring_buffer_is_counted_and_missed_processes_fall_back_to_procfs: {why}"
+        );
+        return;
+    }
+    const STORM: u64 = 5000;
+    let Tracking {
+        dir: _dir,
+        dev: _dev,
+        device,
+        scenario,
+        mut agent,
+    } = Tracking::start("ebpf-overflow", "gsov");
+
+    // The agent is starved of CPU (stopped outright): nobody drains the ring buffer while a pod
+    // opens the device far more often than the buffer holds (256 KiB, ~3000 events).
+    let agent_pid = agent.daemon.pid();
+    e2e::signal(agent_pid, libc::SIGSTOP);
+    let storm = PodProcess::spawn(
+        UID,
+        &"a".repeat(64),
+        &format!(
+            "i=0; while [ $i -lt {STORM} ]; do exec 3< '{}'; i=$((i+1)); done; exec sleep 600",
+            device.display()
+        ),
+    );
+    wait_comm(storm.pid(), "sleep");
+    // This process's open finds the buffer full: the kernel side drops it rather than wait.
+    let victim = PodProcess::spawn(
+        UID_SHORT,
+        &"b".repeat(64),
+        &format!("exec 3< '{}' && exec sleep 600", device.display()),
+    );
+    wait_comm(victim.pid(), "sleep");
+    let mut g = gpu(0);
+    g["processes"] = json!([{"pid": victim.pid(), "used_memory_mib": 1000}]);
+    write_scenario(&scenario, &[g]);
+    e2e::signal(agent_pid, libc::SIGCONT);
+
+    // The drops are counted, and every open is either read or counted as dropped.
+    let d = agent
+        .wait_dump(WAIT, |d| {
+            d["ebpf_dropped"].as_u64().unwrap_or(0) > 0
+                && d["ebpf_events"].as_u64().unwrap_or(0) + d["ebpf_dropped"].as_u64().unwrap_or(0)
+                    > STORM
+        })
+        .unwrap();
+    assert!(d["ebpf_dropped"].as_u64().unwrap() < STORM + 1, "{d}");
+    // The missed process is still attributed to its own pod, through procfs.
+    let d = agent
+        .wait_dump(WAIT, |d| {
+            d["gpus"][0]["processes"][0]["pid"] == victim.pid()
+                && !d["gpus"][0]["processes"][0]["attribution"].is_null()
+        })
+        .unwrap();
+    let p = &d["gpus"][0]["processes"][0];
+    assert_eq!(p["attribution"], "procfs", "{p}");
+    assert_eq!(p["pod_uid"], UID_SHORT, "{p}");
+    // The human dump shows the drop count too.
+    let out = e2e::agent_cmd(&["dump", "--shm", agent.shm.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("dropped"), "{text}");
+    assert!(agent.terminate().success(), "{}", agent.log());
+    drop((storm, victim));
 }
