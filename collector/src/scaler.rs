@@ -179,6 +179,11 @@ impl Scaler {
 
     /// Evaluates the trigger of `r` now.
     pub fn value(&self, r: &ScaledObjectRef) -> Result<(Trigger, Evaluation), Status> {
+        self.evaluate(r).map(|(trigger, _, eval)| (trigger, eval))
+    }
+
+    /// [`Scaler::value`], with the matched pods it was computed over.
+    fn evaluate(&self, r: &ScaledObjectRef) -> Result<(Trigger, Matches, Evaluation), Status> {
         let (trigger, selector) = self.trigger(r)?;
         self.check_pods(&trigger)?;
         let matched = self.matches(&r.namespace, &selector);
@@ -194,19 +199,17 @@ impl Scaler {
                     trigger.metric.name()
                 ))
             })?;
-        Ok((trigger, eval))
+        Ok((trigger, matched, eval))
     }
 
     /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
     /// matched pod opened a GPU recently, so a replica still loading its model is not scaled
     /// to zero.
     fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
-        let (trigger, eval) = self.value(r)?;
+        let (trigger, matched, eval) = self.evaluate(r)?;
         if eval.value > trigger.activation_threshold {
             return Ok(true);
         }
-        let (_, selector) = self.trigger(r)?;
-        let matched = self.matches(&r.namespace, &selector);
         let now = Instant::now();
         Ok(self
             .cluster
