@@ -1,9 +1,10 @@
 //! Builds the eBPF object (`agent-ebpf/program`) with aya-build when the eBPF toolchain is here,
 //! and tells the agent so with `--cfg gpuscale_ebpf`; `src/ebpf.rs` embeds the object only then.
 //!
-//! The eBPF toolchain is: `rustup` with a `nightly` toolchain that has `rust-src` (aya-build runs
-//! `cargo +nightly build -Z build-std=core --target bpfel-unknown-none`), and `bpf-linker` on
-//! PATH (built against nightly's LLVM). Without it the agent still builds, with a
+//! The eBPF toolchain is: `rustup` with the nightly named in `agent-ebpf/NIGHTLY` (pinned: its
+//! LLVM must be the one bpf-linker is built against, LLVM 22) with `rust-src` (aya-build runs
+//! `rustup run <that nightly> cargo build -Z build-std=core --target bpfel-unknown-none`), and
+//! `bpf-linker` on PATH. Without it the agent still builds, with a
 //! `cargo:warning` and no eBPF: it then attributes processes through procfs only.
 //! `AYA_BUILD_SKIP=1` skips the eBPF build on purpose; loom builds (`--cfg gpuscale_loom`) never
 //! build it.
@@ -16,9 +17,15 @@ use anyhow::{bail, Context as _};
 
 const PROGRAM_CRATE: &str = "agent-ebpf";
 
+/// The pinned nightly (`agent-ebpf/NIGHTLY`, which `cargo xtask test` installs too).
+fn nightly() -> &'static str {
+    include_str!("../agent-ebpf/NIGHTLY").trim()
+}
+
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    println!("cargo:rerun-if-changed=../agent-ebpf/NIGHTLY");
 
     if env::var_os("CARGO_CFG_GPUSCALE_LOOM").is_some() {
         // The loom build checks the ring algorithm only; it never loads eBPF.
@@ -46,7 +53,8 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "cargo:warning=gpuscale-agent is built without eBPF ({why:#}); it will attribute \
                  GPU processes through procfs only. `cargo xtask test` installs the eBPF \
-                 toolchain (nightly with rust-src, and bpf-linker for nightly's LLVM)"
+                 toolchain ({} with rust-src, and bpf-linker for its LLVM)",
+                nightly()
             );
             Ok(())
         }
@@ -74,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                     root_dir: program_dir,
                     ..Default::default()
                 }],
-                aya_build::Toolchain::Nightly,
+                aya_build::Toolchain::Custom(nightly()),
             )
             .context(
                 "building the eBPF object failed (set AYA_BUILD_SKIP=1 to build the agent \
@@ -91,7 +99,7 @@ struct Toolchain {
     watch: Vec<PathBuf>,
 }
 
-/// Finds bpf-linker and nightly with rust-src. Whatever the answer, prints `rerun-if-changed`
+/// Finds bpf-linker and the pinned nightly with rust-src. Whatever the answer, prints `rerun-if-changed`
 /// lines for the places where installing or removing a piece shows, so the script runs again
 /// then (and only then).
 fn find_toolchain() -> anyhow::Result<Toolchain> {
@@ -127,16 +135,22 @@ fn find_toolchain() -> anyhow::Result<Toolchain> {
     watch.push(linker);
 
     if on_path("rustup").is_none() {
-        bail!("rustup is not on PATH (aya-build runs `rustup run nightly cargo`)");
+        bail!(
+            "rustup is not on PATH (aya-build runs `rustup run {} cargo`)",
+            nightly()
+        );
     }
     let out = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .args(["run", nightly(), "rustc", "--print", "sysroot"])
         .env_remove("RUSTC")
         .env_remove("RUSTUP_TOOLCHAIN")
         .output()
-        .context("running `rustup run nightly rustc --print sysroot`")?;
+        .with_context(|| format!("running `rustup run {} rustc --print sysroot`", nightly()))?;
     if !out.status.success() {
-        bail!("no nightly toolchain (`rustup toolchain install nightly`)");
+        bail!(
+            "no {0} toolchain (`rustup toolchain install {0} --component rust-src`)",
+            nightly()
+        );
     }
     let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     // rustup rewrites this file when a component is added or removed.
@@ -146,7 +160,10 @@ fn find_toolchain() -> anyhow::Result<Toolchain> {
     }
     let core = sysroot.join("lib/rustlib/src/rust/library/core/src/lib.rs");
     if !core.is_file() {
-        bail!("nightly has no rust-src (`rustup component add rust-src --toolchain nightly`)");
+        bail!(
+            "{0} has no rust-src (`rustup component add rust-src --toolchain {0}`)",
+            nightly()
+        );
     }
     Ok(Toolchain { watch })
 }

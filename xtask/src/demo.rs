@@ -26,6 +26,10 @@ pub struct Options {
     /// What to show: the collector's cluster view, or the agent's own dump.
     #[arg(long, value_enum, default_value = "collector")]
     view: View,
+    /// Tell the story on the local cluster instead (`cargo xtask cluster up`, as root): the real
+    /// KEDA and HPA scale a vLLM-like Deployment, printed every second.
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// The dump the demo refreshes.
@@ -112,6 +116,27 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// `--cluster`: `gpuscale-cluster demo`, with the duration and screen options passed on.
+fn cluster(o: &Options) -> Result<()> {
+    step("the demo on the local cluster (cargo run -p gpuscale-cluster -- demo)");
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "gpuscale-cluster",
+        "--",
+        "demo",
+    ]);
+    if let Some(d) = o.duration {
+        cmd.arg(format!("--duration={}s", d.as_secs()));
+    }
+    if o.no_clear {
+        cmd.arg("--no-clear");
+    }
+    run_cmd(&mut cmd, "gpuscale-cluster demo")
+}
+
 /// The simulated pods' processes exist only in the fake NVML, so the agent reads their cgroups
 /// from a procfs tree the demo writes (`--proc-root`), shaped as the kubelet's systemd driver
 /// makes them. The tests use real processes in real cgroups instead.
@@ -156,6 +181,9 @@ fn output(cmd: &mut Command) -> String {
 
 /// Runs the demo.
 pub fn run(o: Options) -> Result<()> {
+    if o.cluster {
+        return cluster(&o);
+    }
     step("building gpuscale-agent, gpuscale-collector and the fake NVML library");
     run_cmd(
         cargo().args(["build", "-p", "agent", "-p", "collector", "-p", "fake-nvml"]),

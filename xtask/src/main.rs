@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
-mod deploy;
+mod forward;
 mod gpu_check;
 mod scenario;
 mod setup;
@@ -23,11 +23,14 @@ struct Cli {
 enum Command {
     /// Measure the agent's CPU and memory overhead on simulated GPUs and print the numbers for docs/BENCHMARKS.md.
     Bench(bench::Options),
+    /// A local Kubernetes cluster of real processes on simulated GPU nodes, with the real KEDA
+    /// and gpuscale: `up [--dir DIR] [--nodes N] [--gpus-per-node G]`, `down [--dir DIR]`.
+    Cluster(forward::Options),
     /// Run the agent on simulated GPUs whose load follows a short story, with a live dump.
     Demo(demo::Options),
     /// Install gpuscale into a cluster: build the image without Docker, push it, apply deploy/
     /// and wait for the rollout (--dry-run prints the manifests; --uninstall removes it).
-    Deploy(deploy::Options),
+    Deploy(forward::Options),
     /// Check the agent and collector on this machine's NVIDIA GPU against NVML's own numbers
     /// (skips without a GPU), or write the bundle that does it elsewhere (--bundle DIR).
     GpuCheck(gpu_check::Options),
@@ -40,7 +43,8 @@ fn main() {
     let result = match cli.command {
         Command::Bench(o) => bench::run(o),
         Command::Demo(o) => demo::run(o),
-        Command::Deploy(o) => deploy::run(o),
+        Command::Cluster(o) => forward::run("gpuscale-cluster", "the local cluster", o),
+        Command::Deploy(o) => forward::run("gpuscale-deploy", "the installer", o),
         Command::GpuCheck(o) => gpu_check::run(o),
         Command::Test(o) => test::run(o),
     };

@@ -1,6 +1,6 @@
-//! Installs what building the eBPF object needs, idempotently, saying what it does: nightly's
-//! `rust-src` (for `-Z build-std=core`), LLVM 22 (bpf-linker must match nightly's LLVM), and
-//! `bpf-linker` built against it. A step that is already done is skipped with one line.
+//! Installs what building the eBPF object needs, idempotently, saying what it does: the pinned
+//! nightly of `agent-ebpf/NIGHTLY` with `rust-src` (for `-Z build-std=core`), LLVM 22
+//! (bpf-linker must match that nightly's LLVM), and `bpf-linker` built against it. A step that is already done is skipped with one line.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -9,7 +9,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::util::{run as run_cmd, step};
 
-/// bpf-linker version known to work with nightly 1.97 (LLVM 22).
+/// The nightly the eBPF object is built with: pinned, because bpf-linker must be built against
+/// the LLVM of that nightly (LLVM 22) and a later nightly moves to a later LLVM. `agent/build.rs`
+/// reads the same file.
+pub const NIGHTLY: &str = include_str!("../../agent-ebpf/NIGHTLY");
+
+/// bpf-linker version known to work with that nightly (1.97, LLVM 22).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where Debian's llvm-22-dev puts LLVM.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -47,18 +52,31 @@ pub fn tracefs() -> Result<()> {
 
 /// Makes sure the eBPF toolchain is there.
 pub fn ebpf_toolchain() -> Result<()> {
-    step("eBPF toolchain: nightly rust-src, LLVM 22, bpf-linker (skipped where already present)");
-    if !output(Command::new("rustup").args(["toolchain", "list"])).contains("nightly") {
-        eprintln!("installing the nightly toolchain (rustup toolchain install nightly)");
+    let nightly = NIGHTLY.trim();
+    step(&format!(
+        "eBPF toolchain: {nightly} with rust-src, LLVM 22, bpf-linker (skipped where already present)"
+    ));
+    let has_nightly = quiet_ok(
+        Command::new("rustup")
+            .args(["run", nightly, "rustc", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    );
+    if !has_nightly {
+        eprintln!(
+            "installing {nightly} (rustup toolchain install {nightly} --profile minimal \
+             --component rust-src), about a minute"
+        );
         run_cmd(
             Command::new("rustup").args([
                 "toolchain",
                 "install",
-                "nightly",
+                nightly,
                 "--profile",
                 "minimal",
+                "--component",
+                "rust-src",
             ]),
-            "rustup toolchain install nightly",
+            &format!("rustup toolchain install {nightly}"),
         )?;
     }
     let components = output(Command::new("rustup").args([
@@ -66,16 +84,14 @@ pub fn ebpf_toolchain() -> Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        nightly,
     ]));
     if components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("ok: nightly rust-src");
+        eprintln!("ok: {nightly} with rust-src");
     } else {
-        eprintln!(
-            "installing nightly rust-src (rustup component add rust-src --toolchain nightly)"
-        );
+        eprintln!("installing rust-src (rustup component add rust-src --toolchain {nightly})");
         run_cmd(
-            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]),
             "rustup component add rust-src",
         )?;
     }
@@ -218,6 +234,41 @@ pub fn docker_registry() -> Result<()> {
     }
     eprintln!("installing docker-registry (apt-get install docker-registry); the test runs its own, not the service");
     apt_install("docker-registry")
+}
+
+/// The local cluster's tools (`cargo xtask cluster`, the cluster tests): `ip` and `openssl`
+/// from Debian where missing, then etcd, Kubernetes, kwok and KEDA built from their Go modules
+/// by `gpuscale-cluster build` (each skipped where built; the first build takes about 20
+/// minutes on 2 cores, later ones reuse Go's caches).
+pub fn cluster_components() -> Result<()> {
+    step("local cluster: ip, openssl, and etcd, Kubernetes, kwok, KEDA from their Go modules (skipped where built)");
+    let is_root = output(Command::new("id").arg("-u")).trim() == "0";
+    for (tool, package) in [("ip", "iproute2"), ("openssl", "openssl")] {
+        let found = quiet_ok(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+        if found {
+            eprintln!("ok: {tool}");
+        } else if is_root && quiet_ok(Command::new("apt-get").arg("--version")) {
+            eprintln!("installing {package} (apt-get install {package})");
+            apt_install(package)?;
+        } else {
+            eprintln!("note: {tool} is missing and this is not root with apt-get: the cluster tests will skip");
+        }
+    }
+    if !quiet_ok(Command::new("go").arg("version")) {
+        eprintln!("note: Go is not installed: the cluster tests will skip (they build Kubernetes and KEDA with it)");
+        return Ok(());
+    }
+    run_cmd(
+        crate::util::cargo().args([
+            "run",
+            "--quiet",
+            "--package",
+            "gpuscale-cluster",
+            "--",
+            "build",
+        ]),
+        "gpuscale-cluster build",
+    )
 }
 
 /// `apt-get update`, then `apt-get install` of `package` without recommends, non-interactive.

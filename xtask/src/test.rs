@@ -4,7 +4,8 @@
 //! 1. the eBPF toolchain ([`crate::setup::ebpf_toolchain`]), so the agent embeds its eBPF object,
 //!    and the Python venv the gpu-check bundle tests use ([`crate::setup::gpu_check_python`]);
 //!    and what the deploy tests use: kubernetes-validate ([`crate::setup::kubernetes_validate`])
-//!    and a local registry ([`crate::setup::docker_registry`]);
+//!    and a local registry ([`crate::setup::docker_registry`]); and the local cluster's
+//!    components, built from their Go modules ([`crate::setup::cluster_components`]);
 //! 2. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
 //! 3. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
 //! 4. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
@@ -28,6 +29,7 @@ pub fn run(o: Options) -> Result<()> {
     crate::setup::gpu_check_python()?;
     crate::setup::kubernetes_validate()?;
     crate::setup::docker_registry()?;
+    crate::setup::cluster_components()?;
     step("building the workspace (agent, fake NVML, end-to-end harness)");
     run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
 

@@ -1,0 +1,21 @@
+//! A local Kubernetes cluster with simulated GPU nodes, the real KEDA and gpuscale, for
+//! `cargo xtask cluster up|down`, `cargo xtask demo --cluster` and the tests that need the real
+//! control plane. Every component is a local process; see docs/CLUSTER.md.
+//!
+//! Modules: [`components`] (building etcd, Kubernetes, kwok and KEDA from their Go modules),
+//! [`pki`] (certificates and tokens), [`net`] (the pod network namespace), [`process`]
+//! (detached processes recorded by PID and start time), [`up`] (bringing it all up and down),
+//! [`sim`] (the node simulator: agents and GPU pods' processes), [`demo`] (`demo --cluster`), [`load`] (the simulated-load
+//! annotation), [`state`] (`cluster.json`), [`kube_util`].
+#![deny(missing_docs)]
+
+pub mod components;
+pub mod demo;
+pub mod kube_util;
+pub mod load;
+pub mod net;
+pub mod pki;
+pub mod process;
+pub mod sim;
+pub mod state;
+pub mod up;

@@ -1,0 +1,141 @@
+//! `gpuscale-cluster` (run by `cargo xtask cluster`): a local Kubernetes cluster with simulated
+//! GPU nodes, KEDA and gpuscale. Flags are parsed here; the work is in the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use gpuscale_cluster::{components, demo, sim, up};
+
+/// A local cluster of real Kubernetes, KEDA and gpuscale processes on simulated GPU nodes.
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask cluster",
+    bin_name = "cargo xtask cluster",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the cluster (or find it up); writes DIR/cluster.json.
+    Up {
+        /// The cluster folder: state, logs, kubeconfig.
+        #[arg(long, default_value_os_t = up::default_dir())]
+        dir: PathBuf,
+        /// Simulated GPU nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Fake GPUs per node (its nvidia.com/gpu capacity).
+        #[arg(long, default_value_t = 4)]
+        gpus_per_node: u32,
+    },
+    /// Stop every process the cluster started and remove its cgroups and pod network.
+    Down {
+        /// The cluster folder.
+        #[arg(long, default_value_os_t = up::default_dir())]
+        dir: PathBuf,
+    },
+    /// The demo's story on the cluster (brings it up first): `cargo xtask demo --cluster`.
+    Demo {
+        /// The cluster folder.
+        #[arg(long, default_value_os_t = up::default_dir())]
+        dir: PathBuf,
+        /// Stop after this long (`90s`, `3m`); default: run until Ctrl-C.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Print each refresh below the previous one instead of redrawing the screen.
+        #[arg(long)]
+        no_clear: bool,
+    },
+    /// Build the components (etcd, Kubernetes, kwok, KEDA) from their Go modules, if not built.
+    Build {
+        /// Rebuild even what is built.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The node simulator (started by `up`).
+    #[command(hide = true)]
+    Sim {
+        /// The simulator's configuration (DIR/sim.json).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build { force } => components::ensure_all(force),
+        Cmd::Down { dir } => {
+            eprintln!("==> taking down the cluster in {}", dir.display());
+            up::down(&dir).map(|()| eprintln!("the cluster is down"))
+        }
+        Cmd::Up {
+            dir,
+            nodes,
+            gpus_per_node,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| {
+                runtime(false)?.block_on(up::up(&up::Options {
+                    dir,
+                    nodes,
+                    gpus_per_node,
+                    exe,
+                }))
+            })
+            .map(|_| ()),
+        Cmd::Demo {
+            dir,
+            duration,
+            no_clear,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| {
+                runtime(false)?.block_on(async {
+                    let info = up::up(&up::Options {
+                        dir,
+                        nodes: 2,
+                        gpus_per_node: 4,
+                        exe,
+                    })
+                    .await?;
+                    demo::run(&info, duration, no_clear).await
+                })
+            }),
+        // One thread: the children's PR_SET_PDEATHSIG fires when the thread that forked them
+        // exits, so they must all be forked by a thread that lives as long as the simulator.
+        Cmd::Sim { config } => runtime(true).and_then(|rt| rt.block_on(sim::run(&config))),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?}: write seconds or minutes, like 90s or 3m");
+    let (n, mul) = if let Some(n) = s.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1)
+    } else {
+        return Err(bad());
+    };
+    n.parse::<u64>()
+        .map(|n| std::time::Duration::from_secs(n * mul))
+        .map_err(|_| bad())
+}
+
+fn runtime(current_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    Ok(b.enable_all().build()?)
+}

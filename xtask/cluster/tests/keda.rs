@@ -1,0 +1,695 @@
+//! gpuscale against the real KEDA and the real Kubernetes control plane: one local cluster
+//! (`gpuscale_cluster::up`) for every test of this file, brought up once, the tests run in turn
+//! (each in a namespace of its own), then taken down. Needs root (a network namespace and pod
+//! cgroups); without it the file says why it skips — and under CI (`CI` set) that is a failure.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::Client;
+use serde_json::{json, Value};
+
+use gpuscale_cluster::kube_util;
+use gpuscale_cluster::state::ClusterInfo;
+use gpuscale_cluster::up;
+
+struct Ctx {
+    info: ClusterInfo,
+    client: Client,
+}
+
+type Test = fn(&Ctx) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + '_>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), |c| Box::pin($name(c)))),*]
+    };
+}
+
+const TESTS: &[(&str, Test)] = tests![
+    keda_builds_the_hpa_from_get_metric_spec_and_a_load_step_moves_replicas_as_sum_average_value_predicts,
+    a_load_step_moves_replicas_as_avg_with_metric_type_value_predicts,
+    an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it,
+    the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named,
+    a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
+];
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<&(&str, Test)> = TESTS
+        .iter()
+        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    if std::env::args().any(|a| a == "--list") {
+        for (name, _) in &selected {
+            println!("{name}: test");
+        }
+        return;
+    }
+    if selected.is_empty() {
+        println!("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured");
+        return;
+    }
+    if let Some(why) = up::unsupported() {
+        if std::env::var_os("CI").is_some() {
+            eprintln!("error: the cluster tests cannot run under CI: {why}");
+            std::process::exit(1);
+        }
+        for (name, _) in &selected {
+            println!("skipped: {name}: {why}");
+        }
+        println!(
+            "test result: ok. 0 passed; 0 failed; {} ignored; 0 measured",
+            selected.len()
+        );
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let dir = up::default_dir().with_file_name("cluster-test");
+    let code = rt.block_on(async {
+        let options = up::Options {
+            dir: dir.clone(),
+            nodes: 2,
+            gpus_per_node: 4,
+            exe: PathBuf::from(env!("CARGO_BIN_EXE_gpuscale-cluster")),
+        };
+        let info = match up::up(&options).await {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: cluster up failed: {e:#}");
+                return 1;
+            }
+        };
+        let client = match kube_util::client(&info.kubeconfig).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return 1;
+            }
+        };
+        let ctx = Ctx { info, client };
+        let (mut passed, mut failed) = (0, Vec::new());
+        for (name, test) in &selected {
+            println!("test {name} ...");
+            let start = Instant::now();
+            let outcome = test(&ctx).await;
+            // Each test's namespace goes, so its pods free their GPUs for the next test.
+            let cleaned = delete_test_namespaces(&ctx).await;
+            match outcome.and(cleaned) {
+                Ok(()) => {
+                    println!(
+                        "test {name} ... ok ({:.0} s)",
+                        start.elapsed().as_secs_f64()
+                    );
+                    passed += 1;
+                }
+                Err(e) => {
+                    println!("test {name} ... FAILED\n{e:#}\n");
+                    failed.push(*name);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            println!("\nfailures:\n    {}\n", failed.join("\n    "));
+            println!(
+                "cluster logs (kept until the next run): {}",
+                ctx.info.logs.display()
+            );
+        }
+        println!(
+            "test result: {}. {passed} passed; {} failed; 0 ignored; 0 measured",
+            if failed.is_empty() { "ok" } else { "FAILED" },
+            failed.len()
+        );
+        i32::from(!failed.is_empty())
+    });
+    if let Err(e) = up::down(&dir) {
+        eprintln!("warning: cluster down: {e:#}");
+    }
+    std::process::exit(code);
+}
+
+// ---- helpers ---------------------------------------------------------------------------------
+
+/// Deletes every `t-…` namespace and waits until they and their pods are gone.
+async fn delete_test_namespaces(ctx: &Ctx) -> Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    for ns in api.list(&ListParams::default()).await?.items {
+        let name = ns.metadata.name.unwrap_or_default();
+        if name.starts_with("t-") && ns.metadata.deletion_timestamp.is_none() {
+            api.delete(&name, &Default::default()).await?;
+        }
+    }
+    eventually(
+        "the test namespaces deleted",
+        Duration::from_secs(120),
+        || async {
+            let left: Vec<String> = api
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .filter(|n| n.starts_with("t-"))
+                .collect();
+            Ok((left.is_empty(), format!("still there: {left:?}")))
+        },
+    )
+    .await
+}
+
+async fn apply(ctx: &Ctx, obj: Value) -> Result<()> {
+    kube_util::apply(&ctx.client, &obj).await
+}
+
+async fn namespace(ctx: &Ctx, ns: &str) -> Result<()> {
+    apply(
+        ctx,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await
+}
+
+async fn annotate_node(ctx: &Ctx, node: &str, value: Option<&str>) -> Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
+    api.patch(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {gpuscale_cluster::sim::AGENT_ANNOTATION: value}}}),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A vLLM-like Deployment: `replicas` pods of one container asking for `gpus` GPUs each.
+fn deployment(ns: &str, name: &str, replicas: i32, gpus: u32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "runtimeClassName": "nvidia",
+                    "containers": [{
+                        "name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+                        "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// A ScaledObject on `sm_active` over a 10 s window, with the HPA's scale-down made immediate
+/// (the tests watch scale-ups; nothing should scale down meanwhile).
+fn scaled_object(ctx: &Ctx, ns: &str, name: &str, extra_meta: Value, spec: Value) -> Value {
+    let mut meta = json!({
+        "scalerAddress": ctx.info.collector,
+        "metric": "sm_active",
+        "targetValue": "80",
+        "window": "10s",
+        "staleAfter": "10s",
+    });
+    for (k, v) in extra_meta.as_object().into_iter().flatten() {
+        meta[k] = v.clone();
+    }
+    let mut so = json!({
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "scaleTargetRef": {"name": name},
+            "pollingInterval": 5,
+            "minReplicaCount": 2,
+            "maxReplicaCount": 8,
+            "triggers": [{"type": "external", "metadata": meta}],
+        }
+    });
+    for (k, v) in spec.as_object().into_iter().flatten() {
+        so["spec"][k] = v.clone();
+    }
+    so
+}
+
+async fn running_pods(ctx: &Ctx, ns: &str, app: &str) -> Result<Vec<Pod>> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pods = api
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?
+        .items;
+    Ok(pods
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .collect())
+}
+
+/// Sets the simulated load of every running pod of `app`, as `kubectl annotate` would.
+async fn set_load(ctx: &Ctx, ns: &str, app: &str, load: &str) -> Result<Vec<String>> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut names = Vec::new();
+    for p in running_pods(ctx, ns, app).await? {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"gpuscale.dev/simulated-load": load}}}),
+            ),
+        )
+        .await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+async fn replicas(ctx: &Ctx, ns: &str, name: &str) -> Result<i32> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.replicas)
+        .unwrap_or(1))
+}
+
+/// Polls `check` every 500 ms until it holds, up to `timeout`; the error says what was last seen.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(bool, String)>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok((true, _)) => return Ok(()),
+            Ok((false, seen)) => seen,
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: not within {} s; last seen: {last}",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits for `app`'s Deployment to have `want` running pods.
+async fn wait_running(ctx: &Ctx, ns: &str, app: &str, want: usize) -> Result<()> {
+    eventually(
+        &format!("{want} running pods of {ns}/{app}"),
+        Duration::from_secs(90),
+        || async move {
+            let n = running_pods(ctx, ns, app).await?.len();
+            Ok((n == want, format!("{n} running")))
+        },
+    )
+    .await
+}
+
+/// The HPA KEDA made for ScaledObject `name`, once it has one.
+async fn hpa(ctx: &Ctx, ns: &str, name: &str) -> Result<HorizontalPodAutoscaler> {
+    let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
+    let hpa_name = format!("keda-hpa-{name}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(h) = api.get_opt(&hpa_name).await? {
+            return Ok(h);
+        }
+        if Instant::now() > deadline {
+            bail!("KEDA made no HPA {ns}/{hpa_name} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The HPA's one external metric: (name, target type, target value as f64).
+fn external_metric(h: &HorizontalPodAutoscaler) -> Result<(String, String, f64)> {
+    let m = h
+        .spec
+        .as_ref()
+        .and_then(|s| s.metrics.as_ref())
+        .and_then(|m| m.first())
+        .and_then(|m| m.external.as_ref())
+        .context("the HPA has no external metric")?;
+    let target = &m.target;
+    let value = target
+        .average_value
+        .as_ref()
+        .or(target.value.as_ref())
+        .map(|q| q.0.parse::<f64>())
+        .transpose()?
+        .context("the HPA's target has no value")?;
+    Ok((m.metric.name.clone(), target.type_.clone(), value))
+}
+
+/// Holds `app` at `want` replicas, checking for `hold` that it does not move past it.
+async fn settles_at(ctx: &Ctx, ns: &str, app: &str, want: i32, timeout: Duration) -> Result<()> {
+    eventually(
+        &format!("{ns}/{app} scaled to {want} replicas"),
+        timeout,
+        || async move {
+            let r = replicas(ctx, ns, app).await?;
+            Ok((r == want, format!("spec.replicas {r}")))
+        },
+    )
+    .await?;
+    // Two more HPA syncs (15 s each): the count must not move on past the prediction.
+    let until = Instant::now() + Duration::from_secs(35);
+    while Instant::now() < until {
+        let r = replicas(ctx, ns, app).await?;
+        if r != want {
+            bail!("{ns}/{app} reached {want} replicas, then moved on to {r}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+// ---- tests -----------------------------------------------------------------------------------
+
+/// 2 replicas on one GPU each step to 90 % SM activity: value = 2 × 90 = 180 (aggregation `sum`),
+/// and with KEDA's default `AverageValue` the HPA wants ceil(180 / 80) = 3 replicas. The third
+/// replica is idle, so the sum stays 180 and the count stays 3.
+async fn keda_builds_the_hpa_from_get_metric_spec_and_a_load_step_moves_replicas_as_sum_average_value_predicts(
+    ctx: &Ctx,
+) -> Result<()> {
+    let (ns, app) = ("t-sum", "vllm");
+    namespace(ctx, ns).await?;
+    apply(ctx, deployment(ns, app, 2, 1)).await?;
+    wait_running(ctx, ns, app, 2).await?;
+    apply(ctx, scaled_object(ctx, ns, app, json!({}), json!({}))).await?;
+
+    let h = hpa(ctx, ns, app).await?;
+    let (metric, kind, target) = external_metric(&h)?;
+    if !metric.ends_with("gpuscale-sm-active-avg-10s-sum")
+        || kind != "AverageValue"
+        || target != 80.0
+    {
+        bail!(
+            "KEDA's HPA does not carry our GetMetricSpec: metric {metric:?}, target {kind} {target}"
+        );
+    }
+    // Idle: nothing moves.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let r = replicas(ctx, ns, app).await?;
+    if r != 2 {
+        bail!("idle pods moved the Deployment to {r} replicas");
+    }
+
+    let stepped = set_load(ctx, ns, app, "sm_active=90,gpu_util=95,vram_used_pct=60").await?;
+    if stepped.len() != 2 {
+        bail!("expected 2 running pods to load, found {stepped:?}");
+    }
+    settles_at(ctx, ns, app, 3, Duration::from_secs(150)).await
+}
+
+/// The same step with `aggregation: avg` and `metricType: Value`: value = 90, the HPA wants
+/// ceil(2 × 90 / 80) = 3; with the idle third replica the average is 60 and
+/// ceil(3 × 60 / 80) = 3 holds it there.
+async fn a_load_step_moves_replicas_as_avg_with_metric_type_value_predicts(
+    ctx: &Ctx,
+) -> Result<()> {
+    let (ns, app) = ("t-avg", "vllm");
+    namespace(ctx, ns).await?;
+    apply(ctx, deployment(ns, app, 2, 1)).await?;
+    wait_running(ctx, ns, app, 2).await?;
+    let mut so = scaled_object(ctx, ns, app, json!({"aggregation": "avg"}), json!({}));
+    so["spec"]["triggers"][0]["metricType"] = json!("Value");
+    apply(ctx, so).await?;
+
+    let h = hpa(ctx, ns, app).await?;
+    let (metric, kind, target) = external_metric(&h)?;
+    if !metric.ends_with("gpuscale-sm-active-avg-10s-avg") || kind != "Value" || target != 80.0 {
+        bail!(
+            "KEDA's HPA: metric {metric:?}, target {kind} {target}; wanted …-avg-10s-avg, Value 80"
+        );
+    }
+    set_load(ctx, ns, app, "sm_active=90").await?;
+    settles_at(ctx, ns, app, 3, Duration::from_secs(150)).await
+}
+
+/// Scale to zero and back. The trigger's `podSelector` (`part-of=chat`) matches the scaled
+/// Deployment `chat-large` and an always-on `chat-small`: when every matched GPU is idle, KEDA
+/// scales `chat-large` to 0 after `cooldownPeriod`; when `chat-small` gets busy, the collector
+/// pushes `IsActive` on `StreamIsActive` (`external-push`) and KEDA wakes `chat-large`.
+async fn an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it(
+    ctx: &Ctx,
+) -> Result<()> {
+    let ns = "t-zero";
+    namespace(ctx, ns).await?;
+    for (name, replicas) in [("chat-large", 1), ("chat-small", 1)] {
+        let mut d = deployment(ns, name, replicas, 1);
+        d["spec"]["template"]["metadata"]["labels"]["part-of"] = json!("chat");
+        apply(ctx, d).await?;
+        wait_running(ctx, ns, name, replicas as usize).await?;
+    }
+    let mut so = scaled_object(
+        ctx,
+        ns,
+        "chat-large",
+        json!({"podSelector": "part-of=chat", "activationThreshold": "5"}),
+        json!({"minReplicaCount": 0, "cooldownPeriod": 10}),
+    );
+    so["spec"]["triggers"][0]["type"] = json!("external-push");
+    // Busy first, so KEDA has seen the trigger active and the cooldown applies.
+    set_load(ctx, ns, "chat-small", "sm_active=40").await?;
+    apply(ctx, so).await?;
+    hpa(ctx, ns, "chat-large").await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let r = replicas(ctx, ns, "chat-large").await?;
+    if r == 0 {
+        bail!("chat-large went to 0 while a matched pod was busy");
+    }
+    set_load(ctx, ns, "chat-small", "sm_active=0").await?;
+    let idle_since = Instant::now();
+    settles_at_zero(ctx, ns).await?;
+    // The 10 s window has to drain below activationThreshold, then cooldownPeriod (10 s) runs.
+    if idle_since.elapsed() < Duration::from_secs(10) {
+        bail!(
+            "chat-large reached 0 {:.1} s after the load stopped, before cooldownPeriod could pass",
+            idle_since.elapsed().as_secs_f64()
+        );
+    }
+
+    // Wake: the small model gets busy; the large one must come back from zero.
+    set_load(ctx, ns, "chat-small", "sm_active=70").await?;
+    let woken = Instant::now();
+    eventually(
+        "chat-large woken from 0 by external-push",
+        Duration::from_secs(60),
+        || async move {
+            let r = replicas(ctx, ns, "chat-large").await?;
+            Ok((r >= 1, format!("spec.replicas {r}")))
+        },
+    )
+    .await?;
+    println!(
+        "  woken from 0 in {:.1} s after the load step (external-push)",
+        woken.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn settles_at_zero(ctx: &Ctx, ns: &str) -> Result<()> {
+    eventually(
+        "chat-large scaled to 0 after cooldownPeriod (10 s)",
+        Duration::from_secs(120),
+        || async move {
+            let r = replicas(ctx, ns, "chat-large").await?;
+            Ok((r == 0, format!("spec.replicas {r}")))
+        },
+    )
+    .await
+}
+
+/// An agent goes down under two busy replicas: the collector answers `UNAVAILABLE` (never 0),
+/// and after `fallback.failureThreshold` failed polls KEDA holds `fallback.replicas` (5); at no
+/// point does the Deployment drop below the 2 it had.
+async fn a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down(
+    ctx: &Ctx,
+) -> Result<()> {
+    let (ns, app) = ("t-fallback", "vllm");
+    namespace(ctx, ns).await?;
+    apply(ctx, deployment(ns, app, 2, 1)).await?;
+    wait_running(ctx, ns, app, 2).await?;
+    set_load(ctx, ns, app, "sm_active=75").await?;
+    apply(
+        ctx,
+        scaled_object(
+            ctx,
+            ns,
+            app,
+            json!({"staleAfter": "5s"}),
+            json!({"minReplicaCount": 1, "fallback": {"failureThreshold": 3, "replicas": 5}}),
+        ),
+    )
+    .await?;
+    hpa(ctx, ns, app).await?;
+    // 2 × 75 = 150 → ceil(150 / 80) = 2: steady.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let before = replicas(ctx, ns, app).await?;
+    if before != 2 {
+        bail!("before the agent went down the Deployment had {before} replicas, not 2");
+    }
+    let nodes: Vec<String> = running_pods(ctx, ns, app)
+        .await?
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    for n in &nodes {
+        annotate_node(ctx, n, Some("stopped")).await?;
+    }
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            let r = replicas(ctx, ns, app).await?;
+            if r < 2 {
+                bail!("the Deployment scaled down to {r} while its agent was down");
+            }
+            if r == 5 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("KEDA did not apply fallback.replicas 5 within 150 s (spec.replicas {r})");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    .await;
+    for n in &nodes {
+        annotate_node(ctx, n, None).await?;
+    }
+    result
+}
+
+/// The ClusterRole of `deploy/base/rbac.yaml` is all the collector needs: its log holds no
+/// refusal after the tests above (each of which read pods, EndpointSlices, ScaledObjects and
+/// Deployments through it). With the `apps` rule removed, a collector started then answers a
+/// trigger without `podSelector` with the documented message naming the verb and resource to
+/// grant.
+async fn the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named(
+    ctx: &Ctx,
+) -> Result<()> {
+    let log = std::fs::read_to_string(ctx.info.logs.join("collector.log"))?;
+    if let Some(line) = log.lines().find(|l| l.to_lowercase().contains("forbidden")) {
+        bail!("the collector was refused by RBAC under deploy/'s ClusterRole: {line}");
+    }
+
+    let ns = "t-rbac";
+    namespace(ctx, ns).await?;
+    apply(ctx, deployment(ns, "vllm", 0, 1)).await?;
+    apply(
+        ctx,
+        scaled_object(ctx, ns, "vllm", json!({}), json!({"minReplicaCount": 0})),
+    )
+    .await?;
+
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
+    let original = roles.get("gpuscale-collector").await?;
+    let rules = original.rules.clone().unwrap_or_default();
+    let without: Vec<_> = rules
+        .iter()
+        .filter(|r| {
+            !(r.api_groups.as_deref() == Some(&["apps".to_owned()][..])
+                && r.resources
+                    .as_ref()
+                    .is_some_and(|res| res.iter().any(|x| x == "deployments")))
+        })
+        .cloned()
+        .collect();
+    if without.len() + 1 != rules.len() {
+        bail!("deploy/base/rbac.yaml has no single rule for deployments.apps: {rules:?}");
+    }
+    let patch =
+        |rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>| Patch::Merge(json!({"rules": rules}));
+    roles
+        .patch(
+            "gpuscale-collector",
+            &PatchParams::default(),
+            &patch(without),
+        )
+        .await?;
+    let result = async {
+        let addr = format!(
+            "127.0.0.1:{}",
+            gpuscale_cluster::process::free_port("127.0.0.1")?
+        );
+        let log = ctx.info.logs.join("collector-rbac.log");
+        let mut child = std::process::Command::new(&ctx.info.collector_bin)
+            .args([
+                "serve",
+                "--kube",
+                "--agent-service",
+                up::AGENT_SERVICE,
+                "--listen",
+                &addr,
+            ])
+            .env("KUBECONFIG", &ctx.info.collector_kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let want = "forbidden by RBAC: the collector may not list deployments.apps cluster-wide; \
+                    grant its ServiceAccount get, list and watch on deployments.apps";
+        let seen = eventually(
+            "the collector's answer naming the missing rule",
+            Duration::from_secs(60),
+            || {
+                let addr = addr.clone();
+                async move {
+                    let out = std::process::Command::new(&ctx.info.collector_bin)
+                        .args([
+                            "query",
+                            "--collector",
+                            &addr,
+                            "--namespace",
+                            ns,
+                            "--name",
+                            "vllm",
+                        ])
+                        .args(["--meta", "metric=sm_active", "--meta", "targetValue=80"])
+                        .output()?;
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    Ok((text.contains(want) && text.contains("Unavailable"), text))
+                }
+            },
+        )
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        seen.map_err(|e| {
+            e.context(format!(
+                "collector log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        })
+    }
+    .await;
+    roles
+        .patch("gpuscale-collector", &PatchParams::default(), &patch(rules))
+        .await?;
+    result
+}
