@@ -182,7 +182,8 @@ fn told(info: &ClusterInfo) -> String {
                 && l.contains("scaledobject=\"vllm\"")
         })
         .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.to_owned())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| format!("{v:.1}"))
         .unwrap_or_else(|| "- (no answer yet, or an error)".into())
 }
 

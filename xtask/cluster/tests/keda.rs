@@ -37,6 +37,8 @@ const TESTS: &[(&str, Test)] = tests![
     an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it,
     the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named,
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
+    // Last: it uninstalls gpuscale.
+    cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server,
 ];
 
 fn main() {
@@ -691,5 +693,133 @@ async fn the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named(
     roles
         .patch("gpuscale-collector", &PatchParams::default(), &patch(rules))
         .await?;
+    result
+}
+
+/// `cargo xtask deploy` as a user runs it, against this cluster's API server: the image is built
+/// from this checkout's binaries and pushed to a registry on loopback (Debian's
+/// `docker-registry`), `deploy/` is applied with the image pinned to its digest, the rollout is
+/// waited for (the DaemonSet's pods are replaced, and the simulator starts their agents), and
+/// `--uninstall` removes it all, namespace included. Runs last: gpuscale is gone afterwards.
+async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server(
+    ctx: &Ctx,
+) -> Result<()> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v docker-registry"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        bail!("docker-registry is not installed (cargo xtask test's set-up installs it)");
+    }
+    let dir = ctx.info.logs.with_file_name("registry");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let port = gpuscale_cluster::process::free_port("127.0.0.1")?;
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let mut registry = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("registry.log"))?)
+        .spawn()?;
+    let result = async {
+        eventually(
+            "the registry listening",
+            Duration::from_secs(20),
+            || async move {
+                Ok((
+                    gpuscale_cluster::process::listening(&format!("127.0.0.1:{port}")),
+                    String::new(),
+                ))
+            },
+        )
+        .await?;
+        let bin_dir = ctx
+            .info
+            .collector_bin
+            .parent()
+            .context("collector binary path")?;
+        let deploy = |args: Vec<String>| {
+            let mut cmd = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            );
+            cmd.current_dir(up::workspace_root())
+                .args(["xtask", "deploy"])
+                .args(args)
+                .env("KUBECONFIG", &ctx.info.kubeconfig);
+            cmd
+        };
+        let out = deploy(vec![
+            "--registry".into(),
+            format!("127.0.0.1:{port}"),
+            "--binaries".into(),
+            bin_dir.display().to_string(),
+            "--timeout".into(),
+            "180s".into(),
+        ])
+        .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success()
+            || !text.contains("gpuscale is running in namespace gpuscale-system")
+        {
+            bail!("cargo xtask deploy failed ({}):\n{text}", out.status);
+        }
+        // The DaemonSet now runs the pushed image, pinned to its digest, and its agents serve.
+        let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+            Api::namespaced(ctx.client.clone(), "gpuscale-system");
+        let image = ds
+            .get("gpuscale-agent")
+            .await?
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers.first().and_then(|c| c.image.clone()))
+            .unwrap_or_default();
+        if !image.starts_with(&format!("127.0.0.1:{port}/gpuscale@sha256:")) {
+            bail!(
+                "after deploy the agent DaemonSet runs {image:?}, not the pushed image by digest"
+            );
+        }
+        let out = deploy(vec![
+            "--uninstall".into(),
+            "--timeout".into(),
+            "180s".into(),
+        ])
+        .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() || !text.contains("gpuscale is uninstalled") {
+            bail!(
+                "cargo xtask deploy --uninstall failed ({}):\n{text}",
+                out.status
+            );
+        }
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+        if nss.get_opt("gpuscale-system").await?.is_some() {
+            bail!("namespace gpuscale-system is still there after --uninstall");
+        }
+        let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
+        if roles.get_opt("gpuscale-collector").await?.is_some() {
+            bail!("ClusterRole gpuscale-collector is still there after --uninstall");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = registry.kill();
+    let _ = registry.wait();
     result
 }
