@@ -14,12 +14,12 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::Client;
 use serde_json::{json, Value};
 
-use crate::kube_util;
 use crate::state::ClusterInfo;
+use crate::{kube_util, workload};
 
 const NS: &str = "demo";
 
@@ -98,22 +98,7 @@ fn phase_at(t: u64) -> usize {
 }
 
 fn deployment(name: &str, replicas: i32) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name, "part-of": "chat"}},
-                "spec": {
-                    "runtimeClassName": "nvidia",
-                    "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-                                    "resources": {"limits": {"nvidia.com/gpu": "1"}}}]
-                }
-            }
-        }
-    })
+    workload::deployment(NS, name, replicas, 1, &[("part-of", "chat")])
 }
 
 fn scaled_object(info: &ClusterInfo) -> Value {
@@ -137,36 +122,11 @@ fn scaled_object(info: &ClusterInfo) -> Value {
 }
 
 async fn running(client: &Client, app: &str) -> Result<Vec<Pod>> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), NS);
-    Ok(api
-        .list(&ListParams::default().labels(&format!("app={app}")))
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
-        .collect())
+    Ok(workload::running_pods(client, NS, app).await?)
 }
 
 async fn annotate(client: &Client, pod: &Pod, load: &str) -> Result<()> {
-    let current = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::load::ANNOTATION));
-    if current.map(String::as_str) == Some(load) {
-        return Ok(());
-    }
-    let api: Api<Pod> = Api::namespaced(client.clone(), NS);
-    api.patch(
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {crate::load::ANNOTATION: load}}})),
-    )
-    .await?;
-    Ok(())
+    Ok(workload::set_load(client, pod, load).await?)
 }
 
 /// What KEDA was last told for `demo/vllm`: the collector's `gpuscale_collector_scaledobject_value`.

@@ -6,7 +6,7 @@
 //! [`pki`] (certificates and tokens), [`net`] (the pod network namespace), [`process`]
 //! (detached processes recorded by PID and start time), [`up`] (bringing it all up and down),
 //! [`sim`] (the node simulator: agents and GPU pods' processes), [`demo`] (`demo --cluster`), [`load`] (the simulated-load
-//! annotation), [`state`] (`cluster.json`), [`kube_util`].
+//! annotation), [`state`] (`cluster.json`), [`workload`] (the GPU Deployments of the demo and the tests), [`ops`] (what tests do to a running cluster: restart the API server, compact etcd), [`kube_util`].
 #![deny(missing_docs)]
 
 pub mod components;
@@ -14,8 +14,10 @@ pub mod demo;
 pub mod kube_util;
 pub mod load;
 pub mod net;
+pub mod ops;
 pub mod pki;
 pub mod process;
 pub mod sim;
 pub mod state;
 pub mod up;
+pub mod workload;

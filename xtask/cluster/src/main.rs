@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use gpuscale_cluster::{components, demo, sim, up};
+use gpuscale_cluster::{components, demo, ops, sim, up};
 
 /// A local cluster of real Kubernetes, KEDA and gpuscale processes on simulated GPU nodes.
 #[derive(Parser)]
@@ -51,6 +51,12 @@ enum Cmd {
         #[arg(long)]
         no_clear: bool,
     },
+    /// Every process of the cluster, whether it runs, and its resident memory.
+    Status {
+        /// The cluster folder.
+        #[arg(long, default_value_os_t = up::default_dir())]
+        dir: PathBuf,
+    },
     /// Build the components (etcd, Kubernetes, kwok, KEDA) from their Go modules, if not built.
     Build {
         /// Rebuild even what is built.
@@ -70,6 +76,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Build { force } => components::ensure_all(force),
+        Cmd::Status { dir } => ops::status(&dir).map(|s| print!("{s}")),
         Cmd::Down { dir } => {
             eprintln!("==> taking down the cluster in {}", dir.display());
             up::down(&dir).map(|()| eprintln!("the cluster is down"))

@@ -1007,25 +1007,7 @@ pub async fn service_account_token(client: &Client, ns: &str, name: &str) -> Res
 
 /// A plain-HTTP GET on loopback: (status code, body).
 pub fn http_get(url: &str) -> Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = std::net::TcpStream::connect(host)?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    Ok((code, body))
+    crate::ops::http("GET", url, "")
 }
 
 /// Stops every process of the cluster in `dir` (the last started first), removes the pod

@@ -36,6 +36,7 @@ const TESTS: &[(&str, Test)] = tests![
     a_load_step_moves_replicas_as_avg_with_metric_type_value_predicts,
     an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it,
     the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named,
+    real_watches_follow_pods_scaled_objects_and_targets_and_relist_after_a_410_from_etcd_compaction,
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
     // Last: it uninstalls gpuscale.
     cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server,
@@ -198,24 +199,7 @@ async fn annotate_node(ctx: &Ctx, node: &str, value: Option<&str>) -> Result<()>
 
 /// A vLLM-like Deployment: `replicas` pods of one container asking for `gpus` GPUs each.
 fn deployment(ns: &str, name: &str, replicas: i32, gpus: u32) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "runtimeClassName": "nvidia",
-                    "containers": [{
-                        "name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-                        "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}
-                    }]
-                }
-            }
-        }
-    })
+    gpuscale_cluster::workload::deployment(ns, name, replicas, gpus, &[])
 }
 
 /// A ScaledObject on `sm_active` over a 10 s window, with the HPA's scale-down made immediate
@@ -249,35 +233,15 @@ fn scaled_object(ctx: &Ctx, ns: &str, name: &str, extra_meta: Value, spec: Value
 }
 
 async fn running_pods(ctx: &Ctx, ns: &str, app: &str) -> Result<Vec<Pod>> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pods = api
-        .list(&ListParams::default().labels(&format!("app={app}")))
-        .await?
-        .items;
-    Ok(pods
-        .into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
-        .collect())
+    Ok(gpuscale_cluster::workload::running_pods(&ctx.client, ns, app).await?)
 }
 
 /// Sets the simulated load of every running pod of `app`, as `kubectl annotate` would.
 async fn set_load(ctx: &Ctx, ns: &str, app: &str, load: &str) -> Result<Vec<String>> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let mut names = Vec::new();
     for p in running_pods(ctx, ns, app).await? {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"gpuscale.dev/simulated-load": load}}}),
-            ),
-        )
-        .await?;
-        names.push(name);
+        gpuscale_cluster::workload::set_load(&ctx.client, &p, load).await?;
+        names.push(p.metadata.name.clone().unwrap_or_default());
     }
     Ok(names)
 }
@@ -696,6 +660,23 @@ async fn the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named(
     result
 }
 
+/// Runs `cmd`; fails with its output unless it succeeds and prints `expect`.
+fn run_expecting(mut cmd: std::process::Command, expect: &str) -> Result<()> {
+    let out = cmd.output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !text.contains(expect) {
+        bail!(
+            "{cmd:?} failed ({}), wanted {expect:?}:\n{text}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
 /// `cargo xtask deploy` as a user runs it, against this cluster's API server: the image is built
 /// from this checkout's binaries and pushed to a registry on loopback (Debian's
 /// `docker-registry`), `deploy/` is applied with the image pinned to its digest, the rollout is
@@ -747,7 +728,7 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
             .collector_bin
             .parent()
             .context("collector binary path")?;
-        let deploy = |args: Vec<String>| {
+        let deploy = |args: &[&str]| {
             let mut cmd = std::process::Command::new(
                 std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
             );
@@ -757,25 +738,19 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
                 .env("KUBECONFIG", &ctx.info.kubeconfig);
             cmd
         };
-        let out = deploy(vec![
-            "--registry".into(),
-            format!("127.0.0.1:{port}"),
-            "--binaries".into(),
-            bin_dir.display().to_string(),
-            "--timeout".into(),
-            "180s".into(),
-        ])
-        .output()?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success()
-            || !text.contains("gpuscale is running in namespace gpuscale-system")
-        {
-            bail!("cargo xtask deploy failed ({}):\n{text}", out.status);
-        }
+        let registry_arg = format!("127.0.0.1:{port}");
+        let bin_arg = bin_dir.display().to_string();
+        run_expecting(
+            deploy(&[
+                "--registry",
+                &registry_arg,
+                "--binaries",
+                &bin_arg,
+                "--timeout",
+                "180s",
+            ]),
+            "gpuscale is running in namespace gpuscale-system",
+        )?;
         // The DaemonSet now runs the pushed image, pinned to its digest, and its agents serve.
         let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> =
             Api::namespaced(ctx.client.clone(), "gpuscale-system");
@@ -791,23 +766,10 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
                 "after deploy the agent DaemonSet runs {image:?}, not the pushed image by digest"
             );
         }
-        let out = deploy(vec![
-            "--uninstall".into(),
-            "--timeout".into(),
-            "180s".into(),
-        ])
-        .output()?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() || !text.contains("gpuscale is uninstalled") {
-            bail!(
-                "cargo xtask deploy --uninstall failed ({}):\n{text}",
-                out.status
-            );
-        }
+        run_expecting(
+            deploy(&["--uninstall", "--timeout", "180s"]),
+            "gpuscale is uninstalled",
+        )?;
         let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
         if nss.get_opt("gpuscale-system").await?.is_some() {
             bail!("namespace gpuscale-system is still there after --uninstall");
@@ -822,4 +784,160 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
     let _ = registry.kill();
     let _ = registry.wait();
     result
+}
+
+/// Restarts kube-apiserver with its command line and waits for its `/readyz`.
+async fn restart_apiserver(ctx: &Ctx, dir: &std::path::Path) -> Result<()> {
+    gpuscale_cluster::ops::restart(dir, "kube-apiserver")?;
+    eventually(
+        "kube-apiserver ready again",
+        Duration::from_secs(90),
+        || async {
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            let ok = ctx
+                .client
+                .request_text(req)
+                .await
+                .is_ok_and(|t| t.trim() == "ok");
+            Ok((ok, String::new()))
+        },
+    )
+    .await
+}
+
+/// What KEDA would be told for ScaledObject `ns/name` (no `podSelector`: the collector resolves
+/// the target through its watches), as `gpuscale-collector query --json` prints it.
+fn query(ctx: &Ctx, ns: &str, name: &str) -> Result<Value> {
+    let out = std::process::Command::new(&ctx.info.collector_bin)
+        .args([
+            "query",
+            "--collector",
+            &ctx.info.collector,
+            "--namespace",
+            ns,
+            "--name",
+            name,
+        ])
+        .args([
+            "--meta",
+            "metric=sm_active",
+            "--meta",
+            "targetValue=80",
+            "--meta",
+            "window=10s",
+        ])
+        .args(["--meta", "timeAggregation=last", "--json"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "query printed no JSON: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+async fn value_is(ctx: &Ctx, ns: &str, name: &str, want: f64, what: &str) -> Result<()> {
+    eventually(what, Duration::from_secs(60), || async move {
+        let v = query(ctx, ns, name)?;
+        let got = v["value"].as_f64();
+        Ok((got.is_some_and(|g| (g - want).abs() < 0.01), v.to_string()))
+    })
+    .await
+}
+
+/// The collector follows the cluster through real watches: a new pod of the target, and a
+/// ScaledObject retargeted to another Deployment, change its answer. Then its watches are cut
+/// off from history — the collector is frozen (SIGSTOP), the API server restarted (its watch
+/// connections cut), the cluster changed, etcd compacted to its current revision and the API
+/// server restarted again, so every watch resumes from a resourceVersion that no longer exists
+/// — and the collector, thawed, gets `410 Gone`, re-lists, and answers from the cluster as it is
+/// now, which it can have learnt from nowhere else.
+async fn real_watches_follow_pods_scaled_objects_and_targets_and_relist_after_a_410_from_etcd_compaction(
+    ctx: &Ctx,
+) -> Result<()> {
+    let ns = "t-watch";
+    namespace(ctx, ns).await?;
+    apply(ctx, deployment(ns, "vllm-a", 1, 1)).await?;
+    apply(ctx, deployment(ns, "vllm-b", 1, 1)).await?;
+    wait_running(ctx, ns, "vllm-a", 1).await?;
+    wait_running(ctx, ns, "vllm-b", 1).await?;
+    set_load(ctx, ns, "vllm-a", "sm_active=40").await?;
+    set_load(ctx, ns, "vllm-b", "sm_active=15").await?;
+    let mut so = scaled_object(ctx, ns, "watched", json!({}), json!({"minReplicaCount": 1}));
+    so["spec"]["scaleTargetRef"]["name"] = json!("vllm-a");
+    apply(ctx, so.clone()).await?;
+    value_is(
+        ctx,
+        ns,
+        "watched",
+        40.0,
+        "the ScaledObject's target vllm-a: 40",
+    )
+    .await?;
+
+    // A second pod of the target (pod watch).
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let scale = |n: i32| Patch::Merge(json!({"spec": {"replicas": n}}));
+    deployments
+        .patch("vllm-a", &PatchParams::default(), &scale(2))
+        .await?;
+    wait_running(ctx, ns, "vllm-a", 2).await?;
+    set_load(ctx, ns, "vllm-a", "sm_active=40").await?;
+    value_is(ctx, ns, "watched", 80.0, "two pods of vllm-a: 80").await?;
+    // Retargeted (ScaledObject watch, then the new target's selector).
+    so["spec"]["scaleTargetRef"]["name"] = json!("vllm-b");
+    apply(ctx, so.clone()).await?;
+    value_is(ctx, ns, "watched", 15.0, "retargeted to vllm-b: 15").await?;
+
+    // Cut the watches off from history.
+    let collector = gpuscale_cluster::state::read::<gpuscale_cluster::state::State>(
+        &ctx.info.kubeconfig.with_file_name("state.json"),
+    )?
+    .context("state.json")?
+    .procs
+    .into_iter()
+    .find(|p| p.name == "collector")
+    .context("no collector in state.json")?;
+    collector.signal(libc::SIGSTOP);
+    let dir = ctx
+        .info
+        .kubeconfig
+        .parent()
+        .context("cluster folder")?
+        .to_owned();
+    let changed = async {
+        // First cut its connections (what they carried before is all it will get from them),
+        // then change the cluster behind its back, then erase the history it would resume from.
+        restart_apiserver(ctx, &dir).await?;
+        so["spec"]["scaleTargetRef"]["name"] = json!("vllm-a");
+        apply(ctx, so.clone()).await?;
+        deployments
+            .patch("vllm-a", &PatchParams::default(), &scale(3))
+            .await?;
+        wait_running(ctx, ns, "vllm-a", 3).await?;
+        set_load(ctx, ns, "vllm-a", "sm_active=40").await?;
+        let rev = gpuscale_cluster::ops::compact_etcd(&dir)?;
+        println!("  etcd compacted at revision {rev}");
+        restart_apiserver(ctx, &dir).await
+    }
+    .await;
+    collector.signal(libc::SIGCONT);
+    changed?;
+    value_is(
+        ctx,
+        ns,
+        "watched",
+        120.0,
+        "after the 410: back on vllm-a, three pods: 120",
+    )
+    .await?;
+    let log = std::fs::read_to_string(ctx.info.logs.join("collector.log"))?;
+    if !log.contains("(410)") {
+        bail!(
+            "the collector's log shows no 410 Gone from its watches; its last lines:\n{}",
+            gpuscale_cluster::process::tail(&ctx.info.logs.join("collector.log"), 20)
+        );
+    }
+    Ok(())
 }
