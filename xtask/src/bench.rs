@@ -43,6 +43,10 @@ pub struct Options {
     /// Where the ring files go (default: /dev/shm, like the agent's default, else the temp dir).
     #[arg(long)]
     shm_dir: Option<PathBuf>,
+    /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
+    /// the local cluster (as root; `gpuscale-cluster bench`), this many steps per chain.
+    #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "10")]
+    cluster: Option<usize>,
 }
 
 /// Targets from the issue, for 8 GPUs at 100 ms.
@@ -673,6 +677,22 @@ fn steady_state_note(rows: &[Measurement]) -> String {
 
 /// Runs the benchmark and prints the table.
 pub fn run(o: Options) -> Result<()> {
+    if let Some(steps) = o.cluster {
+        crate::util::step("load step → replicas, gpuscale against the Prometheus chain (cargo run -p gpuscale-cluster -- bench)");
+        return crate::util::run(
+            crate::util::cargo()
+                .args([
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "gpuscale-cluster",
+                    "--",
+                    "bench",
+                ])
+                .arg(format!("--steps={steps}")),
+            "gpuscale-cluster bench",
+        );
+    }
     let intervals: Vec<String> = o.interval.iter().map(|s| s.trim().to_owned()).collect();
     for i in &intervals {
         parse_interval(i)?;

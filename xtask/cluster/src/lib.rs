@@ -5,10 +5,11 @@
 //! Modules: [`components`] (building etcd, Kubernetes, kwok and KEDA from their Go modules),
 //! [`pki`] (certificates and tokens), [`net`] (the pod network namespace), [`process`]
 //! (detached processes recorded by PID and start time), [`up`] (bringing it all up and down),
-//! [`sim`] (the node simulator: agents and GPU pods' processes), [`demo`] (`demo --cluster`), [`load`] (the simulated-load
+//! [`sim`] (the node simulator: agents and GPU pods' processes), [`demo`] (`demo --cluster`), [`bench`] (`bench --cluster`: gpuscale against the Prometheus chain), [`load`] (the simulated-load
 //! annotation), [`state`] (`cluster.json`), [`workload`] (the GPU Deployments of the demo and the tests), [`ops`] (what tests do to a running cluster: restart the API server, compact etcd), [`kube_util`].
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod components;
 pub mod demo;
 pub mod kube_util;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use gpuscale_cluster::{components, demo, ops, sim, up};
+use gpuscale_cluster::{bench, components, demo, ops, sim, up};
 
 /// A local cluster of real Kubernetes, KEDA and gpuscale processes on simulated GPU nodes.
 #[derive(Parser)]
@@ -51,6 +51,16 @@ enum Cmd {
         #[arg(long)]
         no_clear: bool,
     },
+    /// A GPU load step → replicas, through gpuscale and through Prometheus + KEDA's prometheus
+    /// trigger, side by side (brings the cluster up first): `cargo xtask bench --cluster`.
+    Bench {
+        /// The cluster folder.
+        #[arg(long, default_value_os_t = up::default_dir())]
+        dir: PathBuf,
+        /// Load steps per chain.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// Every process of the cluster, whether it runs, and its resident memory.
     Status {
         /// The cluster folder.
@@ -76,6 +86,20 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Build { force } => components::ensure_all(force),
+        Cmd::Bench { dir, steps } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| {
+                runtime(false)?.block_on(async {
+                    let info = up::up(&up::Options {
+                        dir: dir.clone(),
+                        nodes: 2,
+                        gpus_per_node: 4,
+                        exe,
+                    })
+                    .await?;
+                    bench::run(&info, &dir, steps).await
+                })
+            }),
         Cmd::Status { dir } => ops::status(&dir).map(|s| print!("{s}")),
         Cmd::Down { dir } => {
             eprintln!("==> taking down the cluster in {}", dir.display());
