@@ -689,7 +689,8 @@ pub fn run(o: Options) -> Result<()> {
                     "--",
                     "bench",
                 ])
-                .arg(format!("--steps={steps}")),
+                .arg(format!("--steps={steps}"))
+                .arg(format!("--wakes={steps}")),
             "gpuscale-cluster bench",
         );
     }

@@ -210,8 +210,14 @@ fn ensure_prometheus() -> Result<()> {
     Ok(())
 }
 
-/// Runs `steps` load steps through both chains and prints the table for docs/BENCHMARKS.md.
-pub async fn run(info: &ClusterInfo, dir: &std::path::Path, steps: usize) -> Result<()> {
+/// Runs `steps` load steps through both chains, then `wakes` wakes from zero, and prints the
+/// tables for docs/BENCHMARKS.md.
+pub async fn run(
+    info: &ClusterInfo,
+    dir: &std::path::Path,
+    steps: usize,
+    wakes: usize,
+) -> Result<()> {
     ensure_prometheus()?;
     let client = kube_util::client(&info.kubeconfig).await?;
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
@@ -228,7 +234,17 @@ pub async fn run(info: &ClusterInfo, dir: &std::path::Path, steps: usize) -> Res
         bail!("no agent pod has an IP yet");
     }
     let (prom, prom_addr) = start_prometheus(info, dir, &agent_ips)?;
-    let result = steps_run(info, &client, &prom_addr, steps).await;
+    let mut result = kube_util::apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+    )
+    .await;
+    if result.is_ok() && steps > 0 {
+        result = steps_run(info, &client, &prom_addr, steps).await;
+    }
+    if result.is_ok() && wakes > 0 {
+        result = wake_run(info, &client, wakes).await;
+    }
     prom.stop(Duration::from_secs(5));
     let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     let _ = nss.delete(NS, &Default::default()).await;
@@ -373,6 +389,106 @@ async fn steps_run(info: &ClusterInfo, client: &Client, prom: &str, steps: usize
         .map(|(p, g)| p / g);
     if let Some(r) = ratio {
         println!("\np50 step → replicas: the Prometheus chain takes {r:.1}× gpuscale's time");
+    }
+    Ok(())
+}
+
+/// 0 → 1: `external-push` against KEDA's polling (`external`, `pollingInterval` 30 s, the
+/// default). Both ScaledObjects select the same always-on pod (`wake-src`); when it is idle,
+/// both targets go to zero after `cooldownPeriod`; then it gets busy and the bench times each
+/// target's `spec.replicas` leaving 0. A random 0–30 s wait before each wake spreads the wakes
+/// over the polling period.
+async fn wake_run(info: &ClusterInfo, client: &Client, cycles: usize) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    for name in ["gs", "prom"] {
+        let sos: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            NS,
+            &kube::core::ApiResource::from_gvk_with_plural(
+                &kube::core::GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+                "scaledobjects",
+            ),
+        );
+        let _ = sos.delete(name, &Default::default()).await;
+        let _ = deployments.delete(name, &Default::default()).await;
+    }
+    kube_util::apply(
+        client,
+        &workload::deployment(NS, "wake-src", 1, 1, &[("part-of", "wake")]),
+    )
+    .await?;
+    for (name, kind) in [("wake-push", "external-push"), ("wake-poll", "external")] {
+        kube_util::apply(client, &workload::deployment(NS, name, 1, 1, &[])).await?;
+        let mut so = scaled_object(
+            name,
+            json!({"type": kind, "metadata": {
+                "scalerAddress": info.collector, "metric": "sm_active", "podSelector": "part-of=wake",
+                "targetValue": "40", "window": "10s", "activationThreshold": "5"}}),
+        );
+        so["spec"]["minReplicaCount"] = json!(0);
+        so["spec"]["cooldownPeriod"] = json!(10);
+        kube_util::apply(client, &so).await?;
+    }
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let (mut push, mut poll) = (Vec::new(), Vec::new());
+    eprintln!("{cycles} wakes from zero, external-push and polling at once (about 60 s each)");
+    for i in 0..cycles {
+        set_all(client, "wake-src", "sm_active=0").await?;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let a = replicas(&deployments, "wake-push").await?;
+            let b = replicas(&deployments, "wake-poll").await?;
+            if a == 0
+                && b == 0
+                && !workload::running_pods(client, NS, "wake-src")
+                    .await?
+                    .is_empty()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("wake {i}: the targets did not reach 0 within 240 s ({a}, {b})");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_millis((seed >> 33) % 30_000)).await;
+        let t0 = Instant::now();
+        set_all(client, "wake-src", "sm_active=50").await?;
+        let (mut a, mut b) = (None, None);
+        while t0.elapsed() < Duration::from_secs(120) && (a.is_none() || b.is_none()) {
+            let t = t0.elapsed().as_secs_f64();
+            if a.is_none() && replicas(&deployments, "wake-push").await? >= 1 {
+                a = Some(t);
+            }
+            if b.is_none() && replicas(&deployments, "wake-poll").await? >= 1 {
+                b = Some(t);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "  wake {:>2}/{cycles}: external-push {} · polling {}",
+            i + 1,
+            fmt_s(a),
+            fmt_s(b)
+        );
+        push.extend(a);
+        poll.extend(b);
+    }
+    println!("\n| 0 → 1 wake | wakes | p50 | p99 |");
+    println!("|---|---|---|---|");
+    for (name, v) in [
+        ("external-push (StreamIsActive)", &push),
+        ("external, pollingInterval 30 s", &poll),
+    ] {
+        println!(
+            "| {name} | {}/{cycles} | {} | {} |",
+            v.len(),
+            fmt_s(percentile(v, 50.0)),
+            fmt_s(percentile(v, 99.0))
+        );
     }
     Ok(())
 }

@@ -57,9 +57,12 @@ enum Cmd {
         /// The cluster folder.
         #[arg(long, default_value_os_t = up::default_dir())]
         dir: PathBuf,
-        /// Load steps per chain.
+        /// Load steps per chain (0: none).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Wakes from zero per trigger kind, external-push and polling (0: none).
+        #[arg(long, default_value_t = 10)]
+        wakes: usize,
     },
     /// Every process of the cluster, whether it runs, and its resident memory.
     Status {
@@ -86,7 +89,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Build { force } => components::ensure_all(force),
-        Cmd::Bench { dir, steps } => std::env::current_exe()
+        Cmd::Bench { dir, steps, wakes } => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|exe| {
                 runtime(false)?.block_on(async {
@@ -97,7 +100,7 @@ fn main() {
                         exe,
                     })
                     .await?;
-                    bench::run(&info, &dir, steps).await
+                    bench::run(&info, &dir, steps, wakes).await
                 })
             }),
         Cmd::Status { dir } => ops::status(&dir).map(|s| print!("{s}")),
