@@ -251,11 +251,11 @@ pub fn cluster_components() -> Result<()> {
             eprintln!("installing {package} (apt-get install {package})");
             apt_install(package)?;
         } else {
-            eprintln!("note: {tool} is missing and this is not root with apt-get: the cluster tests will skip");
+            eprintln!("note: {tool} is missing and this is not root with apt-get: the cluster tests will skip (and fail under CI)");
         }
     }
     if !quiet_ok(Command::new("go").arg("version")) {
-        eprintln!("note: Go is not installed: the cluster tests will skip (they build Kubernetes and KEDA with it)");
+        eprintln!("note: Go is not installed: the cluster tests will skip, and fail under CI (they build Kubernetes and KEDA with it)");
         return Ok(());
     }
     run_cmd(

@@ -39,6 +39,21 @@ struct Step {
     scaled: Option<f64>,
 }
 
+/// Reproducible pseudo-random waits (a 64-bit LCG), so each run samples the same phases.
+struct Jitter(u64);
+
+impl Jitter {
+    /// A wait between 0 and `max`.
+    fn up_to(&mut self, max: Duration) -> Duration {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let max_ms = max.as_millis().max(1) as u64;
+        Duration::from_millis((self.0 >> 33) % max_ms)
+    }
+}
+
 fn percentile(v: &[f64], p: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -283,7 +298,7 @@ async fn steps_run(info: &ClusterInfo, client: &Client, prom: &str, steps: usize
     )
     .await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut jitter = Jitter(0x9e37_79b9_7f4a_7c15);
     let mut gs = Vec::new();
     let mut pr = Vec::new();
     eprintln!("{steps} load steps, both chains at once (about 75 s a step)");
@@ -309,11 +324,7 @@ async fn steps_run(info: &ClusterInfo, client: &Client, prom: &str, steps: usize
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let offset = Duration::from_millis((seed >> 33) % 15_000);
-        tokio::time::sleep(offset).await;
+        tokio::time::sleep(jitter.up_to(Duration::from_secs(15))).await;
 
         let t0 = Instant::now();
         set_all(client, "gs", "sm_active=90").await?;
@@ -429,7 +440,7 @@ async fn wake_run(info: &ClusterInfo, client: &Client, cycles: usize) -> Result<
         so["spec"]["cooldownPeriod"] = json!(10);
         kube_util::apply(client, &so).await?;
     }
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut jitter = Jitter(0x2545_f491_4f6c_dd1d);
     let (mut push, mut poll) = (Vec::new(), Vec::new());
     eprintln!("{cycles} wakes from zero, external-push and polling at once (about 60 s each)");
     for i in 0..cycles {
@@ -451,10 +462,7 @@ async fn wake_run(info: &ClusterInfo, client: &Client, cycles: usize) -> Result<
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        tokio::time::sleep(Duration::from_millis((seed >> 33) % 30_000)).await;
+        tokio::time::sleep(jitter.up_to(Duration::from_secs(30))).await;
         let t0 = Instant::now();
         set_all(client, "wake-src", "sm_active=50").await?;
         let (mut a, mut b) = (None, None);

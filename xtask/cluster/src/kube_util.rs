@@ -25,6 +25,17 @@ pub async fn client(path: &Path) -> Result<Client> {
     Client::try_from(config).context("setting up the Kubernetes client")
 }
 
+/// Whether the API server answers `/readyz` with `ok`.
+pub async fn ready(client: &Client) -> bool {
+    let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    client
+        .request_text(req)
+        .await
+        .is_ok_and(|t| t.trim() == "ok")
+}
+
 /// Server-side applies `obj` (any kind the API server serves) as [`FIELD_MANAGER`].
 pub async fn apply(client: &Client, obj: &Value) -> Result<()> {
     let api_version = obj["apiVersion"]

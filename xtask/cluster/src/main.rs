@@ -89,20 +89,12 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Build { force } => components::ensure_all(force),
-        Cmd::Bench { dir, steps, wakes } => std::env::current_exe()
-            .map_err(anyhow::Error::from)
-            .and_then(|exe| {
-                runtime(false)?.block_on(async {
-                    let info = up::up(&up::Options {
-                        dir: dir.clone(),
-                        nodes: 2,
-                        gpus_per_node: 4,
-                        exe,
-                    })
-                    .await?;
-                    bench::run(&info, &dir, steps, wakes).await
-                })
-            }),
+        Cmd::Bench { dir, steps, wakes } => runtime(false).and_then(|rt| {
+            rt.block_on(async {
+                let info = up::up(&options(dir.clone(), 2, 4)?).await?;
+                bench::run(&info, &dir, steps, wakes).await
+            })
+        }),
         Cmd::Status { dir } => ops::status(&dir).map(|s| print!("{s}")),
         Cmd::Down { dir } => {
             eprintln!("==> taking down the cluster in {}", dir.display());
@@ -112,35 +104,20 @@ fn main() {
             dir,
             nodes,
             gpus_per_node,
-        } => std::env::current_exe()
-            .map_err(anyhow::Error::from)
-            .and_then(|exe| {
-                runtime(false)?.block_on(up::up(&up::Options {
-                    dir,
-                    nodes,
-                    gpus_per_node,
-                    exe,
-                }))
-            })
-            .map(|_| ()),
+        } => runtime(false).and_then(|rt| {
+            rt.block_on(async { up::up(&options(dir, nodes, gpus_per_node)?).await })
+                .map(|_| ())
+        }),
         Cmd::Demo {
             dir,
             duration,
             no_clear,
-        } => std::env::current_exe()
-            .map_err(anyhow::Error::from)
-            .and_then(|exe| {
-                runtime(false)?.block_on(async {
-                    let info = up::up(&up::Options {
-                        dir,
-                        nodes: 2,
-                        gpus_per_node: 4,
-                        exe,
-                    })
-                    .await?;
-                    demo::run(&info, duration, no_clear).await
-                })
-            }),
+        } => runtime(false).and_then(|rt| {
+            rt.block_on(async {
+                let info = up::up(&options(dir, 2, 4)?).await?;
+                demo::run(&info, duration, no_clear).await
+            })
+        }),
         // One thread: the children's PR_SET_PDEATHSIG fires when the thread that forked them
         // exits, so they must all be forked by a thread that lives as long as the simulator.
         Cmd::Sim { config } => runtime(true).and_then(|rt| rt.block_on(sim::run(&config))),
@@ -149,6 +126,16 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// What `up` makes, with this executable as the node simulator.
+fn options(dir: PathBuf, nodes: u32, gpus_per_node: u32) -> anyhow::Result<up::Options> {
+    Ok(up::Options {
+        dir,
+        nodes,
+        gpus_per_node,
+        exe: std::env::current_exe()?,
+    })
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -19,7 +19,7 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// The network namespace's name (`/run/netns/gpuscale-cluster`).
 pub const NETNS: &str = "gpuscale-cluster";
@@ -40,18 +40,11 @@ pub fn node_cidr(i: usize) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (on Debian: apt-get install iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::process::run_checked(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+        "on Debian: apt-get install iproute2",
+    )
 }
 
 /// Whether the namespace exists.

@@ -9,9 +9,9 @@
 //! | `tokens.csv`, `admin.token` | the static token of user `admin` in group `system:masters` |
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// The files of a made PKI.
 #[derive(Debug, Clone)]
@@ -30,20 +30,11 @@ impl Pki {
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl (on Debian: apt-get install openssl)")?;
-    if !out.status.success() {
-        bail!(
-            "openssl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::process::run_checked(
+        Command::new("openssl").current_dir(dir).args(args),
+        &format!("openssl {}", args.join(" ")),
+        "on Debian: apt-get install openssl",
+    )
 }
 
 fn key(dir: &Path, name: &str) -> Result<()> {

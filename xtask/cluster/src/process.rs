@@ -134,6 +134,22 @@ pub fn spawn(logs: &Path, name: &str, cmd: &mut Command) -> Result<Proc> {
     })
 }
 
+/// Runs a short command to completion (stdin closed); fails with `what`, naming what to install
+/// (`install`) when the program is missing and its stderr when it fails.
+pub fn run_checked(cmd: &mut Command, what: &str, install: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what} ({install})"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The last `n` lines of a log file (or a note that it cannot be read).
 pub fn tail(path: &Path, n: usize) -> String {
     match std::fs::read(path) {

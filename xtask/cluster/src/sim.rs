@@ -133,8 +133,8 @@ fn gpu_uuid(node: &str, index: u32) -> String {
 #[derive(Debug, Clone, PartialEq)]
 struct GpuView {
     load: Load,
-    /// (pid, used memory MiB) of the processes on it.
-    processes: Vec<(u32, f64)>,
+    /// The PIDs of the processes on it (they share its used memory evenly).
+    processes: Vec<u32>,
 }
 
 fn scenario(node: &NodeInfo, gpus: &[GpuView]) -> Value {
@@ -169,7 +169,7 @@ fn scenario(node: &NodeInfo, gpus: &[GpuView]) -> Value {
                 "memory_used_mib": used_mib,
                 "power_w": l.get("power_watts").unwrap_or(IDLE_POWER_W),
                 "temp_c": l.get("temperature_c").unwrap_or(IDLE_TEMP_C).round(),
-                "processes": g.processes.iter().map(|(pid, _)| json!({
+                "processes": g.processes.iter().map(|pid| json!({
                     "pid": pid,
                     "used_memory_mib": per_process,
                     "sm_util": v("sm_active").round(),
@@ -295,10 +295,6 @@ pub fn pod_cgroup(parent: &Path, qos: &str, uid: &str, container_id: &str) -> Pa
 }
 
 impl Sim {
-    fn log(&self, s: &str) {
-        eprintln!("{s}");
-    }
-
     async fn tick(&mut self) -> Result<()> {
         let pods: Api<Pod> = Api::all(self.client.clone());
         let nodes_api: Api<Node> = Api::all(self.client.clone());
@@ -348,7 +344,7 @@ impl Sim {
             .collect();
         for uid in gone {
             if let Some(mut a) = self.agents.remove(&uid) {
-                self.log(&format!("agent of pod {uid} on {}: stopping", a.node));
+                eprintln!("agent of pod {uid} on {}: stopping", a.node);
                 stop_child(&mut a.child);
             }
         }
@@ -472,7 +468,7 @@ impl Sim {
                 for &g in &p.gpus {
                     if let Some(v) = gpus.get_mut(g as usize) {
                         v.load = p.load.clone();
-                        v.processes.push((p.child.id(), 0.0));
+                        v.processes.push(p.child.id());
                     }
                 }
             }
@@ -774,7 +770,7 @@ mod tests {
         };
         let busy = GpuView {
             load: load::parse("sm_active=80,gpu_util=90,vram_used_pct=50").unwrap(),
-            processes: vec![(4242, 0.0)],
+            processes: vec![4242],
         };
         let idle = GpuView {
             load: Load::default(),

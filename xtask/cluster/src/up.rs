@@ -47,6 +47,8 @@ pub const AGENT_SERVICE: &str = "gpuscale-system/gpuscale-agent";
 const KEDA_METRICS_IP: &str = "198.18.0.2";
 /// The port it serves the external metrics API on.
 const KEDA_METRICS_PORT: u16 = 6443;
+/// The files of KEDA's Secret `kedaorg-certs` that its processes read from `--cert-dir`.
+const KEDA_CERT_FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
 
 fn step(s: &str) {
     eprintln!("\n==> {s}");
@@ -61,12 +63,16 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The default cluster folder, `target/cluster`.
-pub fn default_dir() -> PathBuf {
+/// The workspace's target folder (`CARGO_TARGET_DIR`, else `target/`).
+fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
-        .join("cluster")
+}
+
+/// The default cluster folder, `target/cluster`.
+pub fn default_dir() -> PathBuf {
+    target_dir().join("cluster")
 }
 
 /// The reason this machine cannot run the cluster, if any.
@@ -221,10 +227,7 @@ fn gpuscale_binaries() -> Result<Bins> {
     if !status.success() {
         bail!("cargo build -p agent -p collector -p fake-nvml failed ({status})");
     }
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("debug");
+    let dir = target_dir().join("debug");
     Ok(Bins {
         agent: dir.join("gpuscale-agent"),
         collector: dir.join("gpuscale-collector"),
@@ -388,8 +391,7 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
             let apiserver = apiserver.clone();
             async move {
                 apiserver.check()?;
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                Ok(c.request_text(req).await.ok().filter(|t| t.trim() == "ok"))
+                Ok(kube_util::ready(&c).await.then_some(()))
             }
         })
         .await
@@ -546,7 +548,7 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
         .await?;
     }
 
-    keda(paths, state, &client, &admin_kubeconfig, &server).await?;
+    keda(paths, state, &client, &admin_kubeconfig).await?;
 
     // gpuscale
     step("gpuscale: deploy/ through the installer (server-side apply, real RBAC)");
@@ -754,7 +756,6 @@ async fn keda(
     state: &mut State,
     client: &Client,
     admin_kubeconfig: &Path,
-    server: &str,
 ) -> Result<()> {
     step(&format!(
         "KEDA {}: CRDs, operator, metrics server as v1beta1.external.metrics.k8s.io",
@@ -767,16 +768,15 @@ async fn keda(
     )
     .await?;
     let crds = src.join("config/crd/bases");
-    let mut names = Vec::new();
+    let mut applied = 0;
     for entry in std::fs::read_dir(&crds).with_context(|| format!("reading {}", crds.display()))? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&path)?;
-            kube_util::apply_yaml(client, &text, &path).await?;
-            names.push(path);
+            applied += kube_util::apply_yaml(client, &text, &path).await?;
         }
     }
-    if names.is_empty() {
+    if applied == 0 {
         bail!("no CRDs in {}", crds.display());
     }
     {
@@ -866,11 +866,10 @@ async fn keda(
                 let operator = operator.clone();
                 async move {
                     let s = secrets.get_opt("kedaorg-certs").await?;
-                    let complete = s.as_ref().and_then(|s| s.data.as_ref()).is_some_and(|d| {
-                        ["ca.crt", "tls.crt", "tls.key"]
-                            .iter()
-                            .all(|k| d.contains_key(*k))
-                    });
+                    let complete = s
+                        .as_ref()
+                        .and_then(|s| s.data.as_ref())
+                        .is_some_and(|d| KEDA_CERT_FILES.iter().all(|k| d.contains_key(*k)));
                     if !complete && !operator.alive() {
                         operator.check()?;
                     }
@@ -881,7 +880,7 @@ async fn keda(
         .await?
     };
     for (k, v) in secret.data.unwrap_or_default() {
-        if ["ca.crt", "tls.crt", "tls.key"].contains(&k.as_str()) {
+        if KEDA_CERT_FILES.contains(&k.as_str()) {
             std::fs::write(certs.join(&k), &v.0)?;
         }
     }
@@ -943,7 +942,6 @@ async fn keda(
     // stays inside that namespace.
     net::enter(&mut cmd)?;
     let adapter = spawn(paths, state, "keda-adapter", &mut cmd)?;
-    let _ = server;
     let api: Api<kube::api::DynamicObject> = Api::all_with(
         client.clone(),
         &kube::core::ApiResource::from_gvk_with_plural(

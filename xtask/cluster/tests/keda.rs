@@ -329,16 +329,26 @@ fn external_metric(h: &HorizontalPodAutoscaler) -> Result<(String, String, f64)>
 }
 
 /// Holds `app` at `want` replicas, checking for `hold` that it does not move past it.
+/// Waits until `ns/app`'s `spec.replicas` satisfies `ok`, up to `timeout`.
+async fn replicas_reach(
+    ctx: &Ctx,
+    ns: &str,
+    app: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(i32) -> bool,
+) -> Result<()> {
+    let ok = &ok;
+    eventually(what, timeout, || async move {
+        let r = replicas(ctx, ns, app).await?;
+        Ok((ok(r), format!("spec.replicas {r}")))
+    })
+    .await
+}
+
 async fn settles_at(ctx: &Ctx, ns: &str, app: &str, want: i32, timeout: Duration) -> Result<()> {
-    eventually(
-        &format!("{ns}/{app} scaled to {want} replicas"),
-        timeout,
-        || async move {
-            let r = replicas(ctx, ns, app).await?;
-            Ok((r == want, format!("spec.replicas {r}")))
-        },
-    )
-    .await?;
+    let what = format!("{ns}/{app} scaled to {want} replicas");
+    replicas_reach(ctx, ns, app, &what, timeout, |r| r == want).await?;
     // Two more HPA syncs (15 s each): the count must not move on past the prediction.
     let until = Instant::now() + Duration::from_secs(35);
     while Instant::now() < until {
@@ -460,13 +470,13 @@ async fn an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it
     // Wake: the small model gets busy; the large one must come back from zero.
     set_load(ctx, ns, "chat-small", "sm_active=70").await?;
     let woken = Instant::now();
-    eventually(
+    replicas_reach(
+        ctx,
+        ns,
+        "chat-large",
         "chat-large woken from 0 by external-push",
         Duration::from_secs(60),
-        || async move {
-            let r = replicas(ctx, ns, "chat-large").await?;
-            Ok((r >= 1, format!("spec.replicas {r}")))
-        },
+        |r| r >= 1,
     )
     .await?;
     println!(
@@ -477,13 +487,13 @@ async fn an_idle_target_scales_to_zero_after_cooldown_and_external_push_wakes_it
 }
 
 async fn settles_at_zero(ctx: &Ctx, ns: &str) -> Result<()> {
-    eventually(
+    replicas_reach(
+        ctx,
+        ns,
+        "chat-large",
         "chat-large scaled to 0 after cooldownPeriod (10 s)",
         Duration::from_secs(120),
-        || async move {
-            let r = replicas(ctx, ns, "chat-large").await?;
-            Ok((r == 0, format!("spec.replicas {r}")))
-        },
+        |r| r == 0,
     )
     .await
 }
