@@ -3,7 +3,8 @@
 //! resource, with resource versions, namespaced and cluster-wide paths, equality label
 //! selectors, and the failures a real cluster produces: `410 Gone` on a watch whose resource
 //! version was compacted (the client must re-list), `403 Forbidden` for a resource RBAC does not
-//! grant, and an API server that goes away.
+//! grant. (What a real API server can show — CRDs with a `/scale` subresource, an API server that
+//! goes away — is tested against the real one: `xtask/cluster/tests/keda.rs`.)
 //!
 //! Resources are named by their collection path without a namespace: `api/v1/pods`,
 //! `apis/apps/v1/deployments`, `apis/discovery.k8s.io/v1/endpointslices`,
@@ -39,8 +40,6 @@ struct Inner {
     /// Watches of a resource starting before this resource version get `410 Gone`.
     expired_before: HashMap<String, u64>,
     forbidden: HashSet<String>,
-    /// Custom resources that API discovery lists: resource → kind.
-    kinds: BTreeMap<String, String>,
     /// Request lines seen (`GET /api/v1/pods?…`).
     requests: Vec<String>,
 }
@@ -196,15 +195,6 @@ impl FakeApi {
         });
     }
 
-    /// Lists `resource` (`apis/<group>/<version>/<plural>`, namespaced, with a `scale`
-    /// subresource) as kind `kind` in API discovery, as a CRD would.
-    pub fn serve_kind(&self, resource: &str, kind: &str) {
-        self.shared
-            .lock()
-            .kinds
-            .insert(resource.to_owned(), kind.to_owned());
-    }
-
     /// Makes every request on `resource` fail with `403 Forbidden`, as RBAC would.
     pub fn forbid(&self, resource: &str) {
         self.shared.lock().forbidden.insert(resource.to_owned());
@@ -215,8 +205,7 @@ impl FakeApi {
         self.shared.lock().requests.clone()
     }
 
-    /// Stops serving (the API server is unreachable from now on).
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -251,32 +240,21 @@ fn json_response(value: &Value) -> Response<Body> {
         .unwrap()
 }
 
-/// A parsed request path: the resource, the namespace (empty: all), an object name and a
-/// subresource (`scale`).
+/// A parsed request path: the resource, the namespace (empty: all) and an object name.
 struct Target {
     resource: String,
     namespace: String,
     name: Option<String>,
-    subresource: Option<String>,
 }
 
-enum Path_ {
-    /// `/apis/<group>/<version>`: API discovery of a group version.
-    GroupVersion(String),
-    Resource(Target),
-}
-
-fn parse_path(path: &str) -> Option<Path_> {
+fn parse_path(path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let prefix = match segs.first() {
         Some(&"api") => 2,
         Some(&"apis") => 3,
         _ => return None,
     };
-    if segs.len() == prefix {
-        return Some(Path_::GroupVersion(segs.join("/")));
-    }
-    if segs.len() < prefix {
+    if segs.len() <= prefix {
         return None;
     }
     let base = segs[..prefix].join("/");
@@ -285,18 +263,16 @@ fn parse_path(path: &str) -> Option<Path_> {
         ["namespaces", ns, more @ ..] if !more.is_empty() => ((*ns).to_owned(), more),
         _ => (String::new(), rest),
     };
-    let (plural, name, subresource) = match rest {
-        [plural] => (*plural, None, None),
-        [plural, name] => (*plural, Some((*name).to_owned()), None),
-        [plural, name, sub] => (*plural, Some((*name).to_owned()), Some((*sub).to_owned())),
+    let (plural, name) = match rest {
+        [plural] => (*plural, None),
+        [plural, name] => (*plural, Some((*name).to_owned())),
         _ => return None,
     };
-    Some(Path_::Resource(Target {
+    Some(Target {
         resource: format!("{base}/{plural}"),
         namespace,
         name,
-        subresource,
-    }))
+    })
 }
 
 fn query_params(query: Option<&str>) -> HashMap<String, String> {
@@ -344,39 +320,12 @@ fn selected(object: &Value, selector: Option<&String>) -> bool {
     })
 }
 
-/// API discovery of group version `gv` (`apis/<group>/<version>`): the kinds registered with
-/// [`FakeApi::serve_kind`] there, each with a `scale` subresource.
-fn discovery(inner: &Inner, gv: &str) -> Response<Body> {
-    let resources: Vec<Value> = inner
-        .kinds
-        .iter()
-        .filter(|(resource, _)| resource.rsplit_once('/').is_some_and(|(g, _)| g == gv))
-        .flat_map(|(resource, kind)| {
-            let plural = resource.rsplit('/').next().unwrap_or_default();
-            [
-                json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
-                    "verbs": ["get", "list", "watch"]}),
-                json!({"name": format!("{plural}/scale"), "singularName": "", "namespaced": true,
-                    "group": "autoscaling", "version": "v1", "kind": "Scale",
-                    "verbs": ["get", "update", "patch"]}),
-            ]
-        })
-        .collect();
-    if resources.is_empty() {
-        return status(404, "NotFound", format!("the fake API serves no {gv}"));
-    }
-    let group_version = gv.trim_start_matches("apis/").trim_start_matches("api/");
-    json_response(&json!({"kind": "APIResourceList", "apiVersion": "v1",
-        "groupVersion": group_version, "resources": resources}))
-}
-
 fn handle(shared: &Arc<Shared>, req: Request<Body>) -> Response<Body> {
     let uri = req.uri().clone();
     let mut inner = shared.lock();
     inner.requests.push(format!("{} {}", req.method(), uri));
     let target = match parse_path(uri.path()) {
-        Some(Path_::Resource(target)) => target,
-        Some(Path_::GroupVersion(gv)) => return discovery(&inner, &gv),
+        Some(target) => target,
         None => {
             return status(
                 404,
@@ -408,16 +357,9 @@ fn handle(shared: &Arc<Shared>, req: Request<Body>) -> Response<Body> {
             target.namespace.clone(),
             name.clone(),
         );
-        return match (inner.objects.get(&key), target.subresource.as_deref()) {
-            (Some(object), None) => json_response(object),
-            // The scale subresource, as a workload with `status.selector` serves it.
-            (Some(object), Some("scale")) => json_response(&json!({
-                "apiVersion": "autoscaling/v1", "kind": "Scale",
-                "metadata": {"namespace": target.namespace, "name": name},
-                "spec": {"replicas": object["spec"]["replicas"]},
-                "status": {"replicas": object["status"]["replicas"].as_i64().unwrap_or(0),
-                    "selector": object["status"]["selector"]}})),
-            _ => status(
+        return match inner.objects.get(&key) {
+            Some(object) => json_response(object),
+            None => status(
                 404,
                 "NotFound",
                 format!("{} {name} not found", target.resource),

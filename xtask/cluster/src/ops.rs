@@ -1,5 +1,5 @@
-//! What tests do to a running cluster: restart the API server (with the same command line, as
-//! a crash and a supervisor's restart would), compact etcd's history, and plain HTTP on
+//! What tests do to a running cluster: stop and start the API server (with the same command
+//! line, as a crash and a supervisor's restart would), compact etcd's history, and plain HTTP on
 //! loopback.
 
 use std::path::Path;
@@ -72,44 +72,81 @@ pub fn compact_etcd(dir: &Path) -> Result<u64> {
     Ok(rev)
 }
 
-/// Stops the cluster's process `name` and starts it again with the same command line and
-/// environment; its old log is kept as `<name>.<n>.log`. Returns once the new one runs.
-pub fn restart(dir: &Path, name: &str) -> Result<()> {
-    let path = dir.join("state.json");
-    let mut st = state::read::<State>(&path)?.context("the cluster is not up")?;
-    let i = st
+/// A cluster process stopped by [`stop`], with what it takes to start it again as it was.
+#[must_use = "a stopped process stays stopped until `start` is called"]
+pub struct Stopped {
+    dir: std::path::PathBuf,
+    index: usize,
+    name: String,
+    log: std::path::PathBuf,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: std::path::PathBuf,
+}
+
+/// Stops the cluster's process `name` (as a crash would; SIGKILL after 10 s), keeping its
+/// command line, environment and folder for [`Stopped::start`].
+pub fn stop(dir: &Path, name: &str) -> Result<Stopped> {
+    let st = state::read::<State>(&dir.join("state.json"))?.context("the cluster is not up")?;
+    let index = st
         .procs
         .iter()
         .position(|p| p.name == name && p.alive())
         .with_context(|| format!("no running {name} in the cluster"))?;
-    let old = st.procs[i].clone();
+    let old = &st.procs[index];
     let split = |b: Vec<u8>| -> Vec<String> {
         b.split(|c| *c == 0)
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect()
     };
-    let argv = split(std::fs::read(format!("/proc/{}/cmdline", old.pid))?);
-    let env = split(std::fs::read(format!("/proc/{}/environ", old.pid))?);
-    let cwd = std::fs::read_link(format!("/proc/{}/cwd", old.pid))?;
-    let (program, args) = argv.split_first().context("empty command line")?;
+    let stopped = Stopped {
+        dir: dir.to_owned(),
+        index,
+        name: name.to_owned(),
+        log: old.log.clone(),
+        argv: split(std::fs::read(format!("/proc/{}/cmdline", old.pid))?),
+        env: split(std::fs::read(format!("/proc/{}/environ", old.pid))?),
+        cwd: std::fs::read_link(format!("/proc/{}/cwd", old.pid))?,
+    };
     old.stop(Duration::from_secs(10));
-    let mut n = 1;
-    while old.log.with_extension(format!("{n}.log")).exists() {
-        n += 1;
-    }
-    let _ = std::fs::rename(&old.log, old.log.with_extension(format!("{n}.log")));
-    let mut cmd = Command::new(program);
-    cmd.args(args).current_dir(cwd).env_clear();
-    for kv in env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
+    Ok(stopped)
+}
+
+impl Stopped {
+    /// Starts the process again with the same command line and environment; its old log is
+    /// kept as `<name>.<n>.log`. Returns once the new one runs.
+    pub fn start(self) -> Result<()> {
+        let path = self.dir.join("state.json");
+        let mut st = state::read::<State>(&path)?.context("the cluster is not up")?;
+        let mut n = 1;
+        while self.log.with_extension(format!("{n}.log")).exists() {
+            n += 1;
         }
+        let _ = std::fs::rename(&self.log, self.log.with_extension(format!("{n}.log")));
+        let (program, args) = self.argv.split_first().context("empty command line")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).current_dir(&self.cwd).env_clear();
+        for kv in &self.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        let logs = self.log.parent().context("log without folder")?;
+        let new = process::spawn(logs, &self.name, &mut cmd)?;
+        let slot = st
+            .procs
+            .get_mut(self.index)
+            .context("state.json changed while the process was stopped")?;
+        *slot = new;
+        state::write(&path, &st)
     }
-    let logs = old.log.parent().context("log without folder")?;
-    let new = process::spawn(logs, name, &mut cmd)?;
-    st.procs[i] = new;
-    state::write(&path, &st)
+}
+
+/// Stops the cluster's process `name` and starts it again with the same command line and
+/// environment, as a crash and a supervisor's restart would.
+pub fn restart(dir: &Path, name: &str) -> Result<()> {
+    stop(dir, name)?.start()
 }
 
 /// Resident memory of `pid` in KiB (`VmRSS`), if it runs.

@@ -38,6 +38,8 @@ const TESTS: &[(&str, Test)] = tests![
     the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named,
     real_watches_follow_pods_scaled_objects_and_targets_and_relist_after_a_410_from_etcd_compaction,
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
+    a_custom_kinds_selector_comes_from_its_scale_subresource_once_rbac_grants_it,
+    an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recovers,
     // Last: it uninstalls gpuscale.
     cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server,
 ];
@@ -279,6 +281,23 @@ where
     }
 }
 
+/// Applies [`deployment`] `ns/app`, waits for its `replicas` pods to run, and sets their
+/// simulated `load` (when given).
+async fn run_deployment(
+    ctx: &Ctx,
+    ns: &str,
+    app: &str,
+    (replicas, gpus): (i32, u32),
+    load: Option<&str>,
+) -> Result<()> {
+    apply(ctx, deployment(ns, app, replicas, gpus)).await?;
+    wait_running(ctx, ns, app, replicas as usize).await?;
+    if let Some(load) = load {
+        set_load(ctx, ns, app, load).await?;
+    }
+    Ok(())
+}
+
 /// Waits for `app`'s Deployment to have `want` running pods.
 async fn wait_running(ctx: &Ctx, ns: &str, app: &str, want: usize) -> Result<()> {
     eventually(
@@ -371,8 +390,7 @@ async fn keda_builds_the_hpa_from_get_metric_spec_and_a_load_step_moves_replicas
 ) -> Result<()> {
     let (ns, app) = ("t-sum", "vllm");
     namespace(ctx, ns).await?;
-    apply(ctx, deployment(ns, app, 2, 1)).await?;
-    wait_running(ctx, ns, app, 2).await?;
+    run_deployment(ctx, ns, app, (2, 1), None).await?;
     apply(ctx, scaled_object(ctx, ns, app, json!({}), json!({}))).await?;
 
     let h = hpa(ctx, ns, app).await?;
@@ -407,8 +425,7 @@ async fn a_load_step_moves_replicas_as_avg_with_metric_type_value_predicts(
 ) -> Result<()> {
     let (ns, app) = ("t-avg", "vllm");
     namespace(ctx, ns).await?;
-    apply(ctx, deployment(ns, app, 2, 1)).await?;
-    wait_running(ctx, ns, app, 2).await?;
+    run_deployment(ctx, ns, app, (2, 1), None).await?;
     let mut so = scaled_object(ctx, ns, app, json!({"aggregation": "avg"}), json!({}));
     so["spec"]["triggers"][0]["metricType"] = json!("Value");
     apply(ctx, so).await?;
@@ -506,9 +523,7 @@ async fn a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_
 ) -> Result<()> {
     let (ns, app) = ("t-fallback", "vllm");
     namespace(ctx, ns).await?;
-    apply(ctx, deployment(ns, app, 2, 1)).await?;
-    wait_running(ctx, ns, app, 2).await?;
-    set_load(ctx, ns, app, "sm_active=75").await?;
+    run_deployment(ctx, ns, app, (2, 1), Some("sm_active=75")).await?;
     apply(
         ctx,
         scaled_object(
@@ -799,18 +814,14 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
 /// Restarts kube-apiserver with its command line and waits for its `/readyz`.
 async fn restart_apiserver(ctx: &Ctx, dir: &std::path::Path) -> Result<()> {
     gpuscale_cluster::ops::restart(dir, "kube-apiserver")?;
+    apiserver_ready(ctx).await
+}
+
+async fn apiserver_ready(ctx: &Ctx) -> Result<()> {
     eventually(
         "kube-apiserver ready again",
         Duration::from_secs(90),
-        || async {
-            let req = http::Request::get("/readyz").body(Vec::new())?;
-            let ok = ctx
-                .client
-                .request_text(req)
-                .await
-                .is_ok_and(|t| t.trim() == "ok");
-            Ok((ok, String::new()))
-        },
+        || async { Ok((kube_util::ready(&ctx.client).await, String::new())) },
     )
     .await
 }
@@ -950,4 +961,216 @@ async fn real_watches_follow_pods_scaled_objects_and_targets_and_relist_after_a_
         );
     }
     Ok(())
+}
+
+/// The error `query` printed for ScaledObject `ns/name` (of `GetMetricSpec` or else of
+/// `GetMetrics`), once it contains `want`.
+async fn value_error_contains(ctx: &Ctx, ns: &str, name: &str, want: &str) -> Result<String> {
+    let seen = std::cell::RefCell::new(String::new());
+    eventually(
+        &format!("the answer for {ns}/{name} is an error containing {want:?}"),
+        Duration::from_secs(60),
+        || {
+            let seen = &seen;
+            async move {
+                let v = query(ctx, ns, name)?;
+                // `error`: GetMetricSpec failed already; `value_error`: GetMetrics did.
+                let error = v["error"]
+                    .as_str()
+                    .or(v["value_error"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                let found = error.contains(want);
+                *seen.borrow_mut() = error;
+                Ok((found, v.to_string()))
+            }
+        },
+    )
+    .await?;
+    Ok(seen.into_inner())
+}
+
+/// A custom workload kind, shaped like Argo Rollouts: a CRD with a `/scale` subresource whose
+/// `labelSelectorPath` is `.status.selector`.
+fn rollout_crd() -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "rollouts.argoproj.io"},
+        "spec": {
+            "group": "argoproj.io", "scope": "Namespaced",
+            "names": {"plural": "rollouts", "singular": "rollout", "kind": "Rollout",
+                      "listKind": "RolloutList"},
+            "versions": [{
+                "name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true}},
+                "subresources": {
+                    "status": {},
+                    "scale": {"specReplicasPath": ".spec.replicas",
+                              "statusReplicasPath": ".status.replicas",
+                              "labelSelectorPath": ".status.selector"}
+                }
+            }]
+        }
+    })
+}
+
+/// A ScaledObject whose target is not a Deployment: the collector reads the target's pod
+/// selector from its `/scale` subresource. `deploy/`'s ClusterRole grants `/scale` of the apps
+/// kinds only, so the real API server refuses the read and the answer is `UNAVAILABLE` naming
+/// the permission to grant; once a ClusterRole grants `get` on `rollouts/scale`, the collector
+/// answers from the pods the Rollout's `status.selector` names, and the HPA scales the Rollout
+/// through the same subresource: 2 pods at 90 % → ceil(180 / 80) = 3.
+async fn a_custom_kinds_selector_comes_from_its_scale_subresource_once_rbac_grants_it(
+    ctx: &Ctx,
+) -> Result<()> {
+    let ns = "t-rollout";
+    apply(ctx, rollout_crd()).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(ctx.client.clone());
+    eventually(
+        "the Rollout CRD established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get("rollouts.argoproj.io").await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok((established, String::new()))
+        },
+    )
+    .await?;
+    namespace(ctx, ns).await?;
+    // The pods the Rollout manages (a Deployment stands in for its ReplicaSets).
+    run_deployment(ctx, ns, "vllm-canary", (2, 1), Some("sm_active=90")).await?;
+    apply(
+        ctx,
+        json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+            "metadata": {"namespace": ns, "name": "canary"},
+            "spec": {"replicas": 2}}),
+    )
+    .await?;
+    let rollout_resource = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Rollout"),
+        "rollouts",
+    );
+    let rollouts: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &rollout_resource);
+    rollouts
+        .patch_status(
+            "canary",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 2, "selector": "app=vllm-canary"}})),
+        )
+        .await?;
+    let mut so = scaled_object(ctx, ns, "canary", json!({}), json!({"minReplicaCount": 1}));
+    so["spec"]["scaleTargetRef"] =
+        json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": "canary"});
+    apply(ctx, so).await?;
+
+    let refused = value_error_contains(ctx, ns, "canary", "forbidden by RBAC").await?;
+    if !refused.contains("Unavailable") || !refused.contains("get rollouts/scale") {
+        bail!("the refusal is UNAVAILABLE and names the permission to grant: {refused}");
+    }
+    let (sa_ns, sa) = gpuscale_cluster::up::COLLECTOR_SA;
+    apply(
+        ctx,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "t-gpuscale-collector-rollouts"},
+            "rules": [{"apiGroups": ["argoproj.io"], "resources": ["rollouts/scale"],
+                       "verbs": ["get"]}]}),
+    )
+    .await?;
+    apply(
+        ctx,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "t-gpuscale-collector-rollouts"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "t-gpuscale-collector-rollouts"},
+            "subjects": [{"kind": "ServiceAccount", "namespace": sa_ns, "name": sa}]}),
+    )
+    .await?;
+    // The refusal is read again within the collector's /scale refresh (30 s).
+    let granted = async {
+        value_is(
+            ctx,
+            ns,
+            "canary",
+            180.0,
+            "the Rollout's two pods at 90 %: 180",
+        )
+        .await?;
+        eventually(
+            "the HPA scales the Rollout to ceil(180 / 80) = 3",
+            Duration::from_secs(90),
+            || async {
+                let r = rollouts.get("canary").await?;
+                let n = r.data["spec"]["replicas"].as_i64();
+                Ok((n == Some(3), format!("spec.replicas {n:?}")))
+            },
+        )
+        .await
+    }
+    .await;
+    // Cluster-scoped objects outlive the test namespace.
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(ctx.client.clone());
+    let dp = Default::default();
+    let cleanup = async {
+        bindings
+            .delete("t-gpuscale-collector-rollouts", &dp)
+            .await?;
+        roles.delete("t-gpuscale-collector-rollouts", &dp).await?;
+        crds.delete("rollouts.argoproj.io", &dp).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    granted.and(cleanup)
+}
+
+/// The API server goes away: the collector keeps answering from the pod list it has, until it
+/// has been out of contact for longer than the trigger's `staleAfter` (10 s); then the answer
+/// is `UNAVAILABLE`, never a guess. The API server back, the answer comes back.
+async fn an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recovers(
+    ctx: &Ctx,
+) -> Result<()> {
+    let ns = "t-outage";
+    namespace(ctx, ns).await?;
+    run_deployment(ctx, ns, "vllm", (1, 1), Some("sm_active=50")).await?;
+    apply(
+        ctx,
+        scaled_object(ctx, ns, "vllm", json!({}), json!({"minReplicaCount": 1})),
+    )
+    .await?;
+    value_is(ctx, ns, "vllm", 50.0, "one pod at 50 %").await?;
+
+    let dir = ctx
+        .info
+        .kubeconfig
+        .parent()
+        .context("cluster folder")?
+        .to_owned();
+    let stopped = gpuscale_cluster::ops::stop(&dir, "kube-apiserver")?;
+    let outage = async {
+        let first = query(ctx, ns, "vllm")?;
+        if first["value"].as_f64() != Some(50.0) {
+            bail!(
+                "right after the API server stopped, the last pod list still answers 50: {first}"
+            );
+        }
+        let stale = value_error_contains(ctx, ns, "vllm", "pod metadata is stale").await?;
+        if !stale.contains("Unavailable") {
+            bail!("stale pod metadata is UNAVAILABLE: {stale}");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stopped.start()?;
+    outage?;
+    apiserver_ready(ctx).await?;
+    value_is(ctx, ns, "vllm", 50.0, "the API server back: 50 again").await
 }
