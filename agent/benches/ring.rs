@@ -102,6 +102,7 @@ fn ring_write(c: &mut Criterion) {
         name: "NVIDIA H100 80GB HBM3".into(),
         memory_total_bytes: 81_559 << 20,
         gpm_supported: true,
+        ..GpuInfo::default()
     };
     let writer = ShmWriter::open(&dir.0.join("agent.ring"), &params, &[gpu])
         .expect("opening a ring file in the temp dir");

@@ -59,15 +59,21 @@ pub struct DeviceOpenReport {
     pub exited: bool,
 }
 
-/// One GPU.
+/// One GPU, or one MIG instance of a GPU (listed after its parent, with `parent` set).
 #[derive(Debug, Serialize)]
 pub struct GpuReport {
-    /// NVML index.
+    /// NVML index (a MIG instance: its parent's).
     pub index: u32,
-    /// UUID.
+    /// UUID (`GPU-…`; a MIG instance's `MIG-…`).
     pub uuid: String,
     /// Product name.
     pub name: String,
+    /// MIG: the UUID of the physical GPU this instance is part of; `null` for a physical GPU.
+    pub parent: Option<String>,
+    /// MIG: the instance's GPU instance ID on its parent; `null` for a physical GPU.
+    pub gpu_instance_id: Option<u32>,
+    /// MIG mode of a physical GPU is enabled (its instances follow it).
+    pub mig_enabled: bool,
     /// `ok`, `lost`, `error` or `starting`.
     pub state: &'static str,
     /// Whether GPM metrics (sm_active …) are available.
@@ -176,6 +182,9 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
                 index: info.index,
                 uuid: info.uuid.clone(),
                 name: info.name.clone(),
+                parent: info.is_mig_instance().then(|| info.parent_uuid.clone()),
+                gpu_instance_id: info.gpu_instance_id,
+                mig_enabled: info.mig_enabled,
                 state: region.state().name(),
                 gpm_supported: info.gpm_supported,
                 memory_total_bytes: info.memory_total_bytes,
@@ -255,14 +264,42 @@ pub fn render_table(r: &Report) -> String {
         r.interval_ms,
         r.gpus.len()
     );
-    for g in &r.gpus {
+    // Each physical GPU, then its MIG instances indented under it; instances whose parent is
+    // not in the file (never written so by the agent) come last.
+    let is_child_of =
+        |g: &GpuReport, parent: &GpuReport| g.parent.as_deref() == Some(parent.uuid.as_str());
+    let mut order: Vec<(&GpuReport, bool)> = Vec::new();
+    for p in r.gpus.iter().filter(|g| g.parent.is_none()) {
+        order.push((p, false));
+        order.extend(
+            r.gpus
+                .iter()
+                .filter(|g| is_child_of(g, p))
+                .map(|g| (g, true)),
+        );
+    }
+    let orphans = r.gpus.iter().filter(|g| {
+        g.parent.is_some()
+            && !r
+                .gpus
+                .iter()
+                .any(|p| p.parent.is_none() && is_child_of(g, p))
+    });
+    order.extend(orphans.map(|g| (g, true)));
+    for (g, nested) in order {
+        let pad = if nested { "    " } else { "" };
         let age = g.age_ms.map_or("no samples yet".into(), |a| {
             format!("newest sample {:.1}s ago", a / 1e3)
         });
+        let what = match (&g.parent, g.gpu_instance_id) {
+            (Some(_), Some(gi)) => format!("MIG instance GI {gi} of GPU {}", g.index),
+            (Some(_), None) => format!("MIG instance of GPU {}", g.index),
+            (None, _) => format!("GPU {}", g.index),
+        };
+        let instances = r.gpus.iter().filter(|c| is_child_of(c, g)).count();
         let _ = writeln!(
             out,
-            "\nGPU {}  {}  {}  [{}]  {}{}",
-            g.index,
+            "\n{pad}{what}  {}  {}  [{}]  {}{}{}",
             g.name,
             g.uuid,
             g.state.to_uppercase(),
@@ -271,11 +308,16 @@ pub fn render_table(r: &Report) -> String {
                 ""
             } else {
                 "  (no GPM: sm_* read -)"
+            },
+            if g.mig_enabled {
+                format!("  (MIG mode: {instances} instance(s) below)")
+            } else {
+                String::new()
             }
         );
         let _ = writeln!(
             out,
-            "  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
+            "{pad}  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
             "metric", "last", "10s avg", "10s min", "10s max", "10s p95", "60s avg", "5m avg"
         );
         for m in Metric::ALL {
@@ -285,7 +327,7 @@ pub fn render_table(r: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
+                "{pad}  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
                 m.name(),
                 fmt_value(m, mr.last),
                 w("10s", |s| s.avg),
@@ -296,10 +338,12 @@ pub fn render_table(r: &Report) -> String {
                 w("5m", |s| s.avg),
             );
         }
-        if g.processes.is_empty() {
-            let _ = writeln!(out, "  processes: none");
+        if g.mig_enabled {
+            let _ = writeln!(out, "{pad}  processes: listed under its MIG instances");
+        } else if g.processes.is_empty() {
+            let _ = writeln!(out, "{pad}  processes: none");
         } else {
-            let _ = writeln!(out, "  processes:");
+            let _ = writeln!(out, "{pad}  processes:");
             for p in &g.processes {
                 let pod = match (&p.pod_uid, &p.container_id) {
                     (Some(uid), Some(c)) => format!("pod {uid} container {}", &c[..12]),
@@ -309,7 +353,7 @@ pub fn render_table(r: &Report) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "    pid {:<8} vram {:>10}   sm_util {:>5}   {} ({})",
+                    "{pad}    pid {:<8} vram {:>10}   sm_util {:>5}   {} ({})",
                     p.pid,
                     fmt_value(Metric::VramUsedBytes, p.used_memory_bytes.map(|b| b as f64)),
                     p.sm_util.map_or("-".into(), |u| format!("{u:.0} %")),
@@ -318,7 +362,7 @@ pub fn render_table(r: &Report) -> String {
                 );
             }
             if g.processes_truncated > 0 {
-                let _ = writeln!(out, "    … and {} more", g.processes_truncated);
+                let _ = writeln!(out, "{pad}    … and {} more", g.processes_truncated);
             }
         }
     }
@@ -355,4 +399,96 @@ pub fn render_table(r: &Report) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{GpuState, Sample, Slot};
+    use crate::shm::{GpuInfo, Params, ShmWriter};
+
+    fn info(uuid: &str, parent: &str, gi: Option<u32>) -> GpuInfo {
+        GpuInfo {
+            uuid: uuid.into(),
+            name: if parent.is_empty() {
+                "NVIDIA H100 80GB HBM3".into()
+            } else {
+                "NVIDIA H100 80GB HBM3 MIG 1g.10gb".into()
+            },
+            memory_total_bytes: 10 << 30,
+            gpm_supported: true,
+            parent_uuid: parent.into(),
+            gpu_instance_id: gi,
+            mig_enabled: parent.is_empty() && uuid == "GPU-p",
+            ..GpuInfo::default()
+        }
+    }
+
+    #[test]
+    fn mig_instances_show_under_their_parent() {
+        let dir = std::env::temp_dir().join(format!("gpuscale-dump-mig-{}", std::process::id()));
+        let path = dir.join("agent.ring");
+        let params = Params {
+            capacity: 1024,
+            interval_ns: 100_000_000,
+            node_name: "node-a".into(),
+            driver_version: "580.159.04".into(),
+        };
+        // As the sampler lists them, but with a plain GPU between the parent and its instances,
+        // which the table must not mix up.
+        let gpus = [
+            info("GPU-p", "", None),
+            info("GPU-plain", "", None),
+            info("MIG-a", "GPU-p", Some(7)),
+            info("MIG-b", "GPU-p", Some(9)),
+        ];
+        let w = ShmWriter::open(&path, &params, &gpus).unwrap();
+        let mut s = Sample::empty(crate::unix_now_ns(), GpuState::Ok);
+        s.set(Slot::SmActive, 40.0);
+        w.regions()[2].ring().push(&s);
+
+        let r = ShmReader::open(&path).unwrap();
+        let report = collect(&r, crate::unix_now_ns());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["gpus"][2]["parent"], "GPU-p");
+        assert_eq!(json["gpus"][2]["gpu_instance_id"], 7);
+        assert_eq!(json["gpus"][0]["parent"], serde_json::Value::Null);
+        assert_eq!(json["gpus"][0]["mig_enabled"], true);
+        assert_eq!(json["gpus"][2]["metrics"]["sm_active"]["last"], 40.0);
+
+        let table = render_table(&report);
+        let line = |needle: &str| {
+            table
+                .lines()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in\n{table}"))
+        };
+        let (p, a, b, plain) = (
+            line("GPU-p"),
+            line("MIG-a"),
+            line("MIG-b"),
+            line("GPU-plain"),
+        );
+        assert!(
+            p < a && a < b && b < plain,
+            "instances right under their parent:\n{table}"
+        );
+        assert!(
+            table.contains("GPU 0  NVIDIA H100 80GB HBM3  GPU-p"),
+            "{table}"
+        );
+        assert!(table.contains("(MIG mode: 2 instance(s) below)"), "{table}");
+        assert!(
+            table.contains(
+                "\n    MIG instance GI 7 of GPU 0  NVIDIA H100 80GB HBM3 MIG 1g.10gb  MIG-a"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("processes: listed under its MIG instances"),
+            "{table}"
+        );
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -62,6 +62,25 @@ pub enum Error {
         /// NVML's error.
         error: nvml_wrapper::error::NvmlError,
     },
+    /// A MIG device of a MIG-enabled GPU could not be opened.
+    #[error(
+        "NVML from {path:?} failed to open MIG device {mig_index} of GPU {gpu} ({uuid}): \
+         {error}. The agent samples all MIG instances of a GPU or none (a pod on an instance it \
+         missed would read as idle); check the GPU's instances with `nvidia-smi mig -lgi` and \
+         restart the agent once they are set up"
+    )]
+    MigDevice {
+        /// The library path.
+        path: PathBuf,
+        /// NVML index of the parent GPU.
+        gpu: u32,
+        /// UUID of the parent GPU.
+        uuid: String,
+        /// The MIG device index (`nvmlDeviceGetMigDeviceHandleByIndex`).
+        mig_index: u32,
+        /// NVML's error.
+        error: nvml_wrapper::error::NvmlError,
+    },
     /// The ring file could not be created, opened, sized or mapped.
     #[error("cannot {what} the ring file {path:?}: {error}. Check --shm / GPUSCALE_SHM points at a writable place (default /dev/shm/gpuscale/agent.ring)")]
     Shm {

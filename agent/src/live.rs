@@ -3,9 +3,10 @@
 //! read by the gRPC server. No I/O.
 //!
 //! Per-pod values come from [`crate::attribution`]. A pod that used the GPU before but has no
-//! process on it now gets zeros (it measurably uses nothing there) until it has been absent for
-//! [`POD_FORGET_AFTER`]; while the GPU itself is lost or failing, every pod's values are
-//! unavailable, never zero.
+//! process on it now gets zeros (it measurably uses nothing there) for every metric the GPU
+//! measured in that sample, until it has been absent for [`POD_FORGET_AFTER`]; a metric the GPU
+//! does not measure (utilization on a MIG instance, GPM without GPM) stays unavailable, and
+//! while the GPU itself is lost or failing, every pod's values are unavailable, never zero.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -52,8 +53,12 @@ pub struct GpuLive {
     interval: Duration,
 }
 
-fn idle_values() -> [Option<f64>; Metric::COUNT] {
-    Metric::ALL.map(|m| (m != Metric::TemperatureC).then_some(0.0))
+/// A pod's values on a GPU it no longer uses, given the GPU's `measured` values: 0 for what the
+/// GPU measured, unavailable for the rest (and for the temperature, which is not a use).
+fn idle_values(measured: &[Option<f64>; Metric::COUNT]) -> [Option<f64>; Metric::COUNT] {
+    std::array::from_fn(|i| {
+        (Metric::ALL[i] != Metric::TemperatureC && measured[i].is_some()).then_some(0.0)
+    })
 }
 
 impl GpuLive {
@@ -130,7 +135,7 @@ impl GpuLive {
             if attributed.iter().any(|pv| pv.pod_uid == uid) {
                 return true;
             }
-            pod.windows.push_metrics(ts, idle_values());
+            pod.windows.push_metrics(ts, idle_values(&values));
             pod.pids.clear();
             ts.saturating_sub(pod.last_present_ns) < POD_FORGET_AFTER_NS
         });
@@ -184,6 +189,27 @@ mod tests {
         assert!(live.pods["a"].pids.is_empty());
         live.record(&sample(400 * S, 0.0), vec![]);
         assert!(!live.pods.contains_key("a"));
+    }
+
+    #[test]
+    fn a_pod_that_leaves_reads_zero_only_for_what_the_gpu_measures() {
+        // A MIG instance: GPM and memory, no utilization.
+        let mut live = GpuLive::new(GpuWindows::for_gpu(), 10 << 30, Duration::from_secs(1));
+        let mig_sample = |ts: u64| {
+            let mut s = Sample::empty(ts, GpuState::Ok);
+            s.set(Slot::SmActive, 40.0);
+            s.set_vram_used(4 << 30);
+            s
+        };
+        live.record(&mig_sample(0), vec![proc(1, "a", None)]);
+        assert_eq!(avg(&live, "a", Metric::SmActive), Some(40.0));
+        assert_eq!(avg(&live, "a", Metric::GpuUtil), None);
+        live.record(&mig_sample(S), vec![]);
+        let last = |m: Metric| live.pods["a"].windows.last(m.index());
+        assert_eq!(last(Metric::SmActive), Some(0.0));
+        assert_eq!(last(Metric::VramUsedBytes), Some(0.0));
+        assert_eq!(last(Metric::GpuUtil), None, "not measured: never 0");
+        assert_eq!(last(Metric::PowerWatts), None);
     }
 
     #[test]

@@ -442,6 +442,7 @@ mod tests {
             name: "NVIDIA H100 80GB HBM3".into(),
             memory_total_bytes: 80 << 30,
             gpm_supported: gpm,
+            ..GpuInfo::default()
         }
     }
 

@@ -9,7 +9,8 @@
 //! ┌──────────────────────────────────────────────────────────────────────────────┐
 //! │ FileHeader (256 B): magic "GPUSCRNG", layout version, header/record/region   │
 //! │   sizes, capacity, gpu count, interval, node name, driver version            │
-//! │ GpuEntry × gpu_count (256 B each): index, GPM flag, VRAM total, UUID, name    │
+//! │ GpuEntry × gpu_count (256 B each): index, flags (GPM, MIG mode), VRAM total,  │
+//! │   UUID, name, MIG parent entry + GPU instance ID (zero: a physical GPU)      │
 //! │ … zero padding to a 4 KiB boundary (= header_bytes)                          │
 //! ├─ GPU region 0 (region_bytes) ────────────────────────────────────────────────┤
 //! │ +0    head   u64  records ever written (writer: Release; readers: Acquire)   │
@@ -19,6 +20,8 @@
 //! │ +…    slots × capacity: [stamp u64][Sample: 8 × u64]                         │
 //! ├─ GPU region 1 … ─────────────────────────────────────────────────────────────┤
 //! ```
+//!
+//! A MIG instance is a "GPU" of this layout: an entry and a region of its own, after its parent's.
 //!
 //! Seqlock slots (Boehm, "Can seqlocks get along with programming language memory models?"):
 //! writing record `p` into slot `p % capacity` stores stamp `2p+1` (odd: being written), then the

@@ -8,7 +8,14 @@
 //!
 //! A GPU whose calls fail is marked `lost` (NVML `GPU_IS_LOST`) or `error` and retried with
 //! exponential backoff (1 s doubling to 30 s); meanwhile its ring keeps receiving empty samples
-//! in that state every interval, so readers see when it went away.
+//! in that state every interval, so readers see when it went away. A value NVML does not support
+//! on a device (utilization on a MIG instance, power on a MIG handle, …) is absent, not an error.
+//!
+//! MIG: each MIG instance of a MIG-enabled GPU is sampled as a device of its own, listed right
+//! after its parent (one thread and one ring region each): its memory and processes from its MIG
+//! handle, its GPM values from `nvmlGpmMigSampleGet` on the parent. The parent keeps its own
+//! memory, power and temperature; its processes are listed (and attributed to pods) only under
+//! its instances, so that no pod is counted twice.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +26,7 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::gpm::GpmMetricId;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::error::{nvml_sym, nvml_try};
 use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, Nvml};
 
@@ -164,7 +172,80 @@ fn describe(device: &Device<'_>, index: u32) -> GpuInfo {
         name: device.name().unwrap_or_else(|_| "unknown".into()),
         memory_total_bytes: device.memory_info().map_or(0, |m| m.total),
         gpm_supported: device.gpm_support().unwrap_or(false),
+        // NOT_SUPPORTED (a GPU without MIG), or any other answer: MIG is not in use.
+        mig_enabled: device
+            .mig_mode()
+            .is_ok_and(|m| m.current == nvml_wrapper_sys::bindings::NVML_DEVICE_MIG_ENABLE),
+        ..GpuInfo::default()
     }
+}
+
+/// `nvmlDeviceGetGpuInstanceId` of a MIG device. nvml-wrapper 0.13 has no wrapper for it, so
+/// this calls the symbol from nvml-wrapper-sys's table of the library `nvml` loaded.
+fn gpu_instance_id(nvml: &Nvml, device: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetGpuInstanceId.as_ref())?;
+    // SAFETY: a handle of `nvml`'s library, used while `nvml` is alive; only passed to NVML.
+    let handle: nvml_wrapper_sys::bindings::nvmlDevice_t = unsafe { device.handle() };
+    let mut id: std::ffi::c_uint = 0;
+    // SAFETY: `sym` is the library's `nvmlDeviceGetGpuInstanceId` with the C signature bindgen
+    // generated from nvml.h; `handle` is valid (above) and `id` a valid out-pointer.
+    nvml_try(unsafe { sym(handle, &mut id) })?;
+    Ok(id)
+}
+
+/// The MIG instances of the MIG-enabled GPU `parent` (described by `info`), in MIG device index
+/// order, each described as a GPU of its own.
+///
+/// Fails when a filled slot cannot be opened: sampling some instances and not others would show
+/// the pods of the missing ones as using no GPU.
+fn mig_instances<'n>(
+    nvml: &'n Nvml,
+    lib_path: &Path,
+    parent: &Device<'n>,
+    info: &GpuInfo,
+) -> Result<Vec<(Device<'n>, GpuInfo)>> {
+    let max = parent.mig_device_count().map_err(|error| Error::Nvml {
+        path: lib_path.to_owned(),
+        what: "count the MIG devices of a MIG-enabled GPU",
+        error,
+    })?;
+    let mut out = Vec::new();
+    for mig_index in 0..max {
+        let device = match parent.mig_device_by_index(mig_index) {
+            Ok(d) => d,
+            // An empty slot: MIG device indexes can be sparse.
+            Err(NvmlError::NotFound) => continue,
+            Err(error) => {
+                return Err(Error::MigDevice {
+                    path: lib_path.to_owned(),
+                    gpu: info.index,
+                    uuid: info.uuid.clone(),
+                    mig_index,
+                    error,
+                })
+            }
+        };
+        let gpu_instance_id = match gpu_instance_id(nvml, &device) {
+            Ok(id) => Some(id),
+            Err(error) => {
+                tracing::warn!(gpu = info.index, mig_index, %error, "cannot read the GPU instance ID of a MIG device; its GPM values are unavailable");
+                None
+            }
+        };
+        let mig = GpuInfo {
+            index: info.index,
+            uuid: device.uuid().unwrap_or_default(),
+            name: device.name().unwrap_or_else(|_| "unknown".into()),
+            memory_total_bytes: device.memory_info().map_or(0, |m| m.total),
+            // GPM of an instance is read through its parent (nvmlGpmMigSampleGet).
+            gpm_supported: info.gpm_supported && gpu_instance_id.is_some(),
+            parent_uuid: info.uuid.clone(),
+            gpu_instance_id,
+            mig_enabled: false,
+        };
+        out.push((device, mig));
+    }
+    Ok(out)
 }
 
 /// Per-process SM utilization the slow thread measured for one GPU.
@@ -280,20 +361,38 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         .sys_driver_version()
         .unwrap_or_else(|_| "unknown".into());
     let count = nvml.device_count().map_err(nvml_err("count GPUs"))?;
+    // Every sampled device: physical GPUs, each followed by its MIG instances (whose `parents`
+    // entry is the position of their GPU).
     let mut devices = Vec::new();
+    let mut parents = Vec::new();
+    let mut gpus: Vec<GpuInfo> = Vec::new();
     for i in 0..count {
-        devices.push(nvml.device_by_index(i).map_err(nvml_err("open a GPU"))?);
+        let device = nvml.device_by_index(i).map_err(nvml_err("open a GPU"))?;
+        let info = describe(&device, i);
+        let instances = if info.mig_enabled {
+            mig_instances(&nvml, &config.nvml_lib, &device, &info)?
+        } else {
+            Vec::new()
+        };
+        let parent = devices.len();
+        devices.push(device);
+        parents.push(None);
+        gpus.push(info);
+        for (d, info) in instances {
+            devices.push(d);
+            parents.push(Some(parent));
+            gpus.push(info);
+        }
     }
-    let gpus: Vec<GpuInfo> = devices
-        .iter()
-        .zip(0..)
-        .map(|(d, i)| describe(d, i))
-        .collect();
     if gpus.is_empty() {
         tracing::warn!("NVML reports zero GPUs on this node; the agent runs and reports none");
     }
     for g in &gpus {
-        tracing::info!(gpu = g.index, uuid = %g.uuid, name = %g.name, gpm = g.gpm_supported, "found GPU");
+        if g.is_mig_instance() {
+            tracing::info!(gpu = g.index, uuid = %g.uuid, name = %g.name, parent = %g.parent_uuid, gpu_instance_id = ?g.gpu_instance_id, gpm = g.gpm_supported, "found MIG instance");
+        } else {
+            tracing::info!(gpu = g.index, uuid = %g.uuid, name = %g.name, gpm = g.gpm_supported, mig = g.mig_enabled, "found GPU");
+        }
     }
     let params = shm::Params {
         capacity: shm::capacity_for(config.interval, RING_HISTORY),
@@ -347,6 +446,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         for (i, (device, region)) in devices.iter().zip(&regions).enumerate() {
             let agent = &*agent;
             let nvml = &nvml;
+            let parent = parents[i].map(|p| &devices[p]);
             std::thread::Builder::new()
                 .name(format!("sampler-{i}"))
                 .spawn_scoped(s, move || {
@@ -354,6 +454,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
                     DeviceLoop::new(
                         nvml,
                         device,
+                        parent,
                         region,
                         agent,
                         i,
@@ -479,9 +580,24 @@ fn classify(e: NvmlError) -> Failure {
     }
 }
 
+/// What a [`DeviceLoop`] samples.
+#[derive(Clone, Copy)]
+enum Kind<'a, 'n> {
+    /// A physical GPU without MIG.
+    Gpu,
+    /// A physical GPU in MIG mode: its processes belong to its instances' loops.
+    MigParent,
+    /// A MIG instance of `parent`; GPM through the parent when the instance ID is known.
+    MigInstance {
+        parent: &'a Device<'n>,
+        gpu_instance_id: Option<u32>,
+    },
+}
+
 struct DeviceLoop<'a, 'n> {
     nvml: &'n Nvml,
     device: &'a Device<'n>,
+    kind: Kind<'a, 'n>,
     region: &'a Region<'a>,
     agent: &'a Agent,
     gpu: usize,
@@ -503,18 +619,32 @@ struct GpmState<'n> {
 }
 
 impl<'a, 'n> DeviceLoop<'a, 'n> {
+    /// The loop of device `gpu` (a position in `agent.gpus`); `parent` is the physical GPU of a
+    /// MIG instance.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         nvml: &'n Nvml,
         device: &'a Device<'n>,
+        parent: Option<&'a Device<'n>>,
         region: &'a Region<'a>,
         agent: &'a Agent,
         gpu: usize,
         interval: Duration,
         proc_root: &Path,
     ) -> Self {
+        let info = &agent.gpus[gpu];
+        let kind = match parent {
+            Some(parent) => Kind::MigInstance {
+                parent,
+                gpu_instance_id: info.gpu_instance_id,
+            },
+            None if info.mig_enabled => Kind::MigParent,
+            None => Kind::Gpu,
+        };
         DeviceLoop {
             nvml,
             device,
+            kind,
             region,
             agent,
             gpu,
@@ -609,10 +739,12 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
 
     fn try_sample(&mut self, now: Instant) -> Result<(Sample, Vec<ProcessEntry>), Failure> {
         let d = self.device;
-        let util = d.utilization_rates().map_err(classify)?;
         let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
-        s.set(Slot::GpuUtil, util.gpu as f32);
-        s.set(Slot::MemUtil, util.memory as f32);
+        // NOT_SUPPORTED on MIG instances and on GPUs in MIG mode: absent, never 0.
+        if let Some(util) = optional(d.utilization_rates())? {
+            s.set(Slot::GpuUtil, util.gpu as f32);
+            s.set(Slot::MemUtil, util.memory as f32);
+        }
         if let Some(m) = optional(d.memory_info())? {
             s.set_vram_used(m.used);
         }
@@ -635,7 +767,14 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                 s.set(slot, v);
             }
         }
-        let procs = optional(d.running_compute_processes())?.unwrap_or_default();
+        let procs = match self.kind {
+            // In MIG mode NVML lists every instance's processes here too; they are read (and
+            // attributed) per instance, so a pod is never counted on both.
+            Kind::MigParent => Vec::new(),
+            Kind::Gpu | Kind::MigInstance { .. } => {
+                optional(d.running_compute_processes())?.unwrap_or_default()
+            }
+        };
         s.process_count = procs.len() as u32;
         let processes = self.publish_processes(s.ts_ns, &procs);
         Ok((s, processes))
@@ -650,7 +789,18 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             .as_ref()
             .is_none_or(|(_, at)| now.duration_since(*at) + GPM_SPACING_SLACK >= GPM_MIN_SPACING);
         if due {
-            let Some(sample) = optional(self.device.gpm_sample())? else {
+            let sample = match self.kind {
+                Kind::Gpu | Kind::MigParent => self.device.gpm_sample(),
+                Kind::MigInstance {
+                    parent,
+                    gpu_instance_id: Some(id),
+                } => parent.gpm_mig_sample(id),
+                Kind::MigInstance {
+                    gpu_instance_id: None,
+                    ..
+                } => return Ok(None),
+            };
+            let Some(sample) = optional(sample)? else {
                 return Ok(None);
             };
             if let Some((prev, _)) = &g.prev {
@@ -739,7 +889,8 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         let mut pu = self.agent.proc_util[self.gpu]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        pu.wanted = procs.len() > 1;
+        // NVML has no per-process utilization on MIG instances: their split by SM stays absent.
+        pu.wanted = procs.len() > 1 && !matches!(self.kind, Kind::MigInstance { .. });
         let fresh = pu
             .at
             .is_some_and(|at| at.elapsed() <= 3 * proc_util_period(self.interval));

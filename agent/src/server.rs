@@ -98,6 +98,9 @@ fn gpu_summary(
         gpm_supported: info.gpm_supported,
         memory_total_bytes: info.memory_total_bytes,
         newest_sample_unix_ns: live.newest_ns,
+        parent_uuid: info.parent_uuid.clone(),
+        gpu_instance_id: info.gpu_instance_id,
+        mig_enabled: info.mig_enabled,
         metrics: gpu_metrics,
         processes: live
             .processes
@@ -318,4 +321,84 @@ async fn report_health(reporter: HealthReporter, agent: Arc<Agent>, stop: Arc<St
         }
     }
     set_health(&reporter, ServingStatus::NotServing).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{Sample, Slot};
+    use crate::shm::{GpuInfo, ProcessEntry, Source};
+
+    const UID: &str = "0a0a0a0a-1111-4222-8333-444444444444";
+
+    fn last(ms: &[MetricSummary], name: &str) -> Option<f64> {
+        ms.iter().find(|m| m.metric == name).and_then(|m| m.last)
+    }
+
+    #[test]
+    fn a_mig_instance_is_a_gpu_of_its_own_naming_its_parent_and_its_pods() {
+        let parent = GpuInfo {
+            uuid: "GPU-p".into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            gpm_supported: true,
+            mig_enabled: true,
+            ..GpuInfo::default()
+        };
+        let instance = GpuInfo {
+            uuid: "MIG-a".into(),
+            name: "NVIDIA H100 80GB HBM3 MIG 1g.10gb".into(),
+            memory_total_bytes: 10 << 30,
+            gpm_supported: true,
+            parent_uuid: "GPU-p".into(),
+            gpu_instance_id: Some(7),
+            ..GpuInfo::default()
+        };
+        let agent = Agent::for_tests(vec![parent, instance], Duration::from_millis(100));
+        // What NVML gives: the parent's power (no utilization in MIG mode); the instance's GPM
+        // and memory (no utilization, power or temperature).
+        let mut p = Sample::empty(unix_now_ns(), GpuState::Ok);
+        p.set(Slot::PowerWatts, 300.0);
+        agent.tick_for_tests(0, &p, vec![]);
+        let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
+        s.set(Slot::SmActive, 40.0);
+        s.set_vram_used(4 << 30);
+        let process = ProcessEntry {
+            pid: 11,
+            used_memory_bytes: Some(3 << 30),
+            pod_uid: Some(UID.into()),
+            source: Source::Procfs,
+            ..ProcessEntry::default()
+        };
+        agent.tick_for_tests(1, &s, vec![process]);
+
+        let snap = snapshot(&agent, 0);
+        let [g0, g1] = &snap.gpus[..] else {
+            panic!("two GPUs: {:?}", snap.gpus)
+        };
+        assert!(g0.mig_enabled);
+        assert_eq!((g0.parent_uuid.as_str(), g0.gpu_instance_id), ("", None));
+        assert_eq!(last(&g0.metrics, "power_watts"), Some(300.0));
+        assert_eq!(last(&g0.metrics, "gpu_util"), None);
+        assert!(!g1.mig_enabled);
+        assert_eq!(
+            (g1.parent_uuid.as_str(), g1.gpu_instance_id),
+            ("GPU-p", Some(7))
+        );
+        assert_eq!(g1.uuid, "MIG-a");
+        // The pod is on the instance alone: the instance's values, under its MIG UUID.
+        let [pod] = &snap.pods[..] else {
+            panic!("one pod: {:?}", snap.pods)
+        };
+        assert_eq!(
+            (pod.pod_uid.as_str(), pod.gpu_uuid.as_str()),
+            (UID, "MIG-a")
+        );
+        assert_eq!(last(&pod.metrics, "sm_active"), Some(40.0));
+        assert_eq!(
+            last(&pod.metrics, "vram_used_bytes"),
+            Some(4.0 * (1u64 << 30) as f64)
+        );
+        assert_eq!(last(&pod.metrics, "gpu_util"), None, "unavailable, never 0");
+    }
 }

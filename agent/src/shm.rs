@@ -72,12 +72,17 @@ pub struct FileHeader {
 const _: () = assert!(std::mem::size_of::<FileHeader>() == 256);
 
 /// One GPU table entry. 256 bytes, no implicit padding.
+///
+/// A MIG instance has an entry (and a region) of its own, after its parent's. The MIG fields
+/// sit in what layout version 3 first reserved: zero there means a physical GPU without MIG, so
+/// files of agents that predate MIG read the same, and the layout version stays 3.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 #[repr(C)]
 pub struct GpuEntry {
-    /// NVML index.
+    /// NVML index (a MIG instance: its parent's).
     pub index: u32,
-    /// Bit 0: GPM supported.
+    /// Bit 0: GPM supported. Bit 1: MIG mode enabled (a physical GPU). Bit 2: `gpu_instance_id`
+    /// is known (a MIG instance).
     pub flags: u32,
     /// Total device memory, bytes (0 when unknown).
     pub memory_total_bytes: u64,
@@ -85,46 +90,104 @@ pub struct GpuEntry {
     pub uuid: [u8; 96],
     /// Product name, NUL padded.
     pub name: [u8; 96],
+    /// A MIG instance: 1 + the table position of its parent GPU; 0 for a physical GPU.
+    pub parent: u32,
+    /// A MIG instance: its GPU instance ID on the parent (when flag bit 2 is set).
+    pub gpu_instance_id: u32,
     /// Reserved; zero.
-    pub _reserved: [u8; 48],
+    pub _reserved: [u8; 40],
 }
 
 const _: () = assert!(std::mem::size_of::<GpuEntry>() == 256);
+const _: () = assert!(std::mem::offset_of!(GpuEntry, parent) == 208);
 
-/// What the agent knows about a GPU when it creates the file.
-#[derive(Clone, Debug, PartialEq)]
+const FLAG_GPM: u32 = 1;
+const FLAG_MIG_ENABLED: u32 = 1 << 1;
+const FLAG_GPU_INSTANCE_ID: u32 = 1 << 2;
+
+/// What the agent knows about a GPU (or a MIG instance, sampled as a GPU of its own) when it
+/// creates the file.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GpuInfo {
-    /// NVML index.
+    /// NVML index (a MIG instance: its parent's).
     pub index: u32,
-    /// UUID (`GPU-…`), or empty when NVML could not say.
+    /// UUID (`GPU-…`, a MIG instance's `MIG-…`), or empty when NVML could not say.
     pub uuid: String,
     /// Product name.
     pub name: String,
-    /// Total device memory, bytes (0 when unknown).
+    /// Total device memory, bytes (0 when unknown); a MIG instance's own share.
     pub memory_total_bytes: u64,
     /// Whether GPM metrics are available.
     pub gpm_supported: bool,
+    /// MIG: the UUID of the physical GPU this MIG instance is part of; empty for a physical GPU.
+    pub parent_uuid: String,
+    /// MIG: the GPU instance ID of this instance on its parent (`nvmlDeviceGetGpuInstanceId`);
+    /// `None` for a physical GPU, or when NVML could not say.
+    pub gpu_instance_id: Option<u32>,
+    /// MIG mode of a physical GPU is enabled (its instances follow it as GPUs of their own).
+    pub mig_enabled: bool,
+}
+
+impl GpuInfo {
+    /// Whether this is a MIG instance rather than a physical GPU.
+    pub fn is_mig_instance(&self) -> bool {
+        !self.parent_uuid.is_empty()
+    }
 }
 
 impl GpuEntry {
-    fn from_info(info: &GpuInfo) -> GpuEntry {
+    /// The entry of `info`, whose parent (for a MIG instance) is looked up in `table`, the
+    /// whole list being written.
+    fn from_info(info: &GpuInfo, table: &[GpuInfo]) -> GpuEntry {
         let mut e = GpuEntry::zeroed();
         e.index = info.index;
-        e.flags = u32::from(info.gpm_supported);
+        for (on, flag) in [
+            (info.gpm_supported, FLAG_GPM),
+            (info.mig_enabled, FLAG_MIG_ENABLED),
+            (info.gpu_instance_id.is_some(), FLAG_GPU_INSTANCE_ID),
+        ] {
+            if on {
+                e.flags |= flag;
+            }
+        }
         e.memory_total_bytes = info.memory_total_bytes;
         put_str(&mut e.uuid, &info.uuid);
         put_str(&mut e.name, &info.name);
+        if info.is_mig_instance() {
+            // The sampler lists every MIG instance after its parent, so the parent is found.
+            e.parent = table
+                .iter()
+                .position(|g| !g.is_mig_instance() && g.uuid == info.parent_uuid)
+                .map_or(0, |p| p as u32 + 1);
+        }
+        e.gpu_instance_id = info.gpu_instance_id.unwrap_or(0);
         e
     }
 
-    fn info(&self) -> GpuInfo {
+    /// The entry's info; `table` holds the entries of the whole file (for the parent's UUID).
+    fn info(&self, table: &[GpuEntry]) -> GpuInfo {
+        let parent = (self.parent as usize)
+            .checked_sub(1)
+            .and_then(|p| table.get(p));
         GpuInfo {
             index: self.index,
             uuid: get_str(&self.uuid),
             name: get_str(&self.name),
             memory_total_bytes: self.memory_total_bytes,
-            gpm_supported: self.flags & 1 != 0,
+            gpm_supported: self.flags & FLAG_GPM != 0,
+            parent_uuid: parent.map(|p| get_str(&p.uuid)).unwrap_or_default(),
+            gpu_instance_id: (self.flags & FLAG_GPU_INSTANCE_ID != 0)
+                .then_some(self.gpu_instance_id),
+            mig_enabled: self.flags & FLAG_MIG_ENABLED != 0,
         }
+    }
+}
+
+/// Writes the GPU table of `gpus` into `map` (the file's bytes).
+fn write_gpu_table(map: &mut [u8], gpus: &[GpuInfo]) {
+    for (i, g) in gpus.iter().enumerate() {
+        let at = 256 + i * 256;
+        map[at..at + 256].copy_from_slice(bytemuck::bytes_of(&GpuEntry::from_info(g, gpus)));
     }
 }
 
@@ -621,12 +684,13 @@ fn parse_layout(path: &Path, bytes: &[u8]) -> Result<Layout> {
             bytes.len()
         )));
     }
-    let gpus = (0..gpu_count)
+    let entries: Vec<GpuEntry> = (0..gpu_count)
         .map(|i| {
             let at = 256 + i * 256;
-            bytemuck::pod_read_unaligned::<GpuEntry>(&bytes[at..at + 256]).info()
+            bytemuck::pod_read_unaligned::<GpuEntry>(&bytes[at..at + 256])
         })
         .collect();
+    let gpus = entries.iter().map(|e| e.info(&entries)).collect();
     Ok(Layout { header, gpus })
 }
 
@@ -751,10 +815,7 @@ impl ShmWriter {
         // SAFETY: the file is ours (a fresh temp name, under the writer lock) and nothing else
         // truncates it while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io("map"))?;
-        for (i, g) in gpus.iter().enumerate() {
-            let at = 256 + i * 256;
-            map[at..at + 256].copy_from_slice(bytemuck::bytes_of(&GpuEntry::from_info(g)));
-        }
+        write_gpu_table(&mut map, gpus);
         map[..256].copy_from_slice(bytemuck::bytes_of(&header));
         std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
         Ok(ShmWriter {
@@ -788,11 +849,12 @@ impl ShmWriter {
         let same = layout.header.capacity == capacity
             && layout.header.interval_ns == params.interval_ns
             && layout.gpus.len() == gpus.len()
-            && layout
-                .gpus
-                .iter()
-                .zip(gpus)
-                .all(|(a, b)| a.uuid == b.uuid && a.index == b.index);
+            && layout.gpus.iter().zip(gpus).all(|(a, b)| {
+                a.uuid == b.uuid
+                    && a.index == b.index
+                    && a.parent_uuid == b.parent_uuid
+                    && a.gpu_instance_id == b.gpu_instance_id
+            });
         if !same {
             tracing::info!(path = %path.display(), "existing ring file has other GPUs or another interval; writing a new one");
             return Ok(None);
@@ -813,10 +875,7 @@ impl ShmWriter {
             _lock: lock,
         };
         w.map[..256].copy_from_slice(bytemuck::bytes_of(&header));
-        for (i, g) in gpus.iter().enumerate() {
-            let at = 256 + i * 256;
-            w.map[at..at + 256].copy_from_slice(bytemuck::bytes_of(&GpuEntry::from_info(g)));
-        }
+        write_gpu_table(&mut w.map, gpus);
         Ok(Some(w))
     }
 
@@ -943,7 +1002,27 @@ mod tests {
             name: "NVIDIA H100 80GB HBM3".into(),
             memory_total_bytes: 80 << 30,
             gpm_supported: i == 0,
+            ..GpuInfo::default()
         }
+    }
+
+    /// GPU `i` in MIG mode and its instance with GPU instance ID `gi`.
+    fn mig(i: u32, gi: u32) -> [GpuInfo; 2] {
+        let parent = GpuInfo {
+            mig_enabled: true,
+            ..gpu(i)
+        };
+        let instance = GpuInfo {
+            index: i,
+            uuid: format!("MIG-{i:08}-{gi}"),
+            name: "NVIDIA H100 80GB HBM3 MIG 1g.10gb".into(),
+            memory_total_bytes: 10 << 30,
+            gpm_supported: true,
+            parent_uuid: parent.uuid.clone(),
+            gpu_instance_id: Some(gi),
+            mig_enabled: false,
+        };
+        [parent, instance]
     }
 
     fn params() -> Params {
@@ -1017,6 +1096,34 @@ mod tests {
         assert!(!w3.reused(), "other GPUs must get a fresh file");
         // The old reader's mapping stays valid after the rename.
         assert_eq!(rr[1].ring().latest(), Some(s));
+    }
+
+    #[test]
+    fn mig_instances_keep_their_parent_and_instance_id_and_old_entries_read_as_plain_gpus() {
+        let dir = tempdir();
+        let path = dir.join("mig.ring");
+        let [p, a] = mig(0, 7);
+        let [_, b] = mig(0, 9);
+        let table = [gpu(1), p, a, b];
+        let w = ShmWriter::open(&path, &params(), &table).unwrap();
+        let r = ShmReader::open(&path).unwrap();
+        assert_eq!(r.gpus(), &table);
+        assert_eq!(r.gpus()[2].parent_uuid, "GPU-00000000");
+        assert!(r.gpus()[3].is_mig_instance() && !r.gpus()[1].is_mig_instance());
+        assert_eq!(r.regions().len(), 4, "one region per instance");
+        drop(w);
+        // Another instance set (the GPU was repartitioned) gets a fresh file.
+        let [p, c] = mig(0, 8);
+        let w = ShmWriter::open(&path, &params(), &[gpu(1), p, c]).unwrap();
+        assert!(!w.reused());
+        drop(w);
+
+        // An entry written before MIG existed (reserved bytes zero) is a physical GPU.
+        let entry = GpuEntry::from_info(&gpu(3), &[]);
+        assert_eq!(bytemuck::bytes_of(&entry)[208..], [0u8; 48]);
+        let info = entry.info(&[entry]);
+        assert_eq!(info, gpu(3));
+        assert!(!info.mig_enabled && info.gpu_instance_id.is_none());
     }
 
     #[test]

@@ -160,6 +160,7 @@ fn snapshot(node: usize) -> NodeSnapshot {
                     attribution: "procfs".into(),
                 })
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let pods = (0..PODS_PER_NODE)

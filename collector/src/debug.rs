@@ -1,14 +1,22 @@
 //! The collector's debug API (`gpuscale.collector.v1.Collector`): the whole cluster view, for
-//! `gpuscale-collector dump`. Read-only; answered from memory.
+//! `gpuscale-collector dump`, and one trigger's evaluation with the replicas it combined, for
+//! `gpuscale-collector query`. Read-only; answered from memory.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use proto::collector::collector_server::Collector;
-use proto::collector::{ClusterView, ClusterViewRequest, NodeView, PodView};
+use proto::collector::{
+    ClusterView, ClusterViewRequest, EvaluateRequest, EvaluateResponse, GpuValue, NodeView,
+    PodView, ReplicaValue,
+};
+use proto::externalscaler::ScaledObjectRef;
 use tonic::{Request, Response, Status};
 
+use crate::evaluate::Evaluation;
 use crate::pods::PodSource;
+use crate::scaler::Scaler;
+use crate::trigger::Trigger;
 use crate::view::Cluster;
 
 /// The debug service.
@@ -17,6 +25,51 @@ pub struct Debug {
     pub cluster: Arc<Cluster>,
     /// Pod metadata.
     pub pods: Arc<dyn PodSource>,
+    /// What answers KEDA, for `Evaluate`.
+    pub scaler: Arc<Scaler>,
+}
+
+/// `Evaluate`'s answer for one outcome of [`Scaler::value`].
+pub fn evaluation(answer: Result<(Trigger, Evaluation), Status>) -> EvaluateResponse {
+    let (t, e) = match answer {
+        Ok(v) => v,
+        Err(s) => {
+            return EvaluateResponse {
+                error: format!("{:?}: {}", s.code(), s.message()),
+                ..Default::default()
+            }
+        }
+    };
+    let name = |p: &crate::pods::PodMeta| format!("{}/{}", p.namespace, p.name);
+    EvaluateResponse {
+        value: Some(e.value),
+        error: String::new(),
+        aggregation: t.aggregation.name().to_owned(),
+        gpu_aggregation: t.gpu_aggregation.name().to_owned(),
+        replica_label: t.replica_label.clone().unwrap_or_default(),
+        running_pods: e.running_pods as u32,
+        replicas: e
+            .replicas
+            .iter()
+            .map(|r| ReplicaValue {
+                replica: r.key.clone(),
+                pods: r.pods.iter().map(|p| name(p)).collect(),
+                value: r.value,
+                gpus: r
+                    .gpus
+                    .iter()
+                    .map(|g| GpuValue {
+                        pod: name(&g.pod),
+                        node: g.node.clone(),
+                        gpu_uuid: g.gpu_uuid.clone(),
+                        value: g.value,
+                        shared: g.shared,
+                        fell_back: g.fell_back,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
 }
 
 /// Assembles the cluster view as `dump` shows it.
@@ -93,5 +146,18 @@ impl Collector for Debug {
         _: Request<ClusterViewRequest>,
     ) -> Result<Response<ClusterView>, Status> {
         Ok(Response::new(cluster_view(&self.cluster, &*self.pods)))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<EvaluateRequest>,
+    ) -> Result<Response<EvaluateResponse>, Status> {
+        let r = request.into_inner();
+        let so = ScaledObjectRef {
+            namespace: r.namespace,
+            name: r.name,
+            scaler_metadata: r.scaler_metadata,
+        };
+        Ok(Response::new(evaluation(self.scaler.value(&so))))
     }
 }

@@ -77,6 +77,11 @@ pub fn to_json(addr: &str, v: &ClusterView) -> Value {
             "gpus": n.gpus.iter().map(|g| json!({
                 "index": g.index, "uuid": g.uuid, "name": g.name, "state": state_name(g.state),
                 "gpm_supported": g.gpm_supported, "memory_total_bytes": g.memory_total_bytes,
+                "mig_enabled": g.mig_enabled,
+                "parent_uuid": (!g.parent_uuid.is_empty()).then_some(&g.parent_uuid),
+                "gpu_instance_id": g.gpu_instance_id,
+                "mig_instances": g.mig_enabled.then(|| n.gpus.iter()
+                    .filter(|i| i.parent_uuid == g.uuid).map(|i| &i.uuid).collect::<Vec<_>>()),
                 "metrics": metrics_json(&g.metrics),
                 "processes": g.processes.iter().map(|p| json!({
                     "pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "sm_util": p.sm_util,
@@ -147,18 +152,42 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
             age,
             n.last_error
         );
-        for g in &n.gpus {
+        // Physical GPUs, each followed by its MIG instances; an instance whose parent is not
+        // listed still shows, on its own.
+        let known = |uuid: &str| {
+            n.gpus
+                .iter()
+                .any(|g| g.uuid == uuid && g.parent_uuid.is_empty())
+        };
+        for g in n
+            .gpus
+            .iter()
+            .filter(|g| g.parent_uuid.is_empty() || !known(&g.parent_uuid))
+        {
             let _ = writeln!(
                 out,
-                "  GPU {} {:<24} {:<8} sm_active {:>8}  gpu_util {:>8}  vram {:>9}  {} process(es)",
+                "  GPU {} {:<24} {:<8} sm_active {:>8}  gpu_util {:>8}  vram {:>9}  {} process(es){}",
                 g.index,
                 g.name,
                 state_name(g.state),
                 pct(stat(&g.metrics, "sm_active", None)),
                 pct(stat(&g.metrics, "gpu_util", None)),
                 gib(stat(&g.metrics, "vram_used_bytes", None)),
-                g.processes.len()
+                g.processes.len(),
+                if g.mig_enabled { "  MIG on" } else { "" },
             );
+            for i in n.gpus.iter().filter(|i| i.parent_uuid == g.uuid) {
+                let _ = writeln!(
+                    out,
+                    "    MIG {} {:<40} {:<8} sm_active {:>8}  vram {:>9}  {} process(es)",
+                    i.gpu_instance_id.map_or("?".into(), |id| id.to_string()),
+                    i.uuid,
+                    state_name(i.state),
+                    pct(stat(&i.metrics, "sm_active", None)),
+                    gib(stat(&i.metrics, "vram_used_bytes", None)),
+                    i.processes.len()
+                );
+            }
         }
     }
     let _ = writeln!(

@@ -1,12 +1,15 @@
 //! `gpuscale-collector query`: asks a collector what KEDA would be told for one trigger, over
 //! KEDA's own external-scaler gRPC API (`GetMetricSpec`, `GetMetrics`, `IsActive`), and shows the
-//! replica count the HPA would want. For debugging a ScaledObject before applying it; with
+//! replica count the HPA would want and, from the collector's debug API (`Evaluate`, asked right
+//! after), the replicas and per-GPU values the value combined. For debugging a ScaledObject before applying it; with
 //! `--watch DUR` it asks again every `DUR` over one connection and prints every answer with the
 //! time it arrived (how `cargo xtask gpu-check` times a load step reaching KEDA).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use proto::collector::collector_client::CollectorClient;
+use proto::collector::EvaluateRequest;
 use proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use serde_json::{json, Value};
@@ -32,10 +35,11 @@ pub struct Query {
 }
 
 /// Calls the three RPCs as KEDA does and returns what happened as JSON: `metric_name`,
-/// `target`, `value` or `error`, `active` or `error`, and the HPA's `desired_replicas`.
+/// `target`, `value` or `error`, `active` or `error`, the HPA's `desired_replicas`, and
+/// `replicas`: each replica's value and the per-GPU values it came from.
 pub async fn run(q: &Query) -> Result<Value> {
-    let mut client = connect(q).await?;
-    Ok(ask(&mut client, q).await)
+    let channel = connect(q).await?;
+    Ok(ask(&channel, q).await)
 }
 
 /// Asks as [`run`] does every `every` (the next round starts `every` after the previous one
@@ -54,13 +58,13 @@ pub async fn watch(
             "--watch 0: give the time between queries, e.g. --watch 50ms".into(),
         ));
     }
-    let mut client = connect(q).await?;
+    let channel = connect(q).await?;
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answered = 0u64;
     while count.is_none_or(|c| answered < c) {
         ticks.tick().await;
-        let v = ask(&mut client, q).await;
+        let v = ask(&channel, q).await;
         answered += 1;
         if !each(&v) {
             break;
@@ -69,10 +73,9 @@ pub async fn watch(
     Ok(())
 }
 
-async fn connect(q: &Query) -> Result<ExternalScalerClient<tonic::transport::Channel>> {
+async fn connect(q: &Query) -> Result<tonic::transport::Channel> {
     // No channel-wide deadline: GetMetrics carries KEDA's own 3 s one below.
-    let channel = crate::connect_collector(&q.collector, None).await?;
-    Ok(ExternalScalerClient::new(channel))
+    crate::connect_collector(&q.collector, None).await
 }
 
 fn unix_now_ns() -> u64 {
@@ -81,8 +84,9 @@ fn unix_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// One round of the three RPCs; every outcome is an answer.
-async fn ask(client: &mut ExternalScalerClient<tonic::transport::Channel>, q: &Query) -> Value {
+/// One round of the three RPCs, then `Evaluate`; every outcome is an answer.
+async fn ask(channel: &tonic::transport::Channel, q: &Query) -> Value {
+    let mut client = ExternalScalerClient::new(channel.clone());
     let so = ScaledObjectRef {
         name: q.name.clone(),
         namespace: q.namespace.clone(),
@@ -142,6 +146,89 @@ async fn ask(client: &mut ExternalScalerClient<tonic::transport::Channel>, q: &Q
         Ok(a) => out["active"] = json!(a),
         Err(e) => out["active_error"] = json!(e),
     }
+    let evaluated = CollectorClient::new(channel.clone())
+        .evaluate(EvaluateRequest {
+            namespace: q.namespace.clone(),
+            name: q.name.clone(),
+            scaler_metadata: q.metadata.clone(),
+        })
+        .await;
+    match evaluated {
+        Ok(r) => {
+            let r = r.into_inner();
+            if r.value.is_some() {
+                out["aggregation"] = json!(r.aggregation);
+                out["gpu_aggregation"] = json!(r.gpu_aggregation);
+                out["replica_label"] = json!(r.replica_label);
+                out["replicas"] = r.replicas.iter().map(replica_json).collect();
+            }
+        }
+        // A collector of an older release has no Evaluate: the KEDA answers stand alone.
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        Err(s) => out["replicas_error"] = json!(status(s)),
+    }
+    out
+}
+
+fn replica_json(r: &proto::collector::ReplicaValue) -> Value {
+    json!({
+        "replica": r.replica,
+        "pods": r.pods,
+        "value": r.value,
+        "gpus": r.gpus.iter().map(|g| json!({
+            "pod": g.pod, "node": g.node, "gpu": g.gpu_uuid, "value": g.value,
+            "shared": g.shared, "fell_back": g.fell_back,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The replica lines of [`render`]: one per replica, with the GPU values it combined.
+fn render_replicas(v: &Value) -> String {
+    let Some(replicas) = v["replicas"].as_array() else {
+        return String::new();
+    };
+    let label = v["replica_label"].as_str().filter(|l| !l.is_empty());
+    let mut out = format!(
+        "  {} replica(s){}: each its GPUs' {}, then their {}\n",
+        replicas.len(),
+        label.map_or(String::new(), |l| format!(" by label {l}")),
+        v["gpu_aggregation"].as_str().unwrap_or("?"),
+        v["aggregation"].as_str().unwrap_or("?"),
+    );
+    for r in replicas {
+        let gpus: Vec<String> = r["gpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| {
+                let mut s = format!(
+                    "{} {:.1}",
+                    g["gpu"].as_str().unwrap_or("?"),
+                    g["value"].as_f64().unwrap_or(f64::NAN)
+                );
+                if g["shared"] == true {
+                    s.push_str(" (shared)");
+                }
+                if g["fell_back"] == true {
+                    s.push_str(" (gpu_util)");
+                }
+                if r["pods"].as_array().is_some_and(|p| p.len() > 1) {
+                    s.push_str(&format!(" [{}]", g["pod"].as_str().unwrap_or("?")));
+                }
+                s
+            })
+            .collect();
+        out.push_str(&format!(
+            "    {} {:.1}: {}\n",
+            r["replica"].as_str().unwrap_or("?"),
+            r["value"].as_f64().unwrap_or(f64::NAN),
+            if gpus.is_empty() {
+                "no GPU".to_owned()
+            } else {
+                gpus.join(", ")
+            }
+        ));
+    }
     out
 }
 
@@ -189,7 +276,7 @@ pub fn render(v: &Value) -> String {
         (_, Some(e)) => format!("IsActive fails ({e})"),
         _ => "IsActive ?".into(),
     };
-    format!("{head}\n  {value}\n  {active}\n")
+    format!("{head}\n  {value}\n  {active}\n{}", render_replicas(v))
 }
 
 #[cfg(test)]
@@ -205,5 +292,35 @@ mod tests {
         assert!(parse_every("fast").unwrap_err().contains("like 50ms or 1s"));
         assert!(parse_every("0ms").unwrap_err().contains("1ms to 1h"));
         assert!(parse_every("2h").unwrap_err().contains("like 50ms"));
+    }
+
+    #[test]
+    fn render_shows_each_replica_with_the_gpu_values_it_combined() {
+        let v = json!({
+            "scaled_object": "ml/vllm", "metric_name": "gpuscale-sm-active-last-30s-sum",
+            "target": 80.0, "metric_type": "AverageValue", "value": 160.0,
+            "desired_replicas": 2, "active": true,
+            "aggregation": "sum", "gpu_aggregation": "avg", "replica_label": "group",
+            "replicas": [
+                {"replica": "group=a", "pods": ["ml/a-0", "ml/a-1"], "value": 70.0, "gpus": [
+                    {"pod": "ml/a-0", "node": "n", "gpu": "GPU-0", "value": 60.0,
+                     "shared": true, "fell_back": false},
+                    {"pod": "ml/a-1", "node": "n", "gpu": "MIG-1", "value": 80.0,
+                     "shared": false, "fell_back": true}]},
+                {"replica": "ml/b", "pods": ["ml/b"], "value": 90.0, "gpus": []}]
+        });
+        let text = render(&v);
+        assert!(text.contains("wants 2 replica(s)"), "{text}");
+        assert!(
+            text.contains("2 replica(s) by label group: each its GPUs' avg, then their sum"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "group=a 70.0: GPU-0 60.0 (shared) [ml/a-0], MIG-1 80.0 (gpu_util) [ml/a-1]"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ml/b 90.0: no GPU"), "{text}");
     }
 }

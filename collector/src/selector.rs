@@ -651,8 +651,9 @@ fn is_dns_subdomain(s: &str) -> bool {
     })
 }
 
-/// Kubernetes' `IsQualifiedName`: `[prefix/]name`.
-fn validate_key(key: &str) -> Result<(), String> {
+/// Kubernetes' `IsQualifiedName` for a label key: `[prefix/]name`. The error says what is wrong
+/// with `key` (without quoting it).
+pub fn validate_key(key: &str) -> Result<(), String> {
     const NAME_RULE: &str =
         "must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit";
     let name = match key.split_once('/') {

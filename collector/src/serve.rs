@@ -142,8 +142,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler))))
-            .add_service(CollectorServer::new(Debug { cluster, pods }))
+            .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler.clone()))))
+            .add_service(CollectorServer::new(Debug {
+                cluster,
+                pods,
+                scaler,
+            }))
             .add_service(obs.grpc_health())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

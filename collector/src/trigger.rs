@@ -9,7 +9,9 @@
 //! | `podSelector` | label selector over pods in the ScaledObject's namespace | none (see [`Trigger::require_selector`]) |
 //! | `window` | smoothing window: `10s`, `30s`, `1m` or `5m` (any spelling of those) | `30s` |
 //! | `timeAggregation` | over the window: `avg`, `max`, `min`, `p95`, `last` | `avg` |
-//! | `aggregation` | across matched pods/GPUs: `sum`, `avg`, `max`, `min` | `sum` |
+//! | `gpuAggregation` | a replica's GPUs into its one value: `avg`, `max`, `sum` | `avg` for percentages, `sum` for `vram_used_bytes` and `power_watts` |
+//! | `replicaLabel` | pods with the same value of this label are one replica | none: each pod is a replica |
+//! | `aggregation` | across replicas: `sum`, `avg`, `max`, `min` | `sum` |
 //! | `targetValue` | number > 0, returned in `GetMetricSpec` | required |
 //! | `activationThreshold` | `IsActive` is true when the value is strictly greater | `0` |
 //! | `staleAfter` | data older than this is not trusted (> 0, ≤ 10m) | `10s` |
@@ -19,7 +21,8 @@
 //! are accepted and ignored ([`KEDA_KEYS`]); any other key is an error that names it and
 //! lists the accepted keys, so a typo such as `targetvalue` is caught, not defaulted.
 //!
-//! It also owns the pure arithmetic around the value: [`aggregate`] across pods and
+//! It also owns the pure arithmetic around the value: [`aggregate_gpus`] within a replica,
+//! [`aggregate`] across replicas and
 //! [`desired_replicas`], the HPA's formula, with worked numbers.
 //!
 //! It must never do I/O, read the cluster or the agents, or decide gRPC status codes:
@@ -32,11 +35,13 @@ use std::time::Duration;
 use crate::selector::Selector;
 
 /// The gpuscale keys of a trigger's metadata, in the order errors list them.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 11] = [
     "metric",
     "podSelector",
     "window",
     "timeAggregation",
+    "gpuAggregation",
+    "replicaLabel",
     "aggregation",
     "targetValue",
     "activationThreshold",
@@ -184,8 +189,38 @@ named_enum! {
 }
 
 named_enum! {
-    /// How the matched pods' (or GPUs') values combine into the one value KEDA gets
-    /// (`aggregation`); see [`aggregate`].
+    /// How one replica's GPUs combine into the replica's value (`gpuAggregation`); see
+    /// [`aggregate_gpus`].
+    GpuAggregation {
+        /// Mean over the replica's GPUs: the default for the percentage metrics.
+        Avg = "avg",
+        /// The busiest GPU: the bottleneck of a tensor-parallel replica.
+        Max = "max",
+        /// Total: the default for the absolute metrics (`vram_used_bytes`, `power_watts`).
+        Sum = "sum",
+    }
+}
+
+impl Metric {
+    /// Whether the metric is a percentage (0–100 per GPU), which a replica's GPUs average.
+    pub fn is_percent(self) -> bool {
+        !matches!(self, Metric::VramUsedBytes | Metric::PowerWatts)
+    }
+
+    /// How a replica's GPUs combine when the trigger does not say: `avg` for percentages,
+    /// `sum` for bytes and watts.
+    pub fn default_gpu_aggregation(self) -> GpuAggregation {
+        if self.is_percent() {
+            GpuAggregation::Avg
+        } else {
+            GpuAggregation::Sum
+        }
+    }
+}
+
+named_enum! {
+    /// How the replicas' values combine into the one value KEDA gets (`aggregation`); see
+    /// [`aggregate`].
     Aggregation {
         /// Total: goes with KEDA's default `metricType: AverageValue`.
         Sum = "sum",
@@ -210,7 +245,11 @@ pub struct Trigger {
     pub window: Duration,
     /// How each series is summarised over the window.
     pub time_aggregation: TimeAggregation,
-    /// How the matched pods' values combine.
+    /// How one replica's GPUs combine into its value.
+    pub gpu_aggregation: GpuAggregation,
+    /// Pods with the same value of this label are one replica; `None`: each pod is one.
+    pub replica_label: Option<String>,
+    /// How the replicas' values combine.
     pub aggregation: Aggregation,
     /// The HPA target returned in `GetMetricSpec`; finite and ≥ [`MIN_TARGET_VALUE`].
     pub target_value: f64,
@@ -279,6 +318,21 @@ impl Trigger {
             TimeAggregation::ALL,
         )?
         .unwrap_or(TimeAggregation::Avg);
+        let gpu_aggregation =
+            parse_named(get("gpuAggregation"), "gpuAggregation", GpuAggregation::ALL)?
+                .unwrap_or(metric.default_gpu_aggregation());
+        let replica_label = match get("replicaLabel") {
+            None => None,
+            Some(v) => {
+                let hint = "write a label key such as leaderworkerset.sigs.k8s.io/group-key \
+                            (pods with the same value of it are one replica), or leave \
+                            replicaLabel out (each pod is a replica)";
+                crate::selector::validate_key(v).map_err(|why| {
+                    MetadataError::new("replicaLabel", format!("{v:?} {why}; {hint}"))
+                })?;
+                Some(v.to_owned())
+            }
+        };
         let aggregation = parse_named(get("aggregation"), "aggregation", Aggregation::ALL)?
             .unwrap_or(Aggregation::Sum);
 
@@ -361,6 +415,8 @@ impl Trigger {
             pod_selector,
             window,
             time_aggregation,
+            gpu_aggregation,
+            replica_label,
             aggregation,
             target_value,
             activation_threshold,
@@ -458,7 +514,22 @@ pub fn desired_replicas(
     wanted.ceil() as u32
 }
 
-/// Combines the matched pods' (or GPUs') values into the one value reported to KEDA.
+/// Combines one replica's per-GPU values into the replica's value (`gpuAggregation`): a
+/// tensor-parallel replica on four GPUs at 70 % reads 70 with `avg` (the default for
+/// percentages), 70 with `max` (95 when one of them runs at 95), and 280 with `sum`. An empty
+/// slice (a running replica that uses no GPU) gives 0.0.
+pub fn aggregate_gpus(agg: GpuAggregation, values: &[f64]) -> f64 {
+    aggregate(
+        match agg {
+            GpuAggregation::Avg => Aggregation::Avg,
+            GpuAggregation::Max => Aggregation::Max,
+            GpuAggregation::Sum => Aggregation::Sum,
+        },
+        values,
+    )
+}
+
+/// Combines the replicas' values into the one value reported to KEDA.
 ///
 /// `sum` adds, `avg` takes the mean, `max`/`min` the extremes: over [90, 90, 90, 90],
 /// `sum` is 360 and `avg`, `max` and `min` are 90. An empty slice gives 0.0 for every
@@ -633,6 +704,57 @@ mod tests {
         match Trigger::parse(m) {
             Ok(t) => panic!("{m:?} should be rejected, parsed as {t:?}"),
             Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn gpu_aggregation_defaults_by_metric_and_is_validated() {
+        assert_eq!(ok(&with(&[])).gpu_aggregation, GpuAggregation::Avg);
+        for m in ["vram_used_bytes", "power_watts"] {
+            assert_eq!(
+                ok(&with(&[("metric", m)])).gpu_aggregation,
+                GpuAggregation::Sum,
+                "{m}"
+            );
+        }
+        for m in [
+            "sm_active",
+            "gpu_util",
+            "sm_occupancy",
+            "tensor_active",
+            "dram_active",
+            "mem_util",
+            "vram_used_pct",
+        ] {
+            assert_eq!(
+                ok(&with(&[("metric", m)])).gpu_aggregation,
+                GpuAggregation::Avg,
+                "{m}"
+            );
+        }
+        let t = ok(&with(&[("gpuAggregation", "max")]));
+        assert_eq!(t.gpu_aggregation, GpuAggregation::Max);
+        let e = err(&with(&[("gpuAggregation", "min")]));
+        assert_eq!(e.key, "gpuAggregation");
+        assert_eq!(
+            e.to_string(),
+            r#"trigger metadata "gpuAggregation": "min" is not accepted; write one of: avg, max, sum"#
+        );
+    }
+
+    #[test]
+    fn replica_label_is_a_label_key() {
+        assert_eq!(ok(&with(&[])).replica_label, None);
+        let key = "leaderworkerset.sigs.k8s.io/group-key";
+        assert_eq!(
+            ok(&with(&[("replicaLabel", key)])).replica_label.as_deref(),
+            Some(key)
+        );
+        for bad in ["", "a b", "Example.com/x", "x/", "-x"] {
+            let e = err(&with(&[("replicaLabel", bad)]));
+            assert_eq!(e.key, "replicaLabel", "{bad:?}");
+            assert!(e.message.contains("write a label key such as"), "{e}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
         }
     }
 

@@ -75,11 +75,16 @@ pub const NVML_ERROR_RESET_TYPE_NOT_SUPPORTED: NvmlReturn = 30;
 /// answers for an unreadable or invalid scenario.
 pub const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
 
-/// `nvmlDevice_t`: an opaque pointer. The fake encodes `index + 1` as its value.
+/// `nvmlDevice_t`: an opaque pointer. The fake encodes `index + 1` as its value for a GPU, and
+/// `1 << 31 | gpu index << 8 | MIG device index` for a MIG device.
 pub type NvmlDevice = *mut c_void;
 /// `nvmlGpmSample_t`: an opaque pointer to a heap-allocated sample owned by the fake.
 pub type NvmlGpmSample = *mut c_void;
 
+/// `NVML_DEVICE_MIG_DISABLE`: MIG mode of a GPU whose scenario has no `mig`.
+pub const NVML_DEVICE_MIG_DISABLE: c_uint = 0;
+/// `NVML_DEVICE_MIG_ENABLE`: MIG mode of a GPU whose scenario has `mig`.
+pub const NVML_DEVICE_MIG_ENABLE: c_uint = 1;
 /// `NVML_TEMPERATURE_GPU`, the only temperature sensor the fake knows.
 pub const NVML_TEMPERATURE_GPU: c_uint = 0;
 /// `NVML_VALUE_NOT_AVAILABLE` as an `unsigned int`: GPU/compute instance id of a non-MIG process.

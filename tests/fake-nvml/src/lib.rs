@@ -36,7 +36,17 @@
 //!            "power_w": 350, "temp_c": 60,
 //!            "processes": [{"pid": 4242, "used_memory_mib": 18000, "sm_util": 30}],
 //!            "process_util_delay_ms": 2.5,
-//!            "fail": null}]}
+//!            "fail": null},
+//!           {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-00000000-0000-0000-0000-000000000001",
+//!            "gpm": true, "power_w": 300, "temp_c": 55,
+//!            "mig": {"max_devices": 7,
+//!                    "instances": [{"index": 0, "gpu_instance_id": 1,
+//!                                   "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+//!                                   "uuid": "MIG-00000000-0000-0000-0001-000000000000",
+//!                                   "memory_total_mib": 40448, "memory_used_mib": 4000,
+//!                                   "sm_active": 40, "sm_occupancy": 20,
+//!                                   "tensor_active": 30, "dram_active": 10,
+//!                                   "processes": [{"pid": 5151, "used_memory_mib": 3500}]}]}}]}
 //! ```
 //!
 //! Unknown keys are ignored; `null` means "missing". Numbers may be ints or
@@ -47,6 +57,38 @@
 //! processes, everything else 0. Per process `pid` is required,
 //! `used_memory_mib` defaults to 0, and a missing `sm_util` means the process
 //! has no utilization sample.
+//!
+//! # MIG
+//!
+//! A GPU with a `mig` object has MIG mode enabled; its MIG devices are `mig.instances`. Keys of
+//! `mig`: `max_devices` (what `nvmlDeviceGetMaxMigDeviceCount` answers, 1 to 255, default 7 as
+//! on an A100 or H100) and `instances` (default none). Per instance: `index` (its MIG device
+//! index for `nvmlDeviceGetMigDeviceHandleByIndex`, below `max_devices`, default its position in
+//! the list; indexes may leave gaps, which answer `NVML_ERROR_NOT_FOUND`), `gpu_instance_id`
+//! (`nvmlDeviceGetGpuInstanceId`, default position + 1), `name` (default `"<GPU name> MIG"`),
+//! `uuid` (default `MIG-00000000-0000-0000-<GPU index as 4 digits>-<position as 12 digits>`),
+//! `memory_total_mib` (default 10240, a `1g.10gb`), `memory_used_mib` (default 0), the GPM loads
+//! `sm_active`, `sm_occupancy`, `tensor_active`, `dram_active` (default 0; served by
+//! `nvmlGpmMigSampleGet` when the GPU has `"gpm": true`) and `processes` (as for a GPU, without
+//! `sm_util`: NVML has no per-process utilization on MIG).
+//!
+//! What a MIG-enabled GPU answers: mode 1 from `nvmlDeviceGetMigMode` (a GPU without `mig`: 0);
+//! its own name, UUID, memory (`memory_used_mib` defaults to the sum of its instances'), power,
+//! temperature and whole-GPU GPM sample; all its instances' processes (with their GPU instance
+//! IDs) from the compute-process calls; `NVML_ERROR_NOT_SUPPORTED` from
+//! `nvmlDeviceGetUtilizationRates` and `nvmlDeviceGetProcessUtilization`, as real MIG mode does.
+//! A MIG device handle answers its instance's name, UUID, memory and processes (GPU instance ID
+//! set, compute instance 0), the parent's GPM support from `nvmlGpmQueryDeviceSupport`, and
+//! `NVML_ERROR_NOT_SUPPORTED` from utilization, power, temperature, per-process utilization,
+//! `nvmlGpmSampleGet` (use `nvmlGpmMigSampleGet` on the parent), index and minor number. A
+//! parent's `fail` fails its MIG devices too.
+//!
+//! Rejected: `mig` together with GPU-level `processes` (they run on the instances), duplicate
+//! `index` or `gpu_instance_id` within a GPU, `index >= max_devices`, instances whose
+//! `memory_total_mib` together exceed the GPU's, `memory_used_mib` above the instance's total,
+//! `sm_util` on an instance's process, and a UUID used twice anywhere (GPUs and instances).
+//!
+//! # Failures
 //!
 //! `fail` is `null`, `"gpu_lost"` (every call on that GPU returns
 //! `NVML_ERROR_GPU_IS_LOST` = 15) or `"unknown"` (`NVML_ERROR_UNKNOWN` =
@@ -64,7 +106,8 @@
 //! re-parsed. Rewrite it atomically (write a temporary file, then rename). A
 //! reload that fails keeps the last good scenario and prints one stderr line
 //! naming the path and the error, once per distinct failure. GPU handles are
-//! `index + 1`; a handle whose index is not in the current scenario is
+//! `index + 1`, MIG device handles `1 << 31 | GPU index << 8 | MIG device index`; a handle
+//! whose GPU (or MIG device index) is not in the current scenario is
 //! `NVML_ERROR_INVALID_ARGUMENT`.
 //!
 //! # Behaviour of note
@@ -85,9 +128,10 @@
 //!   `NVML_GPM_METRIC_SM_UTIL`, `_SM_OCCUPANCY`, `_ANY_TENSOR_UTIL` and
 //!   `_DRAM_BW_UTIL` from the *second* sample (the load at the end of the
 //!   interval); any other metric gets a per-metric `NVML_ERROR_NOT_SUPPORTED`.
-//!   Both samples must come from the same GPU, the second taken after the
-//!   first. On a GPU without `"gpm": true`, `nvmlGpmSampleGet` returns
-//!   `NVML_ERROR_NOT_SUPPORTED`.
+//!   Both samples must come from the same GPU (or the same GPU instance, for
+//!   `nvmlGpmMigSampleGet` samples), the second taken after the first. On a
+//!   GPU without `"gpm": true`, `nvmlGpmSampleGet` and `nvmlGpmMigSampleGet`
+//!   return `NVML_ERROR_NOT_SUPPORTED`.
 //! * [`fake_nvml_calls`] (not part of NVML) tells how many times an exported
 //!   NVML function was called in this process, for tests that must prove a
 //!   call was or was not made.
@@ -109,7 +153,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ffi::*;
-use scenario::{Gpu, Scenario};
+use scenario::{Gpu, MigInstance, Scenario};
 
 macro_rules! nvml_functions {
     ($($name:ident),* $(,)?) => {
@@ -148,6 +192,13 @@ nvml_functions!(
     nvmlGpmSampleFree,
     nvmlGpmSampleGet,
     nvmlGpmMetricsGet,
+    nvmlDeviceGetMigMode,
+    nvmlDeviceGetMaxMigDeviceCount,
+    nvmlDeviceGetMigDeviceHandleByIndex,
+    nvmlDeviceIsMigDeviceHandle,
+    nvmlDeviceGetDeviceHandleFromMigDeviceHandle,
+    nvmlDeviceGetGpuInstanceId,
+    nvmlGpmMigSampleGet,
 );
 
 static CALLS: [AtomicU64; FUNC_NAMES.len()] = [const { AtomicU64::new(0) }; FUNC_NAMES.len()];
@@ -162,30 +213,92 @@ fn call(func: Func, body: impl FnOnce() -> Result<(), NvmlReturn>) -> NvmlReturn
     }
 }
 
+/// Marks a MIG device handle: `MIG_HANDLE | gpu index << 8 | MIG device index`. GPU handles
+/// (`index + 1`) stay below it.
+const MIG_HANDLE: usize = 1 << 31;
+
+/// The handle of GPU `index`.
+fn gpu_handle(index: usize) -> NvmlDevice {
+    std::ptr::without_provenance_mut(index + 1)
+}
+
+/// The handle of MIG device `mig_index` of GPU `gpu`.
+fn mig_handle(gpu: usize, mig_index: u32) -> Result<NvmlDevice, NvmlReturn> {
+    if gpu >= MIG_HANDLE >> 8 || mig_index > scenario::MAX_MIG_DEVICES {
+        return Err(NVML_ERROR_UNKNOWN);
+    }
+    Ok(std::ptr::without_provenance_mut(
+        MIG_HANDLE | gpu << 8 | mig_index as usize,
+    ))
+}
+
 /// A validated device handle and the scenario it was resolved against.
 struct Target {
     scenario: Arc<Scenario>,
+    /// The GPU, or the parent GPU of a MIG device.
     index: usize,
+    /// For a MIG device handle: its position in the parent's `mig.instances`.
+    mig: Option<usize>,
 }
 
 impl Target {
+    /// The physical GPU (for a MIG device, its parent).
     fn gpu(&self) -> &Gpu {
         &self.scenario.gpus[self.index]
     }
+
+    /// The MIG instance a MIG device handle names; `None` for a GPU handle.
+    fn instance(&self) -> Option<&MigInstance> {
+        let m = self.mig?;
+        self.gpu().mig.as_ref().map(|mig| &mig.instances[m])
+    }
+
+    /// Whether the handle is a GPU's (not a MIG device's) and that GPU has MIG mode enabled.
+    fn mig_enabled_gpu(&self) -> bool {
+        self.mig.is_none() && self.gpu().mig.is_some()
+    }
+
+    /// The GPU of a GPU handle; `NVML_ERROR_NOT_SUPPORTED` for a MIG device handle (for the
+    /// calls real NVML answers only per physical GPU: power, temperature, utilization, …).
+    fn physical(&self) -> Result<&Gpu, NvmlReturn> {
+        match self.mig {
+            None => Ok(self.gpu()),
+            Some(_) => Err(NVML_ERROR_NOT_SUPPORTED),
+        }
+    }
 }
 
-/// Resolves a device handle; fails if uninitialized, unknown, or the GPU is set to fail.
+/// Resolves a device handle (a GPU's or a MIG device's); fails if uninitialized, unknown (also
+/// a MIG device a reload removed), or the GPU is set to fail (which fails its MIG devices too).
 fn target(device: NvmlDevice) -> Result<Target, NvmlReturn> {
     let scenario = state::current()?;
-    let index = device
-        .addr()
-        .checked_sub(1)
-        .filter(|&i| i < scenario.gpus.len())
-        .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
+    let addr = device.addr();
+    let (index, mig) = if addr & MIG_HANDLE != 0 {
+        let gpu = (addr & !MIG_HANDLE) >> 8;
+        let mig_index = (addr & 0xff) as u32;
+        let position = scenario
+            .gpus
+            .get(gpu)
+            .and_then(|g| g.mig.as_ref())
+            .and_then(|m| m.at_index(mig_index))
+            .map(|(position, _)| position)
+            .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
+        (gpu, Some(position))
+    } else {
+        let index = addr
+            .checked_sub(1)
+            .filter(|&i| i < scenario.gpus.len())
+            .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
+        (index, None)
+    };
     if let Some(fail) = scenario.gpus[index].fail {
         return Err(fail.code());
     }
-    Ok(Target { scenario, index })
+    Ok(Target {
+        scenario,
+        index,
+        mig,
+    })
 }
 
 fn check_ptr<T>(ptr: *const T) -> Result<(), NvmlReturn> {
@@ -388,11 +501,11 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
             return Err(NVML_ERROR_INVALID_ARGUMENT);
         }
         // SAFETY: forwarded caller contract.
-        unsafe { put(device, std::ptr::without_provenance_mut(index + 1)) }
+        unsafe { put(device, gpu_handle(index)) }
     })
 }
 
-/// `nvmlDeviceGetName`.
+/// `nvmlDeviceGetName`: the GPU's `name`, or the MIG instance's.
 ///
 /// # Safety
 ///
@@ -405,12 +518,13 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetName, || {
         let t = target(device)?;
+        let value = t.instance().map_or(&t.gpu().name, |m| &m.name);
         // SAFETY: forwarded caller contract.
-        unsafe { put_c_str(name, length, &t.gpu().name) }
+        unsafe { put_c_str(name, length, value) }
     })
 }
 
-/// `nvmlDeviceGetUUID`.
+/// `nvmlDeviceGetUUID`: the GPU's `uuid`, or the MIG instance's.
 ///
 /// # Safety
 ///
@@ -423,12 +537,14 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetUUID, || {
         let t = target(device)?;
+        let value = t.instance().map_or(&t.gpu().uuid, |m| &m.uuid);
         // SAFETY: forwarded caller contract.
-        unsafe { put_c_str(uuid, length, &t.gpu().uuid) }
+        unsafe { put_c_str(uuid, length, value) }
     })
 }
 
-/// `nvmlDeviceGetIndex`: the GPU's position in the scenario.
+/// `nvmlDeviceGetIndex`: the GPU's position in the scenario; `NVML_ERROR_NOT_SUPPORTED` on a
+/// MIG device.
 ///
 /// # Safety
 ///
@@ -437,13 +553,14 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
 pub unsafe extern "C" fn nvmlDeviceGetIndex(device: NvmlDevice, index: *mut c_uint) -> NvmlReturn {
     call(Func::nvmlDeviceGetIndex, || {
         let t = target(device)?;
+        t.physical()?;
         let value = c_uint::try_from(t.index).map_err(|_| NVML_ERROR_UNKNOWN)?;
         // SAFETY: forwarded caller contract.
         unsafe { put(index, value) }
     })
 }
 
-/// `nvmlDeviceGetMinorNumber`: equal to the index.
+/// `nvmlDeviceGetMinorNumber`: equal to the index; `NVML_ERROR_NOT_SUPPORTED` on a MIG device.
 ///
 /// # Safety
 ///
@@ -455,13 +572,15 @@ pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetMinorNumber, || {
         let t = target(device)?;
+        t.physical()?;
         let value = c_uint::try_from(t.index).map_err(|_| NVML_ERROR_UNKNOWN)?;
         // SAFETY: forwarded caller contract.
         unsafe { put(minor_number, value) }
     })
 }
 
-/// `nvmlDeviceGetUtilizationRates`: `gpu_util` and `mem_util`.
+/// `nvmlDeviceGetUtilizationRates`: `gpu_util` and `mem_util`. `NVML_ERROR_NOT_SUPPORTED` on a
+/// MIG device and on a GPU in MIG mode, as on real hardware.
 ///
 /// # Safety
 ///
@@ -473,16 +592,28 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetUtilizationRates, || {
         let t = target(device)?;
+        if t.mig_enabled_gpu() {
+            return Err(NVML_ERROR_NOT_SUPPORTED);
+        }
+        let gpu = t.physical()?;
         let value = NvmlUtilization {
-            gpu: t.gpu().gpu_util,
-            memory: t.gpu().mem_util,
+            gpu: gpu.gpu_util,
+            memory: gpu.mem_util,
         };
         // SAFETY: forwarded caller contract.
         unsafe { put(utilization, value) }
     })
 }
 
-/// `nvmlDeviceGetMemoryInfo` (v1), in bytes.
+/// (total, used) bytes of a GPU or MIG device (validated: used <= total).
+fn memory_of(t: &Target) -> (u64, u64) {
+    match t.instance() {
+        Some(m) => (m.memory_total_bytes, m.memory_used_bytes),
+        None => (t.gpu().memory_total_bytes, t.gpu().memory_used_bytes),
+    }
+}
+
+/// `nvmlDeviceGetMemoryInfo` (v1), in bytes: the GPU's, or the MIG instance's.
 ///
 /// # Safety
 ///
@@ -494,19 +625,19 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetMemoryInfo, || {
         let t = target(device)?;
-        let gpu = t.gpu();
+        let (total, used) = memory_of(&t);
         let value = NvmlMemory {
-            total: gpu.memory_total_bytes,
-            free: gpu.memory_total_bytes - gpu.memory_used_bytes,
-            used: gpu.memory_used_bytes,
+            total,
+            free: total - used,
+            used,
         };
         // SAFETY: forwarded caller contract.
         unsafe { put(memory, value) }
     })
 }
 
-/// `nvmlDeviceGetMemoryInfo_v2`, in bytes; `reserved` is 0. `memory.version`
-/// must be [`NVML_MEMORY_V2`].
+/// `nvmlDeviceGetMemoryInfo_v2`, in bytes (the GPU's, or the MIG instance's); `reserved` is 0.
+/// `memory.version` must be [`NVML_MEMORY_V2`].
 ///
 /// # Safety
 ///
@@ -526,20 +657,21 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         if version != NVML_MEMORY_V2 {
             return Err(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
         }
-        let gpu = t.gpu();
+        let (total, used) = memory_of(&t);
         let value = NvmlMemoryV2 {
             version,
-            total: gpu.memory_total_bytes,
+            total,
             reserved: 0,
-            free: gpu.memory_total_bytes - gpu.memory_used_bytes,
-            used: gpu.memory_used_bytes,
+            free: total - used,
+            used,
         };
         // SAFETY: forwarded caller contract.
         unsafe { put(memory, value) }
     })
 }
 
-/// `nvmlDeviceGetPowerUsage`, in milliwatts.
+/// `nvmlDeviceGetPowerUsage`, in milliwatts; `NVML_ERROR_NOT_SUPPORTED` on a MIG device (power
+/// is the physical GPU's).
 ///
 /// # Safety
 ///
@@ -551,13 +683,14 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetPowerUsage, || {
         let t = target(device)?;
+        let gpu = t.physical()?;
         // SAFETY: forwarded caller contract.
-        unsafe { put(power, t.gpu().power_mw) }
+        unsafe { put(power, gpu.power_mw) }
     })
 }
 
 /// `nvmlDeviceGetTemperature`: only sensor 0 (`NVML_TEMPERATURE_GPU`);
-/// others are `NVML_ERROR_NOT_SUPPORTED`.
+/// others, and MIG devices, are `NVML_ERROR_NOT_SUPPORTED`.
 ///
 /// # Safety
 ///
@@ -570,11 +703,12 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetTemperature, || {
         let t = target(device)?;
+        let gpu = t.physical()?;
         if sensor_type != NVML_TEMPERATURE_GPU {
             return Err(NVML_ERROR_NOT_SUPPORTED);
         }
         // SAFETY: forwarded caller contract.
-        unsafe { put(temp, t.gpu().temp_c) }
+        unsafe { put(temp, gpu.temp_c) }
     })
 }
 
@@ -589,23 +723,40 @@ unsafe fn running_processes(
     infos: *mut NvmlProcessInfo,
 ) -> Result<(), NvmlReturn> {
     let t = target(device)?;
-    let items = t
-        .gpu()
-        .processes
-        .iter()
-        .map(|p| NvmlProcessInfo {
+    let info = |gpu_instance_id: c_uint, compute_instance_id: c_uint| {
+        move |p: &scenario::Process| NvmlProcessInfo {
             pid: p.pid,
             used_gpu_memory: p.used_memory_bytes,
-            gpu_instance_id: NVML_VALUE_NOT_AVAILABLE_U32,
-            compute_instance_id: NVML_VALUE_NOT_AVAILABLE_U32,
-        })
-        .collect();
+            gpu_instance_id,
+            compute_instance_id,
+        }
+    };
+    let items = match (t.instance(), &t.gpu().mig) {
+        // A MIG device: its own processes, in its GPU instance (compute instance 0).
+        (Some(m), _) => m.processes.iter().map(info(m.gpu_instance_id, 0)).collect(),
+        // A GPU in MIG mode: every instance's processes, as real NVML answers a privileged caller.
+        (None, Some(mig)) => mig
+            .instances
+            .iter()
+            .flat_map(|m| m.processes.iter().map(info(m.gpu_instance_id, 0)))
+            .collect(),
+        (None, None) => t
+            .gpu()
+            .processes
+            .iter()
+            .map(info(
+                NVML_VALUE_NOT_AVAILABLE_U32,
+                NVML_VALUE_NOT_AVAILABLE_U32,
+            ))
+            .collect(),
+    };
     // SAFETY: forwarded caller contract.
     unsafe { put_counted(info_count, infos, items) }
 }
 
 /// `nvmlDeviceGetComputeRunningProcesses_v3`: the scenario's processes (GPU and
-/// compute instance ids are `0xFFFFFFFF`: no MIG).
+/// compute instance ids are `0xFFFFFFFF`: no MIG). On a MIG device: that instance's processes,
+/// with its `gpu_instance_id` and compute instance 0; on a GPU in MIG mode: all its instances'.
 ///
 /// Count protocol: with `infos` NULL or `*info_count` too small, `*info_count`
 /// becomes the number of processes and the call returns
@@ -650,6 +801,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
 /// `sm_util`, stamped "now" (µs since the Unix epoch), if now is after
 /// `last_seen_time_stamp`; none → `NVML_ERROR_NOT_FOUND`. Sleeps the GPU's
 /// `process_util_delay_ms` first. Count protocol as for the process list.
+/// `NVML_ERROR_NOT_SUPPORTED` on a MIG device and on a GPU in MIG mode.
 ///
 /// # Safety
 ///
@@ -665,6 +817,10 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 ) -> NvmlReturn {
     call(Func::nvmlDeviceGetProcessUtilization, || {
         let t = target(device)?;
+        if t.mig_enabled_gpu() {
+            return Err(NVML_ERROR_NOT_SUPPORTED);
+        }
+        t.physical()?;
         check_ptr(process_samples_count)?;
         let delay = t.gpu().process_util_delay;
         if !delay.is_zero() {
@@ -699,8 +855,8 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     })
 }
 
-/// `nvmlGpmQueryDeviceSupport`: `isSupportedDevice` is 1 iff the GPU has
-/// `"gpm": true`. `gpm_support.version` must be [`NVML_GPM_SUPPORT_VERSION`].
+/// `nvmlGpmQueryDeviceSupport`: `isSupportedDevice` is 1 iff the GPU (for a MIG device: its
+/// parent) has `"gpm": true`. `gpm_support.version` must be [`NVML_GPM_SUPPORT_VERSION`].
 ///
 /// # Safety
 ///
@@ -751,27 +907,74 @@ pub extern "C" fn nvmlGpmSampleFree(gpm_sample: NvmlGpmSample) -> NvmlReturn {
     })
 }
 
-/// `nvmlGpmSampleGet`: snapshots the GPU's GPM loads into the sample;
-/// `NVML_ERROR_NOT_SUPPORTED` on a GPU without `"gpm": true`.
+/// `nvmlGpmSampleGet`: snapshots the GPU's GPM loads into the sample (in MIG mode too: the
+/// whole GPU's); `NVML_ERROR_NOT_SUPPORTED` on a GPU without `"gpm": true` and on a MIG device
+/// handle (its loads come from [`nvmlGpmMigSampleGet`] on the parent).
 #[no_mangle]
 pub extern "C" fn nvmlGpmSampleGet(device: NvmlDevice, gpm_sample: NvmlGpmSample) -> NvmlReturn {
     call(Func::nvmlGpmSampleGet, || {
         let t = target(device)?;
-        let gpu = t.gpu();
+        let gpu = t.physical()?;
         if !gpu.gpm {
             return Err(NVML_ERROR_NOT_SUPPORTED);
         }
-        state::with_sample(gpm_sample.addr(), |slot| {
-            slot.snapshot = Some(state::GpmSnapshot {
-                device: t.index,
-                seq: state::next_sample_seq(),
-                taken_at: std::time::Instant::now(),
-                sm_active: gpu.sm_active,
-                sm_occupancy: gpu.sm_occupancy,
-                tensor_active: gpu.tensor_active,
-                dram_active: gpu.dram_active,
-            });
-        })
+        let loads = [
+            gpu.sm_active,
+            gpu.sm_occupancy,
+            gpu.tensor_active,
+            gpu.dram_active,
+        ];
+        take_gpm_sample(gpm_sample, t.index, None, loads)
+    })
+}
+
+/// `nvmlGpmMigSampleGet`: snapshots the GPM loads of the MIG instance with GPU instance ID
+/// `gpu_instance_id` of GPU `device` into the sample. `NVML_ERROR_NOT_SUPPORTED` on a GPU
+/// without `"gpm": true` or without MIG mode; `NVML_ERROR_INVALID_ARGUMENT` for a MIG device
+/// handle (pass the parent) or a GPU instance ID the GPU does not have.
+#[no_mangle]
+pub extern "C" fn nvmlGpmMigSampleGet(
+    device: NvmlDevice,
+    gpu_instance_id: c_uint,
+    gpm_sample: NvmlGpmSample,
+) -> NvmlReturn {
+    call(Func::nvmlGpmMigSampleGet, || {
+        let t = target(device)?;
+        if t.mig.is_some() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let gpu = t.gpu();
+        let Some(mig) = gpu.mig.as_ref().filter(|_| gpu.gpm) else {
+            return Err(NVML_ERROR_NOT_SUPPORTED);
+        };
+        let (_, m) = mig
+            .by_gpu_instance_id(gpu_instance_id)
+            .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
+        let loads = [m.sm_active, m.sm_occupancy, m.tensor_active, m.dram_active];
+        take_gpm_sample(gpm_sample, t.index, Some(gpu_instance_id), loads)
+    })
+}
+
+/// Fills the sample `gpm_sample` with `loads` (`sm_active`, `sm_occupancy`, `tensor_active`,
+/// `dram_active`) of GPU `gpu` (or of its GPU instance `gpu_instance_id`).
+fn take_gpm_sample(
+    gpm_sample: NvmlGpmSample,
+    gpu: usize,
+    gpu_instance_id: Option<u32>,
+    loads: [f64; 4],
+) -> Result<(), NvmlReturn> {
+    let [sm_active, sm_occupancy, tensor_active, dram_active] = loads;
+    state::with_sample(gpm_sample.addr(), |slot| {
+        slot.snapshot = Some(state::GpmSnapshot {
+            device: gpu,
+            gpu_instance_id,
+            seq: state::next_sample_seq(),
+            taken_at: std::time::Instant::now(),
+            sm_active,
+            sm_occupancy,
+            tensor_active,
+            dram_active,
+        });
     })
 }
 
@@ -804,7 +1007,7 @@ fn gpm_metric(
 ///
 /// Errors: `version` not [`NVML_GPM_METRICS_GET_VERSION`] →
 /// `NVML_ERROR_ARGUMENT_VERSION_MISMATCH`; unknown or never-filled samples,
-/// samples of different GPUs, `sample2` not taken after `sample1`, or
+/// samples of different GPUs (or GPU instances), `sample2` not taken after `sample1`, or
 /// `numMetrics` above [`NVML_GPM_METRIC_MAX`] → `NVML_ERROR_INVALID_ARGUMENT`.
 /// Metric names point at static strings of this library.
 ///
@@ -839,6 +1042,7 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(metrics_get: *mut NvmlGpmMetricsGet) 
         let second = state::with_sample(sample2.addr(), |s| s.snapshot)?
             .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
         if first.device != second.device
+            || first.gpu_instance_id != second.gpu_instance_id
             || second.seq <= first.seq
             || second.taken_at < first.taken_at
         {
@@ -886,6 +1090,143 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(metrics_get: *mut NvmlGpmMetricsGet) 
             unsafe { entry.write(filled) };
         }
         Ok(())
+    })
+}
+
+/// `nvmlDeviceGetMigMode`: current and pending mode are both `NVML_DEVICE_MIG_ENABLE` (1) for
+/// a GPU with `mig` in the scenario, else `NVML_DEVICE_MIG_DISABLE` (0), as an H100 without MIG
+/// answers. `NVML_ERROR_NOT_SUPPORTED` on a MIG device handle.
+///
+/// # Safety
+///
+/// `current_mode` and `pending_mode` must each be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: NvmlDevice,
+    current_mode: *mut c_uint,
+    pending_mode: *mut c_uint,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceGetMigMode, || {
+        let t = target(device)?;
+        let gpu = t.physical()?;
+        let mode = if gpu.mig.is_some() {
+            NVML_DEVICE_MIG_ENABLE
+        } else {
+            NVML_DEVICE_MIG_DISABLE
+        };
+        check_ptr(current_mode)?;
+        check_ptr(pending_mode)?;
+        // SAFETY: forwarded caller contract (both checked before either write).
+        unsafe { put(current_mode, mode) }?;
+        // SAFETY: as above.
+        unsafe { put(pending_mode, mode) }
+    })
+}
+
+/// `nvmlDeviceGetMaxMigDeviceCount`: the GPU's `mig.max_devices` (default 7); 0 for a GPU
+/// without MIG mode. `NVML_ERROR_NOT_SUPPORTED` on a MIG device handle.
+///
+/// # Safety
+///
+/// `count` must be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: NvmlDevice,
+    count: *mut c_uint,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceGetMaxMigDeviceCount, || {
+        let t = target(device)?;
+        let gpu = t.physical()?;
+        let value = gpu.mig.as_ref().map_or(0, |m| m.max_devices);
+        // SAFETY: forwarded caller contract.
+        unsafe { put(count, value) }
+    })
+}
+
+/// `nvmlDeviceGetMigDeviceHandleByIndex`: the handle of the MIG instance whose `index` is
+/// `index`. `NVML_ERROR_NOT_FOUND` for an empty slot below `mig.max_devices`;
+/// `NVML_ERROR_INVALID_ARGUMENT` at or above it or for a MIG device handle;
+/// `NVML_ERROR_NOT_SUPPORTED` for a GPU without MIG mode.
+///
+/// # Safety
+///
+/// `mig_device` must be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: NvmlDevice,
+    index: c_uint,
+    mig_device: *mut NvmlDevice,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceGetMigDeviceHandleByIndex, || {
+        let t = target(device)?;
+        if t.mig.is_some() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let mig = t.gpu().mig.as_ref().ok_or(NVML_ERROR_NOT_SUPPORTED)?;
+        if index >= mig.max_devices {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        mig.at_index(index).ok_or(NVML_ERROR_NOT_FOUND)?;
+        let handle = mig_handle(t.index, index)?;
+        // SAFETY: forwarded caller contract.
+        unsafe { put(mig_device, handle) }
+    })
+}
+
+/// `nvmlDeviceIsMigDeviceHandle`: 1 for a MIG device handle, 0 for a GPU's.
+///
+/// # Safety
+///
+/// `is_mig_device` must be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: NvmlDevice,
+    is_mig_device: *mut c_uint,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceIsMigDeviceHandle, || {
+        let t = target(device)?;
+        // SAFETY: forwarded caller contract.
+        unsafe { put(is_mig_device, c_uint::from(t.mig.is_some())) }
+    })
+}
+
+/// `nvmlDeviceGetDeviceHandleFromMigDeviceHandle`: the parent GPU's handle of a MIG device;
+/// `NVML_ERROR_INVALID_ARGUMENT` for a GPU handle.
+///
+/// # Safety
+///
+/// `device` must be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig_device: NvmlDevice,
+    device: *mut NvmlDevice,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceGetDeviceHandleFromMigDeviceHandle, || {
+        let t = target(mig_device)?;
+        if t.mig.is_none() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        // SAFETY: forwarded caller contract.
+        unsafe { put(device, gpu_handle(t.index)) }
+    })
+}
+
+/// `nvmlDeviceGetGpuInstanceId`: a MIG device's `gpu_instance_id`; `NVML_ERROR_NOT_SUPPORTED`
+/// for a GPU handle.
+///
+/// # Safety
+///
+/// `id` must be null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(
+    device: NvmlDevice,
+    id: *mut c_uint,
+) -> NvmlReturn {
+    call(Func::nvmlDeviceGetGpuInstanceId, || {
+        let t = target(device)?;
+        let m = t.instance().ok_or(NVML_ERROR_NOT_SUPPORTED)?;
+        // SAFETY: forwarded caller contract.
+        unsafe { put(id, m.gpu_instance_id) }
     })
 }
 

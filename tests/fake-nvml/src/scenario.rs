@@ -15,6 +15,12 @@ const DEFAULT_TEMP_C: f64 = 40.0;
 const DEFAULT_POWER_W: f64 = 70.0;
 /// Longest accepted `process_util_delay_ms`; anything longer is surely a typo.
 const MAX_DELAY_MS: f64 = 60_000.0;
+/// `nvmlDeviceGetMaxMigDeviceCount` of an A100 or H100, the default `mig.max_devices`.
+const DEFAULT_MAX_MIG_DEVICES: u32 = 7;
+/// Largest accepted `mig.max_devices` (MIG device handles keep the index in 8 bits).
+pub(crate) const MAX_MIG_DEVICES: u32 = 255;
+/// Memory of an H100's smallest profile (`1g.10gb`), the default instance `memory_total_mib`.
+const DEFAULT_MIG_MEMORY_TOTAL_MIB: f64 = 10240.0;
 
 /// A validated scenario, ready to be served.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +48,52 @@ pub(crate) struct Gpu {
     pub(crate) processes: Vec<Process>,
     pub(crate) fail: Option<Failure>,
     pub(crate) process_util_delay: Duration,
+    /// `Some` when MIG mode is enabled: the GPU's MIG devices.
+    pub(crate) mig: Option<Mig>,
+}
+
+/// A MIG-enabled GPU's MIG devices.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Mig {
+    /// What `nvmlDeviceGetMaxMigDeviceCount` answers; every instance's `index` is below it.
+    pub(crate) max_devices: u32,
+    pub(crate) instances: Vec<MigInstance>,
+}
+
+impl Mig {
+    /// The instance at MIG device index `index`, if that slot is filled.
+    pub(crate) fn at_index(&self, index: u32) -> Option<(usize, &MigInstance)> {
+        self.instances
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.index == index)
+    }
+
+    /// The instance with GPU instance ID `id`.
+    pub(crate) fn by_gpu_instance_id(&self, id: u32) -> Option<(usize, &MigInstance)> {
+        self.instances
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.gpu_instance_id == id)
+    }
+}
+
+/// One MIG device (a GPU instance with its compute instance), in the units NVML reports.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MigInstance {
+    /// MIG device index on the parent (`nvmlDeviceGetMigDeviceHandleByIndex`).
+    pub(crate) index: u32,
+    /// GPU instance ID (`nvmlDeviceGetGpuInstanceId`).
+    pub(crate) gpu_instance_id: u32,
+    pub(crate) name: CString,
+    pub(crate) uuid: CString,
+    pub(crate) memory_total_bytes: u64,
+    pub(crate) memory_used_bytes: u64,
+    pub(crate) sm_active: f64,
+    pub(crate) sm_occupancy: f64,
+    pub(crate) tensor_active: f64,
+    pub(crate) dram_active: f64,
+    pub(crate) processes: Vec<Process>,
 }
 
 /// One compute process on a GPU.
@@ -93,6 +145,28 @@ struct RawGpu {
     processes: Option<Vec<RawProcess>>,
     fail: Option<String>,
     process_util_delay_ms: Option<f64>,
+    mig: Option<RawMig>,
+}
+
+#[derive(Deserialize)]
+struct RawMig {
+    max_devices: Option<u32>,
+    instances: Option<Vec<RawMigInstance>>,
+}
+
+#[derive(Deserialize)]
+struct RawMigInstance {
+    index: Option<u32>,
+    gpu_instance_id: Option<u32>,
+    name: Option<String>,
+    uuid: Option<String>,
+    memory_total_mib: Option<f64>,
+    memory_used_mib: Option<f64>,
+    sm_active: Option<f64>,
+    sm_occupancy: Option<f64>,
+    tensor_active: Option<f64>,
+    dram_active: Option<f64>,
+    processes: Option<Vec<RawProcess>>,
 }
 
 #[derive(Deserialize)]
@@ -117,12 +191,19 @@ pub(crate) fn parse(text: &str) -> Result<Scenario, String> {
         .enumerate()
         .map(|(index, gpu)| convert_gpu(index, gpu))
         .collect::<Result<Vec<_>, _>>()?;
+    // UUIDs are unique across GPUs and MIG instances, as NVML's are.
+    let mut uuids: Vec<(String, &CString)> = Vec::new();
     for (i, gpu) in gpus.iter().enumerate() {
-        if let Some(j) = gpus[..i].iter().position(|g| g.uuid == gpu.uuid) {
-            return Err(format!(
-                "gpus[{i}].uuid: {:?} is also the uuid of gpus[{j}]",
-                gpu.uuid
-            ));
+        let instances = gpu.mig.iter().flat_map(|m| m.instances.iter().enumerate());
+        let keys = std::iter::once((format!("gpus[{i}].uuid"), &gpu.uuid)).chain(
+            instances.map(|(m, inst)| (format!("gpus[{i}].mig.instances[{m}].uuid"), &inst.uuid)),
+        );
+        for (key, uuid) in keys {
+            if let Some((other, _)) = uuids.iter().find(|(_, u)| *u == uuid) {
+                let other = other.trim_end_matches(".uuid");
+                return Err(format!("{key}: {uuid:?} is also the uuid of {other}"));
+            }
+            uuids.push((key, uuid));
         }
     }
     Ok(Scenario {
@@ -143,7 +224,7 @@ fn convert_gpu(index: usize, raw: RawGpu) -> Result<Gpu, String> {
         &at("memory_total_mib"),
         raw.memory_total_mib.unwrap_or(DEFAULT_MEMORY_TOTAL_MIB),
     )?;
-    let memory_used_bytes = bytes(&at("memory_used_mib"), raw.memory_used_mib.unwrap_or(0.0))?;
+    let mut memory_used_bytes = bytes(&at("memory_used_mib"), raw.memory_used_mib.unwrap_or(0.0))?;
     if memory_used_bytes > memory_total_bytes {
         return Err(format!(
             "{}: {} MiB used is more than memory_total_mib",
@@ -172,26 +253,24 @@ fn convert_gpu(index: usize, raw: RawGpu) -> Result<Gpu, String> {
             at("process_util_delay_ms")
         ));
     }
-    let processes = raw
-        .processes
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(p, process)| {
-            let at = |key: &str| format!("gpus[{index}].processes[{p}].{key}");
-            Ok(Process {
-                pid: process.pid,
-                used_memory_bytes: bytes(
-                    &at("used_memory_mib"),
-                    process.used_memory_mib.unwrap_or(0.0),
-                )?,
-                sm_util: process
-                    .sm_util
-                    .map(|v| rounded_u32(&at("sm_util"), v))
-                    .transpose()?,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let processes = convert_processes(&at("processes"), raw.processes.unwrap_or_default())?;
+    let mig = raw
+        .mig
+        .map(|m| convert_mig(index, &name, memory_total_bytes, m))
+        .transpose()?;
+    if let Some(mig) = &mig {
+        if !processes.is_empty() {
+            return Err(format!(
+                "{}: a MIG-enabled GPU runs its processes on its MIG instances; list them under \
+                 mig.instances[].processes",
+                at("processes")
+            ));
+        }
+        // In MIG mode the GPU's used memory is its instances' together, unless set.
+        if raw.memory_used_mib.is_none() {
+            memory_used_bytes = mig.instances.iter().map(|m| m.memory_used_bytes).sum();
+        }
+    }
     Ok(Gpu {
         name,
         uuid,
@@ -212,6 +291,127 @@ fn convert_gpu(index: usize, raw: RawGpu) -> Result<Gpu, String> {
         processes,
         fail,
         process_util_delay: Duration::from_secs_f64(delay_ms / 1000.0),
+        mig,
+    })
+}
+
+/// Converts a process list found at `key` (`gpus[0].processes`, …).
+fn convert_processes(key: &str, raw: Vec<RawProcess>) -> Result<Vec<Process>, String> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(p, process)| {
+            let at = |k: &str| format!("{key}[{p}].{k}");
+            Ok(Process {
+                pid: process.pid,
+                used_memory_bytes: bytes(
+                    &at("used_memory_mib"),
+                    process.used_memory_mib.unwrap_or(0.0),
+                )?,
+                sm_util: process
+                    .sm_util
+                    .map(|v| rounded_u32(&at("sm_util"), v))
+                    .transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// Converts `gpus[gpu].mig` of a GPU named `parent_name` with `parent_total` bytes of memory.
+fn convert_mig(
+    gpu: usize,
+    parent_name: &CString,
+    parent_total: u64,
+    raw: RawMig,
+) -> Result<Mig, String> {
+    let max_devices = raw.max_devices.unwrap_or(DEFAULT_MAX_MIG_DEVICES);
+    if !(1..=MAX_MIG_DEVICES).contains(&max_devices) {
+        return Err(format!(
+            "gpus[{gpu}].mig.max_devices: {max_devices} is not between 1 and {MAX_MIG_DEVICES} \
+             (an A100 or H100 has 7)"
+        ));
+    }
+    let mut instances: Vec<MigInstance> = Vec::new();
+    for (m, raw) in raw.instances.unwrap_or_default().into_iter().enumerate() {
+        let at = |key: &str| format!("gpus[{gpu}].mig.instances[{m}].{key}");
+        let position = u32::try_from(m).map_err(|_| at("index") + ": too many instances")?;
+        let index = raw.index.unwrap_or(position);
+        if index >= max_devices {
+            return Err(format!(
+                "{}: {index} is not below mig.max_devices ({max_devices}); MIG device indexes \
+                 run from 0 to max_devices - 1",
+                at("index")
+            ));
+        }
+        if let Some(j) = instances.iter().position(|i| i.index == index) {
+            return Err(format!(
+                "{}: {index} is also the index of gpus[{gpu}].mig.instances[{j}]",
+                at("index")
+            ));
+        }
+        let gpu_instance_id = raw.gpu_instance_id.unwrap_or(position + 1);
+        if let Some(j) = instances
+            .iter()
+            .position(|i| i.gpu_instance_id == gpu_instance_id)
+        {
+            return Err(format!(
+                "{}: {gpu_instance_id} is also the gpu_instance_id of \
+                 gpus[{gpu}].mig.instances[{j}]",
+                at("gpu_instance_id")
+            ));
+        }
+        let default_name = format!("{} MIG", parent_name.to_string_lossy());
+        let name = c_string(&at("name"), raw.name.unwrap_or(default_name))?;
+        let uuid = c_string(
+            &at("uuid"),
+            raw.uuid
+                .unwrap_or_else(|| format!("MIG-00000000-0000-0000-{gpu:04}-{m:012}")),
+        )?;
+        let memory_total_bytes = bytes(
+            &at("memory_total_mib"),
+            raw.memory_total_mib.unwrap_or(DEFAULT_MIG_MEMORY_TOTAL_MIB),
+        )?;
+        let memory_used_bytes = bytes(&at("memory_used_mib"), raw.memory_used_mib.unwrap_or(0.0))?;
+        if memory_used_bytes > memory_total_bytes {
+            return Err(format!(
+                "{}: {} MiB used is more than the instance's memory_total_mib",
+                at("memory_used_mib"),
+                memory_used_bytes as f64 / MIB
+            ));
+        }
+        let allotted: u64 = instances.iter().map(|i| i.memory_total_bytes).sum();
+        if allotted + memory_total_bytes > parent_total {
+            return Err(format!(
+                "{}: the instances' memory ({} MiB up to this one) is more than their GPU's \
+                 memory_total_mib ({} MiB)",
+                at("memory_total_mib"),
+                (allotted + memory_total_bytes) as f64 / MIB,
+                parent_total as f64 / MIB
+            ));
+        }
+        let raw_processes = raw.processes.unwrap_or_default();
+        if let Some(p) = raw_processes.iter().position(|p| p.sm_util.is_some()) {
+            return Err(format!(
+                "{}[{p}].sm_util: NVML has no per-process utilization on MIG instances; remove it",
+                at("processes")
+            ));
+        }
+        instances.push(MigInstance {
+            index,
+            gpu_instance_id,
+            name,
+            uuid,
+            memory_total_bytes,
+            memory_used_bytes,
+            sm_active: non_negative(&at("sm_active"), raw.sm_active.unwrap_or(0.0))?,
+            sm_occupancy: non_negative(&at("sm_occupancy"), raw.sm_occupancy.unwrap_or(0.0))?,
+            tensor_active: non_negative(&at("tensor_active"), raw.tensor_active.unwrap_or(0.0))?,
+            dram_active: non_negative(&at("dram_active"), raw.dram_active.unwrap_or(0.0))?,
+            processes: convert_processes(&at("processes"), raw_processes)?,
+        });
+    }
+    Ok(Mig {
+        max_devices,
+        instances,
     })
 }
 
@@ -319,6 +519,122 @@ mod tests {
             ),
             (r#"{"gpus": [{"gpu_util": 1e12}]}"#, "gpus[0].gpu_util"),
             (r#"{"gpus": [{"name": "a\u0000b"}]}"#, "gpus[0].name"),
+        ];
+        for (json, key) in cases {
+            let err = parse(json).unwrap_err();
+            assert!(err.contains(key), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_mig_gpu_lists_its_instances_with_their_defaults() {
+        let s = parse(
+            r#"{"gpus": [{"name": "NVIDIA H100 80GB HBM3", "gpm": true,
+                "mig": {"instances": [
+                    {"uuid": "MIG-a", "gpu_instance_id": 7, "memory_total_mib": 10240,
+                     "memory_used_mib": 4000, "sm_active": 40.5, "sm_occupancy": 20,
+                     "tensor_active": 30, "dram_active": 10,
+                     "processes": [{"pid": 11, "used_memory_mib": 3500}]},
+                    {"index": 4, "memory_used_mib": 1000}]}}]}"#,
+        )
+        .unwrap();
+        let g = &s.gpus[0];
+        let mig = g.mig.as_ref().unwrap();
+        assert_eq!(
+            mig.max_devices, 7,
+            "an H100's nvmlDeviceGetMaxMigDeviceCount"
+        );
+        let [a, b] = &mig.instances[..] else {
+            panic!("two instances: {mig:?}")
+        };
+        assert_eq!((a.index, a.gpu_instance_id), (0, 7));
+        assert_eq!(a.uuid.to_str().unwrap(), "MIG-a");
+        assert_eq!(a.name.to_str().unwrap(), "NVIDIA H100 80GB HBM3 MIG");
+        assert_eq!(a.memory_total_bytes, 10240 << 20);
+        assert_eq!(a.memory_used_bytes, 4000 << 20);
+        assert_eq!(a.sm_active, 40.5);
+        assert_eq!(a.processes[0].pid, 11);
+        assert_eq!(a.processes[0].used_memory_bytes, 3500 << 20);
+        assert_eq!(a.processes[0].sm_util, None);
+        // Sparse: the second instance sits in slot 4; its GPU instance ID is its position + 1.
+        assert_eq!((b.index, b.gpu_instance_id), (4, 2));
+        assert_eq!(
+            b.uuid.to_str().unwrap(),
+            "MIG-00000000-0000-0000-0000-000000000001"
+        );
+        assert_eq!(mig.at_index(4).map(|(p, _)| p), Some(1));
+        assert_eq!(mig.at_index(1), None);
+        assert_eq!(mig.by_gpu_instance_id(7).map(|(p, _)| p), Some(0));
+        // In MIG mode the GPU's used memory defaults to its instances' together.
+        assert_eq!(g.memory_used_bytes, 5000 << 20);
+        assert!(g.processes.is_empty());
+    }
+
+    #[test]
+    fn a_gpu_without_mig_has_none_and_an_empty_mig_has_no_instances() {
+        let s = parse(r#"{"gpus": [{}, {"mig": {}}, {"mig": null}]}"#).unwrap();
+        assert_eq!(s.gpus[0].mig, None);
+        let empty = s.gpus[1].mig.as_ref().unwrap();
+        assert!(empty.instances.is_empty());
+        assert_eq!(s.gpus[2].mig, None);
+    }
+
+    #[test]
+    fn invalid_mig_scenarios_name_the_offending_key() {
+        let cases = [
+            (
+                r#"{"gpus": [{"processes": [{"pid": 1}], "mig": {}}]}"#,
+                "gpus[0].processes: a MIG-enabled GPU",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"max_devices": 0}}]}"#,
+                "gpus[0].mig.max_devices",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"max_devices": 2, "instances": [{"index": 2}]}}]}"#,
+                "gpus[0].mig.instances[0].index: 2 is not below",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"index": 1}, {"index": 1}]}}]}"#,
+                "gpus[0].mig.instances[1].index",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"gpu_instance_id": 2}, {}]}}]}"#,
+                "gpus[0].mig.instances[1].gpu_instance_id",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"memory_total_mib": 10, "memory_used_mib": 11}]}}]}"#,
+                "gpus[0].mig.instances[0].memory_used_mib",
+            ),
+            (
+                r#"{"gpus": [{"memory_total_mib": 20000, "mig": {"instances": [
+                    {"memory_total_mib": 10240}, {"memory_total_mib": 10240}]}}]}"#,
+                "gpus[0].mig.instances[1].memory_total_mib",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"processes": [{"pid": 1, "sm_util": 5}]}]}}]}"#,
+                "gpus[0].mig.instances[0].processes[0].sm_util",
+            ),
+            (
+                r#"{"gpus": [{}, {"mig": {"instances": [{"sm_active": -1}]}}]}"#,
+                "gpus[1].mig.instances[0].sm_active",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"processes": [{"pid": 1, "used_memory_mib": -1}]}]}}]}"#,
+                "gpus[0].mig.instances[0].processes[0].used_memory_mib",
+            ),
+            (
+                r#"{"gpus": [{"uuid": "GPU-a"}, {"mig": {"instances": [{"uuid": "GPU-a"}]}}]}"#,
+                "gpus[1].mig.instances[0].uuid: \"GPU-a\" is also the uuid of gpus[0]",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"uuid": "MIG-x"}, {"uuid": "MIG-x"}]}}]}"#,
+                "gpus[0].mig.instances[1].uuid: \"MIG-x\" is also the uuid of gpus[0].mig.instances[0]",
+            ),
+            (
+                r#"{"gpus": [{"mig": {"instances": [{"name": "a\u0000b"}]}}]}"#,
+                "gpus[0].mig.instances[0].name",
+            ),
         ];
         for (json, key) in cases {
             let err = parse(json).unwrap_err();

@@ -191,7 +191,10 @@ impl State {
 /// What a GPM sample captured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct GpmSnapshot {
+    /// The GPU sampled (for a MIG sample, the parent).
     pub(crate) device: usize,
+    /// The GPU instance of a `nvmlGpmMigSampleGet` sample; `None` for the whole GPU.
+    pub(crate) gpu_instance_id: Option<u32>,
     /// Global order of `nvmlGpmSampleGet` calls.
     pub(crate) seq: u64,
     pub(crate) taken_at: Instant,

@@ -382,15 +382,17 @@ async fn settles_at(ctx: &Ctx, ns: &str, app: &str, want: i32, timeout: Duration
 
 // ---- tests -----------------------------------------------------------------------------------
 
-/// 2 replicas on one GPU each step to 90 % SM activity: value = 2 × 90 = 180 (aggregation `sum`),
-/// and with KEDA's default `AverageValue` the HPA wants ceil(180 / 80) = 3 replicas. The third
-/// replica is idle, so the sum stays 180 and the count stays 3.
+/// 2 tensor-parallel replicas on two GPUs each step to 90 % SM activity: each replica reads 90
+/// (its GPUs averaged, `gpuAggregation`'s default), value = 2 × 90 = 180 (aggregation `sum`),
+/// and with KEDA's default `AverageValue` the HPA wants ceil(180 / 80) = 3 replicas — not the
+/// ceil(360 / 80) = 5 of counting every GPU. The third replica is idle, so the sum stays 180 and
+/// the count stays 3.
 async fn keda_builds_the_hpa_from_get_metric_spec_and_a_load_step_moves_replicas_as_sum_average_value_predicts(
     ctx: &Ctx,
 ) -> Result<()> {
     let (ns, app) = ("t-sum", "vllm");
     namespace(ctx, ns).await?;
-    run_deployment(ctx, ns, app, (2, 1), None).await?;
+    run_deployment(ctx, ns, app, (2, 2), None).await?;
     apply(ctx, scaled_object(ctx, ns, app, json!({}), json!({}))).await?;
 
     let h = hpa(ctx, ns, app).await?;
