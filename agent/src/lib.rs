@@ -18,7 +18,6 @@ pub mod cgroup;
 #[cfg(not(gpuscale_loom))]
 pub mod dump;
 #[cfg(not(gpuscale_loom))]
-pub mod duration;
 #[cfg(not(gpuscale_loom))]
 pub mod ebpf;
 #[cfg(not(gpuscale_loom))]

@@ -82,7 +82,7 @@ struct DumpArgs {
 const DEFAULT_SHM: &str = "/dev/shm/gpuscale/agent.ring";
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = agent::duration::parse(s)?;
+    let d = vocab::duration::parse(s)?;
     if d < Duration::from_millis(10) || d > Duration::from_secs(10) {
         return Err(format!("{s} is outside the accepted range 10ms to 10s"));
     }

@@ -6,75 +6,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// A metric the agent reports, named as in the KEDA trigger metadata.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Metric {
-    /// GPM SM activity, percent (Hopper and newer).
-    SmActive,
-    /// NVML "GPU utilization": percent of time any kernel ran.
-    GpuUtil,
-    /// GPM SM occupancy, percent.
-    SmOccupancy,
-    /// GPM tensor-core activity, percent.
-    TensorActive,
-    /// GPM DRAM bandwidth utilization, percent.
-    DramActive,
-    /// NVML memory-controller utilization, percent.
-    MemUtil,
-    /// Device memory in use, bytes.
-    VramUsedBytes,
-    /// Device memory in use, percent of total.
-    VramUsedPct,
-    /// Board power draw, watts.
-    PowerWatts,
-    /// GPU temperature, degrees Celsius (reported, not a trigger metric).
-    TemperatureC,
-}
-
-impl Metric {
-    /// Every metric, in the order dumps print them.
-    pub const ALL: [Metric; 10] = [
-        Metric::SmActive,
-        Metric::GpuUtil,
-        Metric::SmOccupancy,
-        Metric::TensorActive,
-        Metric::DramActive,
-        Metric::MemUtil,
-        Metric::VramUsedBytes,
-        Metric::VramUsedPct,
-        Metric::PowerWatts,
-        Metric::TemperatureC,
-    ];
-
-    /// Number of metrics.
-    pub const COUNT: usize = Self::ALL.len();
-
-    /// The metric's name as users write it (`sm_active`, `vram_used_bytes`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::SmActive => "sm_active",
-            Metric::GpuUtil => "gpu_util",
-            Metric::SmOccupancy => "sm_occupancy",
-            Metric::TensorActive => "tensor_active",
-            Metric::DramActive => "dram_active",
-            Metric::MemUtil => "mem_util",
-            Metric::VramUsedBytes => "vram_used_bytes",
-            Metric::VramUsedPct => "vram_used_pct",
-            Metric::PowerWatts => "power_watts",
-            Metric::TemperatureC => "temperature_c",
-        }
-    }
-
-    /// Looks a metric up by its user-facing name.
-    pub fn from_name(name: &str) -> Option<Metric> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// Position of the metric in [`Metric::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+/// The metrics, named once for every crate (`vocab`).
+pub use vocab::Metric;
 
 /// Health of one GPU as the sampler last saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -421,7 +421,7 @@ pub fn run(config: &Config, stop: &Stop, ready: impl FnOnce(Arc<Agent>)) -> Resu
         path = %config.shm.display(),
         driver = %driver,
         gpus = gpus.len(),
-        interval = %crate::duration::format(config.interval),
+        interval = %vocab::duration::format(config.interval),
         capacity = writer.capacity(),
         "sampling"
     );

@@ -41,7 +41,7 @@ pub struct Args {
 }
 
 fn parse_poll(s: &str) -> Result<Duration, String> {
-    let d = agent::duration::parse(s)?;
+    let d = vocab::duration::parse(s)?;
     if d < Duration::from_micros(100) || d > Duration::from_secs(1) {
         return Err(format!("{s} is outside the accepted range 100us to 1s"));
     }

@@ -2,7 +2,8 @@
 //! kubelet-shaped cgroup v2 directories.
 //!
 //! They run for real as root in an agent built with its eBPF object (CI); otherwise each prints
-//! `skipped: <test>: <why>` and passes. As root with the object built in, a failure to load is a
+//! `skipped: <test>: <why>` and passes — unless `GPUSCALE_REQUIRE_PRIVILEGED=1` (set by
+//! `cargo xtask test` as root), which makes a skip a failure. As root with the object built in, a failure to load is a
 //! failure, not a skip. Each test uses its own device prefix (a temporary directory) so the tests
 //! can run in parallel, and removes its cgroups and files.
 //!
@@ -42,6 +43,13 @@ fn skip_reason() -> Option<String> {
 macro_rules! privileged {
     ($name:literal) => {
         if let Some(why) = skip_reason() {
+            // `cargo xtask test` as root (CI) sets it: there, a skip would hide a lost privilege.
+            if std::env::var("GPUSCALE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!(
+                    "{} cannot run: {why}; GPUSCALE_REQUIRE_PRIVILEGED=1 forbids skipping it",
+                    $name
+                );
+            }
             println!("skipped: {}: {why}", $name);
             return;
         }

@@ -7,7 +7,9 @@ use proto::agent::{MetricSummary, PodSummary};
 use proto::collector::collector_client::CollectorClient;
 use proto::collector::{ClusterView, ClusterViewRequest};
 use serde_json::{json, Value};
+use vocab::Metric;
 
+use crate::view::state_name;
 use crate::{Error, Result};
 
 /// Fetches the view from the collector at `addr` (`host:port`).
@@ -21,17 +23,6 @@ pub async fn fetch(addr: &str) -> Result<ClusterView> {
             addr: addr.to_owned(),
             why: s.message().to_owned(),
         })
-}
-
-/// The name of a GPU state as agents report it (`ok`, `lost`, `error`, `starting`).
-pub fn state_name(code: i32) -> &'static str {
-    match proto::agent::GpuState::try_from(code) {
-        Ok(proto::agent::GpuState::Starting) => "starting",
-        Ok(proto::agent::GpuState::Ok) => "ok",
-        Ok(proto::agent::GpuState::Lost) => "lost",
-        Ok(proto::agent::GpuState::Error) => "error",
-        _ => "unknown",
-    }
 }
 
 fn window_name(secs: u32) -> String {
@@ -101,8 +92,8 @@ pub fn to_json(addr: &str, v: &ClusterView) -> Value {
     })
 }
 
-fn stat(ms: &[MetricSummary], name: &str, window_s: Option<u32>) -> Option<f64> {
-    let m = ms.iter().find(|m| m.metric == name)?;
+fn stat(ms: &[MetricSummary], metric: Metric, window_s: Option<u32>) -> Option<f64> {
+    let m = ms.iter().find(|m| m.metric == metric.name())?;
     match window_s {
         None => m.last,
         Some(w) => m.windows.iter().find(|x| x.window_s == w).map(|x| x.avg),
@@ -170,9 +161,9 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
                 g.index,
                 g.name,
                 state_name(g.state),
-                pct(stat(&g.metrics, "sm_active", None)),
-                pct(stat(&g.metrics, "gpu_util", None)),
-                gib(stat(&g.metrics, "vram_used_bytes", None)),
+                pct(stat(&g.metrics, Metric::SmActive, None)),
+                pct(stat(&g.metrics, Metric::GpuUtil, None)),
+                gib(stat(&g.metrics, Metric::VramUsedBytes, None)),
                 g.processes.len(),
                 if g.mig_enabled { "  MIG on" } else { "" },
             );
@@ -183,8 +174,8 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
                     i.gpu_instance_id.map_or("?".into(), |id| id.to_string()),
                     i.uuid,
                     state_name(i.state),
-                    pct(stat(&i.metrics, "sm_active", None)),
-                    gib(stat(&i.metrics, "vram_used_bytes", None)),
+                    pct(stat(&i.metrics, Metric::SmActive, None)),
+                    gib(stat(&i.metrics, Metric::VramUsedBytes, None)),
                     i.processes.len()
                 );
             }
@@ -204,10 +195,10 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
                 p.owner,
                 p.node,
                 if g.shared { "yes" } else { "no" },
-                pct(stat(&g.metrics, "sm_active", None)),
-                pct(stat(&g.metrics, "sm_active", Some(30))),
-                pct(stat(&g.metrics, "gpu_util", None)),
-                gib(stat(&g.metrics, "vram_used_bytes", None)),
+                pct(stat(&g.metrics, Metric::SmActive, None)),
+                pct(stat(&g.metrics, Metric::SmActive, Some(30))),
+                pct(stat(&g.metrics, Metric::GpuUtil, None)),
+                gib(stat(&g.metrics, Metric::VramUsedBytes, None)),
             );
         }
     }

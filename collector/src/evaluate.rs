@@ -124,11 +124,13 @@ fn pod_gpu_value(
     }
     let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
     if trigger.metric == Metric::SmActive && gpu.is_some_and(|g| !g.gpm_supported) {
-        if let Some(v) = metric(&pod.metrics, "gpu_util").and_then(|m| statistic(m, trigger)) {
+        if let Some(v) =
+            metric(&pod.metrics, Metric::GpuUtil.name()).and_then(|m| statistic(m, trigger))
+        {
             return Ok((v, true));
         }
     }
-    let state = gpu.map_or("not reported", |g| crate::dump::state_name(g.state));
+    let state = gpu.map_or("not reported", |g| crate::view::state_name(g.state));
     let over = match trigger.time_aggregation {
         TimeAggregation::Last => "now".to_owned(),
         _ => format!("over {}s", trigger.window.as_secs()),

@@ -41,19 +41,8 @@ pub const SCALED_OBJECT_FORGET: Duration = Duration::from_secs(600);
 const LATENCY_BUCKETS: [f64; 14] = [
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0,
 ];
-/// Metrics in the order agents report them (the KEDA trigger `metric` names).
-const POD_METRICS: [&str; 10] = [
-    "sm_active",
-    "gpu_util",
-    "sm_occupancy",
-    "tensor_active",
-    "dram_active",
-    "mem_util",
-    "vram_used_bytes",
-    "vram_used_pct",
-    "power_watts",
-    "temperature_c",
-];
+/// Metrics in the order agents report them (the KEDA trigger `metric` names), named once.
+const POD_METRICS: [vocab::Metric; vocab::Metric::COUNT] = vocab::Metric::ALL;
 
 /// `rpc` and `code` of a KEDA request.
 type RpcLabels = [(&'static str, &'static str); 2];
@@ -205,7 +194,7 @@ impl ViewCollector {
                             };
                             for m in &p.metrics {
                                 let (Some(i), Some(value)) = (
-                                    POD_METRICS.iter().position(|&name| name == m.metric),
+                                    POD_METRICS.iter().position(|p| p.name() == m.metric),
                                     m.last.filter(|v| v.is_finite()),
                                 ) else {
                                     continue;

@@ -232,22 +232,14 @@ fn render_replicas(v: &Value) -> String {
     out
 }
 
-/// Parses `--watch`: a duration of milliseconds or seconds (`50ms`, `1s`, `0.5s`), 1 ms to 1 h.
+/// Parses `--watch`: a duration (`50ms`, `1s`, `1m30s`), 1 ms to 1 h.
 pub fn parse_every(s: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("{s:?}: write the time between queries like 50ms or 1s");
-    let t = s.trim();
-    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        return Err(bad());
-    };
-    let secs = number.parse::<f64>().map_err(|_| bad())? * scale;
-    if !(1e-3..=3600.0).contains(&secs) {
+    let d = vocab::duration::parse(s)
+        .map_err(|why| format!("{why}; write the time between queries like 50ms or 1s"))?;
+    if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&d) {
         return Err(format!("{s:?} is outside the accepted range 1ms to 1h"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+    Ok(d)
 }
 
 /// One line for a terminal.
@@ -291,7 +283,8 @@ mod tests {
         assert!(parse_every("50").unwrap_err().contains("like 50ms or 1s"));
         assert!(parse_every("fast").unwrap_err().contains("like 50ms or 1s"));
         assert!(parse_every("0ms").unwrap_err().contains("1ms to 1h"));
-        assert!(parse_every("2h").unwrap_err().contains("like 50ms"));
+        assert!(parse_every("2h").unwrap_err().contains("1ms to 1h"));
+        assert_eq!(parse_every("1m30s"), Ok(Duration::from_secs(90)));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `metric` | one of [`Metric::ALL`] (`sm_active`, `gpu_util`, …) | required |
+//! | `metric` | one of [`Metric::TRIGGER`] (`sm_active`, `gpu_util`, …) | required |
 //! | `podSelector` | label selector over pods in the ScaledObject's namespace | none (see [`Trigger::require_selector`]) |
 //! | `window` | smoothing window: `10s`, `30s`, `1m` or `5m` (any spelling of those) | `30s` |
 //! | `timeAggregation` | over the window: `avg`, `max`, `min`, `p95`, `last` | `avg` |
@@ -83,7 +83,6 @@ pub const MIN_TARGET_VALUE: f64 = 0.001;
 
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
-const DURATION_UNITS: &str = "ns, us, ms, s, m, h";
 
 /// A trigger's metadata was missing a key, had an unknown key, or had a bad value.
 ///
@@ -147,29 +146,8 @@ macro_rules! named_enum {
     };
 }
 
-named_enum! {
-    /// What is measured (`metric`). Percent metrics are 0–100 per GPU or per pod.
-    Metric {
-        /// GPM SM activity, % (Hopper and later): the honest compute-saturation signal.
-        SmActive = "sm_active",
-        /// NVML GPU utilization, %: time any kernel ran; overstates saturation.
-        GpuUtil = "gpu_util",
-        /// GPM SM occupancy, %: resident warps against the maximum.
-        SmOccupancy = "sm_occupancy",
-        /// GPM tensor-pipe activity, %.
-        TensorActive = "tensor_active",
-        /// GPM DRAM activity, %: memory bandwidth in use.
-        DramActive = "dram_active",
-        /// NVML memory utilization, %: time device memory was read or written.
-        MemUtil = "mem_util",
-        /// Device memory in use, bytes.
-        VramUsedBytes = "vram_used_bytes",
-        /// Device memory in use, % of the GPU's total.
-        VramUsedPct = "vram_used_pct",
-        /// Board power draw, watts.
-        PowerWatts = "power_watts",
-    }
-}
+/// What is measured (`metric`): one of [`Metric::TRIGGER`], named once for every crate.
+pub use vocab::Metric;
 
 named_enum! {
     /// How one series is summarised over the window (`timeAggregation`). The agent
@@ -201,20 +179,13 @@ named_enum! {
     }
 }
 
-impl Metric {
-    /// Whether the metric is a percentage (0–100 per GPU), which a replica's GPUs average.
-    pub fn is_percent(self) -> bool {
-        !matches!(self, Metric::VramUsedBytes | Metric::PowerWatts)
-    }
-
-    /// How a replica's GPUs combine when the trigger does not say: `avg` for percentages,
-    /// `sum` for bytes and watts.
-    pub fn default_gpu_aggregation(self) -> GpuAggregation {
-        if self.is_percent() {
-            GpuAggregation::Avg
-        } else {
-            GpuAggregation::Sum
-        }
+/// How a replica's GPUs combine when the trigger does not say: `avg` for percentages, `sum` for
+/// bytes and watts.
+pub fn default_gpu_aggregation(metric: Metric) -> GpuAggregation {
+    if metric.is_percent() {
+        GpuAggregation::Avg
+    } else {
+        GpuAggregation::Sum
     }
 }
 
@@ -280,15 +251,20 @@ impl Trigger {
             None => {
                 return Err(MetadataError::new(
                     "metric",
-                    format!("is required; write one of: {}", list(Metric::ALL)),
+                    format!("is required; write one of: {}", list(&Metric::TRIGGER)),
                 ))
             }
-            Some(v) => Metric::from_name(v).ok_or_else(|| {
-                MetadataError::new(
-                    "metric",
-                    format!("{v:?} is not a metric; write one of: {}", list(Metric::ALL)),
-                )
-            })?,
+            Some(v) => Metric::from_name(v)
+                .filter(|m| m.is_trigger())
+                .ok_or_else(|| {
+                    MetadataError::new(
+                        "metric",
+                        format!(
+                            "{v:?} is not a metric; write one of: {}",
+                            list(&Metric::TRIGGER)
+                        ),
+                    )
+                })?,
         };
 
         let pod_selector = get("podSelector")
@@ -300,7 +276,7 @@ impl Trigger {
             None => DEFAULT_WINDOW,
             Some(v) => {
                 let accepted = "write one of 10s, 30s, 1m, 5m (the windows the agent keeps)";
-                let d = parse_duration(v)
+                let d = vocab::duration::parse(v)
                     .map_err(|why| MetadataError::new("window", format!("{why}; {accepted}")))?;
                 if !WINDOWS.contains(&d) {
                     return Err(MetadataError::new(
@@ -320,7 +296,7 @@ impl Trigger {
         .unwrap_or(TimeAggregation::Avg);
         let gpu_aggregation =
             parse_named(get("gpuAggregation"), "gpuAggregation", GpuAggregation::ALL)?
-                .unwrap_or(metric.default_gpu_aggregation());
+                .unwrap_or(default_gpu_aggregation(metric));
         let replica_label = match get("replicaLabel") {
             None => None,
             Some(v) => {
@@ -382,7 +358,7 @@ impl Trigger {
             None => DEFAULT_STALE_AFTER,
             Some(v) => {
                 let hint = "write a duration > 0 and ≤ 10m such as 10s";
-                let d = parse_duration(v)
+                let d = vocab::duration::parse(v)
                     .map_err(|why| MetadataError::new("staleAfter", format!("{why}; {hint}")))?;
                 if d.is_zero() {
                     return Err(MetadataError::new(
@@ -402,7 +378,7 @@ impl Trigger {
 
         let active_after_open = match get("activeAfterOpen") {
             None => Duration::ZERO,
-            Some(v) => parse_duration(v).map_err(|why| {
+            Some(v) => vocab::duration::parse(v).map_err(|why| {
                 MetadataError::new(
                     "activeAfterOpen",
                     format!("{why}; write a duration such as 0s (off) or 2m"),
@@ -621,59 +597,6 @@ fn parse_number(v: &str, key: &str, hint: &str) -> Result<f64, MetadataError> {
     }
 }
 
-/// A duration written `<number><unit>` with unit ns, us (or µs), ms, s, m or h; the
-/// number may have a fraction (`1.5m`). A bare `0` is zero. Returns why not otherwise.
-fn parse_duration(v: &str) -> Result<Duration, String> {
-    let s = v.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let not_a_duration =
-        || format!("{v:?} is not a duration (write a number and one unit of {DURATION_UNITS})");
-    if s.starts_with('-') {
-        return Err(format!("{v:?} is negative"));
-    }
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit_nanos: u128 = match unit {
-        "ns" => 1,
-        "us" | "µs" | "μs" => 1_000,
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        "" if !number.is_empty() => {
-            return Err(format!("{v:?} has no unit (write one of {DURATION_UNITS})"))
-        }
-        _ => return Err(not_a_duration()),
-    };
-    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
-    if (whole.is_empty() && frac.is_empty()) || frac.contains('.') {
-        return Err(not_a_duration());
-    }
-    // Up to 20 digits per part keeps the u128 arithmetic below from overflowing; a
-    // longer number is no sensible duration anyway.
-    if whole.len() > 20 || frac.len() > 20 {
-        return Err(format!("{v:?} is too long to be a duration"));
-    }
-    let whole: u128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| not_a_duration())?
-    };
-    let frac_nanos: u128 = if frac.is_empty() {
-        0
-    } else {
-        let digits: u128 = frac.parse().map_err(|_| not_a_duration())?;
-        digits * unit_nanos / 10u128.pow(frac.len() as u32)
-    };
-    let nanos = whole * unit_nanos + frac_nanos;
-    let nanos = u64::try_from(nanos).map_err(|_| format!("{v:?} is too long a duration"))?;
-    Ok(Duration::from_nanos(nanos))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,11 +721,13 @@ mod tests {
 
     #[test]
     fn every_metric_name_round_trips() {
-        assert_eq!(Metric::ALL.len(), 9);
-        for m in Metric::ALL {
-            assert_eq!(Metric::from_name(m.name()), Some(*m));
-            assert_eq!(ok(&with(&[("metric", m.name())])).metric, *m);
+        assert_eq!(Metric::TRIGGER.len(), 9);
+        for m in Metric::TRIGGER {
+            assert_eq!(ok(&with(&[("metric", m.name())])).metric, m);
         }
+        // Reported by agents, but nothing to scale on.
+        let e = err(&with(&[("metric", "temperature_c")]));
+        assert!(e.message.contains("is not a metric"), "{e}");
         for t in TimeAggregation::ALL {
             assert_eq!(TimeAggregation::from_name(t.name()), Some(*t));
         }
@@ -913,36 +838,24 @@ mod tests {
     }
 
     #[test]
-    fn durations_take_every_unit_and_fractions() {
-        for (v, d) in [
-            ("1500ns", Duration::from_nanos(1500)),
-            ("250us", Duration::from_micros(250)),
-            ("250µs", Duration::from_micros(250)),
-            ("20ms", Duration::from_millis(20)),
-            ("1.5s", Duration::from_millis(1500)),
-            (".5s", Duration::from_millis(500)),
-            ("2m", Duration::from_secs(120)),
-            ("1h", Duration::from_secs(3600)),
-            ("0", Duration::ZERO),
-            ("0s", Duration::ZERO),
-        ] {
-            assert_eq!(parse_duration(v), Ok(d), "{v}");
-        }
-        for v in [
-            "",
-            "s",
-            ".s",
-            "1.2.3s",
-            "5 s",
-            "5sec",
-            "1d",
-            "-1s",
-            "+1s",
-            "1e3s",
-            "99999999999999999999h",
-        ] {
-            assert!(parse_duration(v).is_err(), "{v} should be rejected");
-        }
+    fn duration_keys_take_what_kubernetes_users_type() {
+        // The grammar itself is tested in `vocab::duration`; here, that every key reads it.
+        let t = ok(&with(&[
+            ("window", "1m"),
+            ("staleAfter", "1m30s"),
+            ("activeAfterOpen", "2m30s"),
+        ]));
+        assert_eq!(t.window, Duration::from_secs(60));
+        assert_eq!(t.stale_after, Duration::from_secs(90));
+        assert_eq!(t.active_after_open, Duration::from_secs(150));
+        assert_eq!(
+            ok(&with(&[("window", "0h5m")])).window,
+            Duration::from_secs(300)
+        );
+        let e = err(&with(&[("staleAfter", "1m30")]));
+        assert_eq!(e.key, "staleAfter");
+        assert!(e.message.contains("no unit after"), "{e}");
+        assert!(e.message.contains("such as 10s"), "{e}");
     }
 
     #[test]
@@ -1072,7 +985,7 @@ mod tests {
             ok(&with(&[("window", "1m")])).metric_name()
         );
         let mut names = std::collections::HashSet::new();
-        for m in Metric::ALL {
+        for m in Metric::TRIGGER {
             for t in TimeAggregation::ALL {
                 for a in Aggregation::ALL {
                     for w in ["10s", "30s", "1m", "5m"] {

@@ -55,34 +55,16 @@ const TARGET_RSS_MIB: f64 = 16.0;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?}: write seconds or minutes, like 60s or 5m");
-    let (n, mul) = if let Some(n) = s.strip_suffix('m') {
-        (n, 60)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1)
-    } else {
-        (s, 1)
-    };
-    let secs = n.parse::<u64>().map_err(|_| bad())? * mul;
-    if secs == 0 {
-        return Err(bad());
+    match vocab::duration::parse(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("{s:?} is zero; write a duration like 60s or 5m")),
+        Err(why) => Err(format!("{why}; write a duration like 60s or 5m")),
     }
-    Ok(Duration::from_secs(secs))
 }
 
-/// `100ms`, `1s` … as a duration (the forms the agent's `--interval` takes that we need).
+/// `--interval` as the agent reads it (`100ms`, `1s`).
 fn parse_interval(s: &str) -> Result<Duration> {
-    let (n, unit) = if let Some(n) = s.strip_suffix("ms") {
-        (n, Duration::from_millis(1))
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, Duration::from_secs(1))
-    } else {
-        bail!("--interval {s:?}: write milliseconds or seconds, like 100ms or 1s");
-    };
-    let n: u32 = n
-        .parse()
-        .with_context(|| format!("--interval {s:?}: not a whole number"))?;
-    Ok(unit * n)
+    vocab::duration::parse(s).map_err(|why| anyhow::anyhow!("--interval: {why}; write e.g. 100ms"))
 }
 
 /// The pod (as an index) of process `j` (0 or 1) of GPU `gpu`: GPU 1 is shared by two pods,

@@ -34,10 +34,15 @@ pub fn run(o: Options) -> Result<()> {
     run_cmd(cargo().args(["build", "--workspace"]), "cargo build")?;
 
     step("running every test: cargo test --workspace --all-targets");
-    run_cmd(
-        cargo().args(["test", "--workspace", "--all-targets"]),
-        "cargo test",
-    )?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--all-targets"]);
+    if running_as_root() {
+        // As root (as CI runs) every privileged test can run, so none may skip: a CI that lost
+        // root, cgroup v2 or the eBPF object must go red, not green.
+        eprintln!("as root: {REQUIRE_PRIVILEGED}=1, so a privileged test that cannot run fails");
+        test.env(REQUIRE_PRIVILEGED, "1");
+    }
+    run_cmd(&mut test, "cargo test")?;
 
     if o.no_loom {
         eprintln!("skipped: loom model check (--no-loom)");
@@ -60,4 +65,13 @@ pub fn run(o: Options) -> Result<()> {
     }
     eprintln!("\nall tests passed");
     Ok(())
+}
+
+/// The variable that turns a privileged test's skip into a failure (read by the test harnesses).
+const REQUIRE_PRIVILEGED: &str = "GPUSCALE_REQUIRE_PRIVILEGED";
+
+/// Whether this process runs as root: `/proc/self` belongs to the process's effective user.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }

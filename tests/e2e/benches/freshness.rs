@@ -218,7 +218,7 @@ impl Session {
 /// pause, so that its snapshot stream starts at a random phase of the agent's sampling) and
 /// steps the load `steps_per_session` times.
 fn run(interval: &str, sessions: usize, steps_per_session: usize, uid: &str) -> Run {
-    let interval_d = agent::duration::parse(interval).expect("interval");
+    let interval_d = vocab::duration::parse(interval).expect("interval");
     let dir = Scratch::new(&format!("freshness-{interval}"));
     let pod = PodProcess::start(uid, &"f".repeat(64));
     let scenario_path = dir.path("scenario.json");

@@ -5,15 +5,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 /// Why privileged tests cannot run here, or `None` when they can (root and a cgroup v2 mount).
+///
+/// With `GPUSCALE_REQUIRE_PRIVILEGED=1` (what `cargo xtask test` sets as root, as in CI) a test
+/// that cannot run is a failure: this panics with the reason instead of returning it.
 pub fn privileged() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root: creating pod cgroups needs root (CI runs as root)".into());
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("not root: creating pod cgroups needs root (CI runs as root)".to_owned())
+    } else if cgroup2_root().is_none() {
+        Some("no cgroup v2 mount found in /proc/self/mounts".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = &why {
+        if std::env::var("GPUSCALE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+            panic!("a privileged test cannot run: {why}; GPUSCALE_REQUIRE_PRIVILEGED=1 forbids skipping it");
+        }
     }
-    if cgroup2_root().is_none() {
-        return Some("no cgroup v2 mount found in /proc/self/mounts".into());
-    }
-    None
+    why
 }
 
 /// Serializes creating and removing this process's test cgroups (they share parents).

@@ -139,17 +139,7 @@ fn options(dir: PathBuf, nodes: u32, gpus_per_node: u32) -> anyhow::Result<up::O
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("{s:?}: write seconds or minutes, like 90s or 3m");
-    let (n, mul) = if let Some(n) = s.strip_suffix('m') {
-        (n, 60)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1)
-    } else {
-        return Err(bad());
-    };
-    n.parse::<u64>()
-        .map(|n| std::time::Duration::from_secs(n * mul))
-        .map_err(|_| bad())
+    vocab::duration::parse(s).map_err(|why| format!("{why}; write e.g. 90s or 3m"))
 }
 
 fn runtime(current_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {

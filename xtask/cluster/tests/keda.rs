@@ -1,7 +1,8 @@
 //! gpuscale against the real KEDA and the real Kubernetes control plane: one local cluster
 //! (`gpuscale_cluster::up`) for every test of this file, brought up once, the tests run in turn
 //! (each in a namespace of its own), then taken down. Needs root (a network namespace and pod
-//! cgroups); without it the file says why it skips — and under CI (`CI` set) that is a failure.
+//! cgroups); without it the file says why it skips — and under CI (`CI` set) or with
+//! `GPUSCALE_REQUIRE_PRIVILEGED=1` (set by `cargo xtask test` as root) that is a failure.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -64,8 +65,12 @@ fn main() {
         return;
     }
     if let Some(why) = up::unsupported() {
-        if std::env::var_os("CI").is_some() {
-            eprintln!("error: the cluster tests cannot run under CI: {why}");
+        let required = std::env::var("GPUSCALE_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+        if required || std::env::var_os("CI").is_some() {
+            eprintln!(
+                "error: the cluster tests cannot run: {why} (GPUSCALE_REQUIRE_PRIVILEGED=1 or CI \
+                 forbids skipping them)"
+            );
             std::process::exit(1);
         }
         for (name, _) in &selected {

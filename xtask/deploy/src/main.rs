@@ -56,15 +56,7 @@ struct Cli {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 300s or 10m"))?;
-    match unit {
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: write seconds (300s) or minutes (10m)")),
-    }
+    vocab::duration::parse(s).map_err(|why| format!("{why}; write e.g. 300s or 10m"))
 }
 
 fn workspace_root() -> PathBuf {
