@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use agent::sampler::{self, Stop};
 use agent::shm::ShmReader;
+use gpuscale_health::ops::ShutdownSignals;
 
 mod watch;
 
@@ -97,39 +98,19 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown-node".into())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`). tracing-subscriber's `init` also
-/// installs the `log` bridge (its `tracing-log` feature), so `log` records from libraries arrive.
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-/// Triggers `stop` on SIGTERM or SIGINT.
+/// Triggers `stop` on SIGTERM or SIGINT (caught from now on).
 fn watch_signals(stop: std::sync::Arc<Stop>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the signal runtime")?;
-    let (mut term, mut int) = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        anyhow::Ok((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        ))
-    })?;
+    let signals = rt
+        .block_on(async { ShutdownSignals::install() })
+        .context("installing the SIGTERM and SIGINT handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-                }
-            });
+            rt.block_on(signals.wait());
             stop.trigger();
         })?;
     Ok(())
@@ -229,7 +210,7 @@ fn dump(args: DumpArgs) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing();
+    gpuscale_health::ops::init_tracing();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Dump(a) => dump(a),

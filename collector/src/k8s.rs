@@ -104,9 +104,7 @@ impl Contact {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use gpuscale_health::ops::lock;
 
 /// What a watch tells its owner.
 enum Change<K> {

@@ -111,27 +111,14 @@ struct DumpArgs {
     json: bool,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
+/// Resolves on SIGTERM or SIGINT; never, when the handlers cannot be installed.
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    match gpuscale_health::ops::ShutdownSignals::install() {
+        Ok(signals) => signals.wait().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot catch SIGTERM/SIGINT; stop the collector with SIGKILL");
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -202,7 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing();
+    gpuscale_health::ops::init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

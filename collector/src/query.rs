@@ -78,11 +78,7 @@ async fn connect(q: &Query) -> Result<tonic::transport::Channel> {
     crate::connect_collector(&q.collector, None).await
 }
 
-fn unix_now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+use gpuscale_health::ops::unix_now_ns;
 
 /// One round of the three RPCs, then `Evaluate`; every outcome is an answer.
 async fn ask(channel: &tonic::transport::Channel, q: &Query) -> Value {

@@ -12,7 +12,12 @@
 //! and which series exist, is decided by each binary: it hands in two check functions and a
 //! registry. It must never compute a metric itself, nor block a request on anything but those
 //! callbacks (which must answer from memory).
+//!
+//! [`ops`] holds the rest of the operations code both binaries share (logging set-up, shutdown
+//! signals, the wall clock in ns, poison-tolerant locks).
 #![deny(missing_docs)]
+
+pub mod ops;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
