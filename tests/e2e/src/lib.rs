@@ -372,8 +372,26 @@ pub fn wait_json(
     )
 }
 
-/// A free loopback port (bound, then released for the process under test to take).
+/// A loopback port free now, for a server a test starts, unique within this test process.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), where neither `bind(:0)`
+/// nor the source port of an outgoing connection lands, so no other socket grabs it between this
+/// check and the server's own bind (with ephemeral ports that race failed a collector's bind
+/// while its test then talked to another test's agent). Each test process starts at its own
+/// offset (by PID) and counts up; if none is free it falls back to an ephemeral port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 480) * 25;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
