@@ -116,7 +116,14 @@ impl Scaler {
     /// of the ScaledObject's target.
     fn trigger(&self, r: &ScaledObjectRef) -> Result<(Trigger, Selector), Status> {
         let t = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
-        let selector = match (&t.pod_selector, &self.targets) {
+        let selector = self.selector(r, &t)?;
+        Ok((t, selector))
+    }
+
+    /// The pod selector of `r`'s parsed trigger `t`: `podSelector`, else (in-cluster) the
+    /// selector of the ScaledObject's target, which may change, so it is read each time.
+    fn selector(&self, r: &ScaledObjectRef, t: &Trigger) -> Result<Selector, Status> {
+        Ok(match (&t.pod_selector, &self.targets) {
             (Some(s), _) => s.clone(),
             (None, Some(targets)) => {
                 let text = targets.selector(&r.namespace, &r.name)?;
@@ -129,8 +136,7 @@ impl Scaler {
                 })?
             }
             (None, None) => t.require_selector().map_err(invalid)?.clone(),
-        };
-        Ok((t, selector))
+        })
     }
 
     /// `UNAVAILABLE` when the pod list cannot be trusted for `trigger`: never listed, or out of
@@ -184,13 +190,24 @@ impl Scaler {
 
     /// [`Scaler::value`], with the matched pods it was computed over.
     fn evaluate(&self, r: &ScaledObjectRef) -> Result<(Trigger, Matches, Evaluation), Status> {
-        let (trigger, selector) = self.trigger(r)?;
-        self.check_pods(&trigger)?;
+        let trigger = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
+        let (matched, eval) = self.evaluate_with(r, &trigger)?;
+        Ok((trigger, matched, eval))
+    }
+
+    /// [`Scaler::evaluate`] of an already parsed trigger (a stream parses its trigger once).
+    fn evaluate_with(
+        &self,
+        r: &ScaledObjectRef,
+        trigger: &Trigger,
+    ) -> Result<(Matches, Evaluation), Status> {
+        let selector = self.selector(r, trigger)?;
+        self.check_pods(trigger)?;
         let matched = self.matches(&r.namespace, &selector);
         let now = Instant::now();
         let eval = self
             .cluster
-            .read(|v| evaluate(v, &matched, &trigger, now))
+            .read(|v| evaluate(v, &matched, trigger, now))
             .map_err(|u| {
                 Status::unavailable(format!(
                     "{}/{} {}: {u}",
@@ -199,14 +216,20 @@ impl Scaler {
                     trigger.metric.name()
                 ))
             })?;
-        Ok((trigger, matched, eval))
+        Ok((matched, eval))
     }
 
     /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
     /// matched pod opened a GPU recently, so a replica still loading its model is not scaled
     /// to zero.
     fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
-        let (trigger, matched, eval) = self.evaluate(r)?;
+        let trigger = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
+        self.active_with(r, &trigger)
+    }
+
+    /// [`Scaler::active`] of an already parsed trigger.
+    fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Status> {
+        let (matched, eval) = self.evaluate_with(r, trigger)?;
         if eval.value > trigger.activation_threshold {
             return Ok(true);
         }
@@ -254,8 +277,10 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let r = request.into_inner();
         let span = span("StreamIsActive", &r);
-        // Bad metadata fails the call at once; missing data just waits for data.
-        if let Err(s) = self.0.trigger(&r) {
+        // Bad metadata fails the call at once; missing data just waits for data. The trigger is
+        // parsed once for the stream's life (its metadata cannot change on a stream).
+        let trigger = Trigger::parse(&r.scaler_metadata).map_err(invalid)?;
+        if let Err(s) = self.0.selector(&r, &trigger) {
             if s.code() == tonic::Code::InvalidArgument {
                 return Err(s);
             }
@@ -269,7 +294,7 @@ impl ExternalScaler for ScalerService {
                 tracing::info!("KEDA subscribed");
                 let mut last = None;
                 loop {
-                    match me.active(&r) {
+                    match me.active_with(&r, &trigger) {
                         Ok(active) if Some(active) != last => {
                             last = Some(active);
                             tracing::info!(active, "activity changed");
