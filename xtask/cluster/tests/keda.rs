@@ -818,6 +818,16 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
     result
 }
 
+/// The cluster's folder (where its kubeconfig and `state.json` are).
+fn cluster_dir(ctx: &Ctx) -> Result<PathBuf> {
+    Ok(ctx
+        .info
+        .kubeconfig
+        .parent()
+        .context("the kubeconfig has no folder")?
+        .to_owned())
+}
+
 /// Restarts kube-apiserver with its command line and waits for its `/readyz`.
 async fn restart_apiserver(ctx: &Ctx, dir: &std::path::Path) -> Result<()> {
     gpuscale_cluster::ops::restart(dir, "kube-apiserver")?;
@@ -919,21 +929,15 @@ async fn real_watches_follow_pods_scaled_objects_and_targets_and_relist_after_a_
     value_is(ctx, ns, "watched", 15.0, "retargeted to vllm-b: 15").await?;
 
     // Cut the watches off from history.
-    let collector = gpuscale_cluster::state::read::<gpuscale_cluster::state::State>(
-        &ctx.info.kubeconfig.with_file_name("state.json"),
-    )?
-    .context("state.json")?
-    .procs
-    .into_iter()
-    .find(|p| p.name == "collector")
-    .context("no collector in state.json")?;
+    let dir = cluster_dir(ctx)?;
+    let collector =
+        gpuscale_cluster::state::read::<gpuscale_cluster::state::State>(&dir.join("state.json"))?
+            .context("state.json")?
+            .procs
+            .into_iter()
+            .find(|p| p.name == "collector")
+            .context("no collector in state.json")?;
     collector.signal(libc::SIGSTOP);
-    let dir = ctx
-        .info
-        .kubeconfig
-        .parent()
-        .context("cluster folder")?
-        .to_owned();
     let changed = async {
         // First cut its connections (what they carried before is all it will get from them),
         // then change the cluster behind its back, then erase the history it would resume from.
@@ -1155,12 +1159,7 @@ async fn an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recov
     .await?;
     value_is(ctx, ns, "vllm", 50.0, "one pod at 50 %").await?;
 
-    let dir = ctx
-        .info
-        .kubeconfig
-        .parent()
-        .context("cluster folder")?
-        .to_owned();
+    let dir = cluster_dir(ctx)?;
     let stopped = gpuscale_cluster::ops::stop(&dir, "kube-apiserver")?;
     let outage = async {
         let first = query(ctx, ns, "vllm")?;
