@@ -6,8 +6,7 @@
 //! `rustup run <that nightly> cargo build -Z build-std=core --target bpfel-unknown-none`), and
 //! `bpf-linker` on PATH. Without it the agent still builds, with a
 //! `cargo:warning` and no eBPF: it then attributes processes through procfs only.
-//! `AYA_BUILD_SKIP=1` skips the eBPF build on purpose; loom builds (`--cfg gpuscale_loom`) never
-//! build it.
+//! `AYA_BUILD_SKIP=1` skips the eBPF build on purpose.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -27,10 +26,6 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-changed=../agent-ebpf/NIGHTLY");
 
-    if env::var_os("CARGO_CFG_GPUSCALE_LOOM").is_some() {
-        // The loom build checks the ring algorithm only; it never loads eBPF.
-        return Ok(());
-    }
     if matches!(
         env::var("AYA_BUILD_SKIP").as_deref(),
         Ok("1" | "true" | "TRUE" | "True")

@@ -1,11 +1,12 @@
 //! Benchmarks of the shared-memory ring (docs/BENCHMARKS.md has the numbers).
 //!
-//! - `ring_write`: one `Ring::push` of a `Sample` into an 8192-slot ring, on a heap buffer and on
+//! - `ring_write`: one `SampleWriter::push` of a `Sample` into an 8192-slot ring, on a heap buffer and on
 //!   a real mmap'd ring file (`ShmWriter`), against `crossbeam_queue::ArrayQueue<Sample>` in the
 //!   same run (push+pop, and `force_push` on a full queue, which overwrites like our ring).
 //!   Target: < 50 ns per record.
-//! - `ring_read`: reader-side cost of `Ring::latest`, `Ring::read` and a full `Ring::for_each`
-//!   scan, first on a quiet ring, then while a background thread pushes continuously.
+//! - `ring_read`: reader-side cost of `SampleReader::latest`, `SampleReader::read` and a full
+//!   `SampleReader::for_each` scan, first on a quiet ring, then while a background thread pushes
+//!   continuously.
 //!
 //! Run: `cargo bench -p agent --bench ring`. Under `cargo test` each bench runs once.
 
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use agent::ring::{Read, Ring, SLOT_WORDS};
+use agent::ring::{Read, SampleReader, SampleWriter, SLOT_WORDS};
 use agent::sample::{GpuState, Sample, Slot};
 use agent::shm::{GpuInfo, Params, ShmWriter};
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -80,7 +81,7 @@ fn ring_write(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
 
     let (head, slots) = heap_storage();
-    let ring = Ring::new(&head, &slots);
+    let ring = SampleWriter::new(&head, &slots);
     let mut i = 0u64;
     group.bench_function("ring_push_heap_8192", |b| {
         b.iter(|| {
@@ -141,11 +142,11 @@ fn ring_write(c: &mut Criterion) {
     drop(writer);
 }
 
-/// A writer thread pushing into `ring` as fast as it can until `stop` is set; returns how many
+/// A writer thread pushing through `ring` as fast as it can until `stop` is set; returns how many
 /// records it pushed and for how long.
 fn spawn_writer<'s, 'r: 's>(
     s: &'s std::thread::Scope<'s, '_>,
-    ring: &'s Ring<'r>,
+    ring: &'s SampleWriter<'r>,
     stop: &'s AtomicBool,
 ) -> std::thread::ScopedJoinHandle<'s, (u64, Duration)> {
     s.spawn(move || {
@@ -164,7 +165,7 @@ fn spawn_writer<'s, 'r: 's>(
 
 fn read_benches(
     group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    ring: &Ring<'_>,
+    ring: SampleReader<'_>,
     suffix: &str,
 ) {
     group.throughput(Throughput::Elements(1));
@@ -194,24 +195,25 @@ fn read_benches(
 
 fn ring_read(c: &mut Criterion) {
     let (head, slots) = heap_storage();
-    let ring = Ring::new(&head, &slots);
+    let writer = SampleWriter::new(&head, &slots);
+    let ring = writer.reader();
     for i in 0..CAPACITY as u64 {
-        ring.push(&sample(i));
+        writer.push(&sample(i));
     }
     // Sanity: a full ring reads back; not a timing assertion.
     assert_eq!(ring.read(0), Read::Record(sample(0)));
 
     let mut group = c.benchmark_group("ring_read");
     short(&mut group);
-    read_benches(&mut group, &ring, "quiet");
+    read_benches(&mut group, ring, "quiet");
 
     let stop = AtomicBool::new(false);
     let (pushed, took) = std::thread::scope(|s| {
-        let writer = spawn_writer(s, &ring, &stop);
-        read_benches(&mut group, &ring, "with_writer");
+        let pusher = spawn_writer(s, &writer, &stop);
+        read_benches(&mut group, ring, "with_writer");
         // Relaxed: see `spawn_writer`.
         stop.store(true, Ordering::Relaxed);
-        writer.join().expect("the writer thread panicked")
+        pusher.join().expect("the writer thread panicked")
     });
     group.finish();
     eprintln!(

@@ -1,36 +1,34 @@
 //! gpuscale node agent: samples NVML at high frequency into a lock-free shared-memory ring and
 //! keeps rolling windows of every metric per GPU.
 //!
-//! Modules: [`sample`] (the record and metric names), [`ring`] (the seqlock ring algorithm),
-//! [`shm`] (the ring file), [`window`] (rolling statistics), [`sampler`] (NVML loops),
-//! [`dump`] (reading a running agent's ring), [`duration`] (human durations), [`ebpf`]
-//! (device-open tracking with eBPF), [`metrics`] (health, readiness and Prometheus series for
-//! `--http-listen`).
+//! Start at [`daemon`], the composition root of `gpuscale-agent run`. The rest, by concept:
+//! - the node's shared state: [`node`] (what samplers write and servers read), [`stats`] (the
+//!   loops' own counters), [`stop`] (the stop signal);
+//! - sampling: [`sampler`] (NVML: devices, per-tick loops, GPM, per-process utilization),
+//!   [`sample`] (the record), [`window`] (rolling statistics), [`live`] (a GPU's current view);
+//! - attribution: [`attribution`] (which pod owns a process, and each pod's share of a GPU),
+//!   [`cgroup`] (cgroup paths and the procfs resolver), [`ebpf`] (device-open tracking);
+//! - the ring file: [`ring`] (the seqlock ring's sample ends), [`shm`] (the file: its layout,
+//!   writer and reader, regions and records);
+//! - serving: [`server`] (the agent gRPC API), [`metrics`] (health, readiness and Prometheus);
+//! - reading a running agent from its ring file: [`cli`] (`dump`, `watch`).
 #![deny(missing_docs)]
 
+pub mod attribution;
+pub mod cgroup;
+pub mod cli;
+pub mod daemon;
+pub mod ebpf;
+pub mod live;
+pub mod metrics;
+pub mod node;
 pub mod ring;
 pub mod sample;
-
-#[cfg(not(gpuscale_loom))]
-pub mod attribution;
-#[cfg(not(gpuscale_loom))]
-pub mod cgroup;
-#[cfg(not(gpuscale_loom))]
-pub mod dump;
-#[cfg(not(gpuscale_loom))]
-#[cfg(not(gpuscale_loom))]
-pub mod ebpf;
-#[cfg(not(gpuscale_loom))]
-pub mod live;
-#[cfg(not(gpuscale_loom))]
-pub mod metrics;
-#[cfg(not(gpuscale_loom))]
 pub mod sampler;
-#[cfg(not(gpuscale_loom))]
 pub mod server;
-#[cfg(not(gpuscale_loom))]
 pub mod shm;
-#[cfg(not(gpuscale_loom))]
+pub mod stats;
+pub mod stop;
 pub mod window;
 
 use std::path::PathBuf;
@@ -110,12 +108,17 @@ pub enum Error {
         /// The OS error.
         error: std::io::Error,
     },
-    /// The async runtime for the gRPC server could not start.
-    #[error("cannot start the gRPC runtime: {error}")]
+    /// An async runtime or a thread the agent needs could not start.
+    #[error("cannot start {what}: {error}")]
     Runtime {
+        /// What was starting.
+        what: &'static str,
         /// The OS error.
         error: std::io::Error,
     },
+    /// The health and metrics server (`--http-listen`) could not bind or failed.
+    #[error(transparent)]
+    Http(#[from] gpuscale_health::Error),
     /// The gRPC server stopped with an error.
     #[error("the agent API server failed: {why}")]
     Serve {
@@ -129,6 +132,19 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         why: String,
+    },
+    /// `gpuscale-agent watch --gpu` names a GPU the ring file does not have.
+    #[error(
+        "--gpu {gpu}: the ring file {} has no such GPU (it has: {have}); give one of those",
+        path.display()
+    )]
+    NoSuchGpu {
+        /// The ring file path.
+        path: PathBuf,
+        /// The NVML index asked for.
+        gpu: u32,
+        /// The indices the file has, comma separated (`none` when it has none).
+        have: String,
     },
     /// `--device-prefix` cannot be matched by the eBPF program.
     #[error(

@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::attribution::{attribute, Proc};
+use crate::attribution::{attribute, Proc, Source};
 use crate::sample::{GpuState, Metric, Sample};
-use crate::shm::{ProcessEntry, Source};
+use crate::shm::ProcessEntry;
 use crate::window::GpuWindows;
 
 /// A pod absent from a GPU this long is dropped from that GPU's view.

@@ -3,14 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use agent::sampler::{self, Stop};
-use agent::shm::ShmReader;
-use gpuscale_health::ops::ShutdownSignals;
-
-mod watch;
+use agent::cli::{self, watch, DEFAULT_SHM};
+use agent::daemon;
+use agent::stop::Stop;
 
 /// gpuscale node agent: samples NVML into a shared-memory ring and keeps rolling windows.
 #[derive(Parser)]
@@ -80,8 +77,6 @@ struct DumpArgs {
     json: bool,
 }
 
-const DEFAULT_SHM: &str = "/dev/shm/gpuscale/agent.ring";
-
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = vocab::duration::parse(s)?;
     if d < Duration::from_millis(10) || d > Duration::from_secs(10) {
@@ -90,47 +85,13 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-node".into())
-}
-
-/// Triggers `stop` on SIGTERM or SIGINT (caught from now on).
-fn watch_signals(stop: std::sync::Arc<Stop>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal runtime")?;
-    let signals = rt
-        .block_on(async { ShutdownSignals::install() })
-        .context("installing the SIGTERM and SIGINT handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            rt.block_on(signals.wait());
-            stop.trigger();
-        })?;
-    Ok(())
-}
-
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let stop = std::sync::Arc::new(Stop::default());
-    watch_signals(stop.clone())?;
-    let listener = args.listen.map(agent::server::bind).transpose()?;
-    // Bound now, so a taken port fails the agent before NVML is touched.
-    let http_listener = args
-        .http_listen
-        .as_deref()
-        .map(gpuscale_health::listen)
-        .transpose()?;
-    let config = sampler::Config {
+    let stop = Stop::on_signals()?;
+    let config = daemon::Config {
         nvml_lib: args.nvml_lib,
         shm: args.shm,
         interval: args.interval,
-        node_name: args.node_name.unwrap_or_else(hostname),
+        node_name: args.node_name.unwrap_or_else(daemon::default_node_name),
         proc_root: args.proc_root,
         ebpf: agent::ebpf::EbpfConfig {
             mode: args.ebpf,
@@ -138,74 +99,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             cgroup_root: args.cgroup_root,
             open_hook: args.ebpf_hook,
         },
+        listen: args.listen,
+        http_listen: args.http_listen,
     };
-    let mut server = None;
-    let mut http = None;
-    sampler::run(&config, &stop, |agent| {
-        if let Some(listener) = http_listener {
-            let started = start_http(listener, agent.clone(), stop.clone());
-            if started.is_err() {
-                stop.trigger();
-            }
-            http = Some(started);
-        }
-        if let Some(listener) = listener {
-            let stop2 = stop.clone();
-            server = Some(std::thread::spawn(move || {
-                let result = agent::server::serve(listener, agent, stop2.clone());
-                // Without its API the agent is useless to the collector: stop the samplers too.
-                stop2.trigger();
-                result
-            }));
-        }
-    })?;
-    if let Some(server) = server {
-        server
-            .join()
-            .map_err(|_| anyhow::anyhow!("the gRPC server thread panicked"))??;
-    }
-    if let Some(http) = http {
-        http?
-            .join()
-            .map_err(|_| anyhow::anyhow!("the HTTP server thread panicked"))??;
-    }
-    Ok(())
-}
-
-/// Serves `--http-listen` (/healthz, /readyz, /metrics) on a thread of its own until `stop`.
-/// If the server fails, the agent stops with its error: its probes would fail anyway.
-fn start_http(
-    listener: std::net::TcpListener,
-    agent: std::sync::Arc<agent::sampler::Agent>,
-    stop: std::sync::Arc<Stop>,
-) -> anyhow::Result<std::thread::JoinHandle<Result<(), gpuscale_health::Error>>> {
-    let endpoints = agent::metrics::endpoints(agent, stop.clone());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the HTTP runtime")?;
-    let thread = std::thread::Builder::new()
-        .name("http".into())
-        .spawn(move || {
-            let result = rt.block_on(gpuscale_health::serve(listener, endpoints, stop.stopped()));
-            if result.is_err() {
-                stop.trigger();
-            }
-            result
-        })
-        .context("starting the HTTP thread")?;
-    Ok(thread)
-}
-
-fn dump(args: DumpArgs) -> anyhow::Result<()> {
-    let reader = ShmReader::open(&args.shm)?;
-    let report = agent::dump::collect(&reader, agent::unix_now_ns());
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", agent::dump::render_table(&report));
-    }
-    Ok(())
+    Ok(daemon::run(&config, &stop)?)
 }
 
 fn main() {
@@ -213,8 +110,8 @@ fn main() {
     gpuscale_health::ops::init_tracing();
     let result = match cli.command {
         Command::Run(a) => run(a),
-        Command::Dump(a) => dump(a),
-        Command::Watch(a) => watch::run(a),
+        Command::Dump(a) => cli::dump::run(&a.shm, a.json).map_err(Into::into),
+        Command::Watch(a) => watch::run(&a).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

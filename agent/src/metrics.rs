@@ -1,98 +1,27 @@
 //! The agent's health, readiness and Prometheus metrics (`--http-listen`, served by the
 //! `gpuscale-health` crate), and the same readiness for `grpc.health.v1` on `--listen`.
 //!
-//! Owns the small counters and timers the sampler updates ([`Stats`]: a heartbeat per loop, a
-//! histogram of per-tick sample durations, NVML error counters, each GPU's newest sample) and
-//! turns the agent's state into series at scrape time ([`AgentCollector`]). It never calls NVML
-//! and holds a GPU's lock only while copying that GPU's newest values out.
+//! Turns the node's state and the loops' [`crate::stats`] into checks and, at scrape time, into
+//! series ([`AgentCollector`]). It never calls NVML and holds a GPU's lock only while copying that
+//! GPU's newest values out.
 //!
 //! A value the agent cannot trust right now (not measured in the newest sample, a GPU that is
 //! lost or failing, a sampler that stopped ticking) is absent from `/metrics`, never 0.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpuscale_health::{counter_family, gauge_family, Check, Endpoints, Heartbeat, Labels};
+use gpuscale_health::{counter_family, gauge_family, Check, Endpoints, Labels};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::sample::{GpuState, Metric, Sample};
-use crate::sampler::{proc_util_period, Agent, Stop};
-use crate::shm::EbpfState;
-
-/// Upper bounds of the per-tick sample-duration histogram, seconds: NVML calls take µs on a
-/// healthy GPU; a tick near the interval means the sampler falls behind.
-const SAMPLE_BUCKETS: [f64; 16] = [
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
-    1.0,
-];
-
-/// Counters and timers of one GPU's sampler.
-#[derive(Debug)]
-pub struct GpuStats {
-    /// Beats after every tick (sampled, or an empty sample while backing off).
-    pub tick: Heartbeat,
-    /// Seconds each NVML sampling round of a tick took (not counted while backing off).
-    pub sample_seconds: Histogram,
-    /// Sampling rounds that failed with `GPU_IS_LOST`.
-    pub lost: Counter,
-    /// Sampling rounds that failed with any other NVML error.
-    pub errors: Counter,
-    /// The newest sample and when it was taken (this process's clock).
-    latest: Mutex<Option<(Sample, Instant)>>,
-}
-
-impl Default for GpuStats {
-    fn default() -> Self {
-        GpuStats {
-            tick: Heartbeat::new(),
-            sample_seconds: Histogram::new(SAMPLE_BUCKETS),
-            lost: Counter::default(),
-            errors: Counter::default(),
-            latest: Mutex::new(None),
-        }
-    }
-}
-
-impl GpuStats {
-    /// Records the tick's sample (call it with the GPU's live view locked, so a scrape sees the
-    /// sample and its processes together).
-    pub fn record(&self, sample: &Sample) {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((*sample, Instant::now()));
-        self.tick.beat();
-    }
-
-    /// The newest sample and when it was taken.
-    pub fn latest(&self) -> Option<(Sample, Instant)> {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Everything the agent's loops report about their own progress.
-#[derive(Debug)]
-pub struct Stats {
-    /// One per GPU, in the agent's GPU order.
-    pub gpus: Vec<GpuStats>,
-    /// Beats every round of the 1 s status loop.
-    pub status: Heartbeat,
-    /// Beats every round of the per-process utilization loop.
-    pub proc_util: Heartbeat,
-}
-
-impl Stats {
-    /// Stats for `gpus` GPUs; every heartbeat starts now.
-    pub fn new(gpus: usize) -> Stats {
-        Stats {
-            gpus: (0..gpus).map(|_| GpuStats::default()).collect(),
-            status: Heartbeat::new(),
-            proc_util: Heartbeat::new(),
-        }
-    }
-}
+use crate::ebpf::EbpfState;
+use crate::node::Node;
+use crate::sample::{GpuState, Metric};
+use crate::sampler::proc_util_period;
+use crate::stop::Stop;
 
 /// How long a loop that runs every `period` may go without a beat before `/healthz` fails:
 /// ten periods, and never less than 5 s.
@@ -102,7 +31,7 @@ pub fn stall_limit(period: Duration) -> Duration {
 
 /// `/healthz`: every sampler thread ticked, and the status and per-process loops ran, within
 /// their [`stall_limit`] before `now`.
-pub fn liveness(agent: &Agent, now: Instant) -> Check {
+pub fn liveness(agent: &Node, now: Instant) -> Check {
     let limit = stall_limit(agent.interval);
     for (g, s) in agent.gpus.iter().zip(&agent.stats.gpus) {
         let age = s.tick.age_at(now);
@@ -143,7 +72,7 @@ pub fn liveness(agent: &Agent, now: Instant) -> Check {
 
 /// `/readyz` and `grpc.health.v1`: every GPU was sampled at least once or reported lost or
 /// failing (an agent with no GPUs is ready: it reports none).
-pub fn readiness(agent: &Agent) -> Check {
+pub fn readiness(agent: &Node) -> Check {
     let waiting: Vec<String> = (0..agent.gpus.len())
         .filter(|&i| agent.with_live(i, |l| l.state) == GpuState::Starting)
         .map(|i| agent.gpus[i].index.to_string())
@@ -161,7 +90,7 @@ pub fn readiness(agent: &Agent) -> Check {
 
 /// The endpoints `--http-listen` serves: liveness, readiness (false once `stop` fired) and
 /// [`registry`].
-pub fn endpoints(agent: Arc<Agent>, stop: Arc<Stop>) -> Endpoints {
+pub fn endpoints(agent: Arc<Node>, stop: Arc<Stop>) -> Endpoints {
     let live = agent.clone();
     let ready = agent.clone();
     Endpoints::new(
@@ -177,7 +106,7 @@ pub fn endpoints(agent: Arc<Agent>, stop: Arc<Stop>) -> Endpoints {
 }
 
 /// A registry whose every series is computed from `agent` at scrape time.
-pub fn registry(agent: Arc<Agent>) -> Registry {
+pub fn registry(agent: Arc<Node>) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(AgentCollector { agent }));
     r
@@ -221,7 +150,7 @@ struct GpuRow {
 
 /// A prometheus-client collector that reads the agent's state on every scrape.
 pub struct AgentCollector {
-    agent: Arc<Agent>,
+    agent: Arc<Node>,
 }
 
 impl std::fmt::Debug for AgentCollector {
@@ -430,8 +359,9 @@ impl Collector for AgentCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sample::Slot;
-    use crate::shm::{AgentStatus, GpuInfo, ProcessEntry, Source};
+    use crate::attribution::Source;
+    use crate::sample::{Sample, Slot};
+    use crate::shm::{AgentStatus, GpuInfo, ProcessEntry};
 
     const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -474,7 +404,7 @@ mod tests {
         }
     }
 
-    fn text(agent: &Arc<Agent>) -> String {
+    fn text(agent: &Arc<Node>) -> String {
         gpuscale_health::encode(&registry(agent.clone())).unwrap()
     }
 
@@ -490,12 +420,12 @@ mod tests {
 
     #[test]
     fn gpu_gauges_carry_the_newest_values_and_omit_what_was_not_measured() {
-        let agent = Arc::new(Agent::for_tests(
+        let agent = Arc::new(Node::for_tests(
             vec![info(0, true), info(1, false)],
             INTERVAL,
         ));
-        agent.tick_for_tests(0, &sample(true), vec![]);
-        agent.tick_for_tests(1, &sample(false), vec![]);
+        agent.record(0, &sample(true), vec![]);
+        agent.record(1, &sample(false), vec![]);
         let t = text(&agent);
         assert_eq!(
             value(&t, &format!("gpuscale_gpu_sm_active{G0}")),
@@ -560,10 +490,10 @@ mod tests {
 
     #[test]
     fn a_lost_gpu_shows_its_state_and_error_count_and_no_values() {
-        let agent = Arc::new(Agent::for_tests(vec![info(0, true)], INTERVAL));
-        agent.tick_for_tests(0, &sample(true), vec![proc(1, "pod-a", None)]);
+        let agent = Arc::new(Node::for_tests(vec![info(0, true)], INTERVAL));
+        agent.record(0, &sample(true), vec![proc(1, "pod-a", None)]);
         agent.stats.gpus[0].lost.inc();
-        agent.tick_for_tests(
+        agent.record(
             0,
             &Sample::empty(crate::unix_now_ns(), GpuState::Lost),
             vec![],
@@ -613,8 +543,8 @@ mod tests {
 
     #[test]
     fn values_of_a_sampler_that_stopped_ticking_are_absent() {
-        let agent = Arc::new(Agent::for_tests(vec![info(0, true)], INTERVAL));
-        agent.tick_for_tests(0, &sample(true), vec![proc(1, "pod-a", None)]);
+        let agent = Arc::new(Node::for_tests(vec![info(0, true)], INTERVAL));
+        agent.record(0, &sample(true), vec![proc(1, "pod-a", None)]);
         let c = AgentCollector { agent };
         let now = c.rows(Instant::now());
         assert_eq!(now[0].values[Metric::SmActive.index()], Some(30.0));
@@ -627,13 +557,13 @@ mod tests {
 
     #[test]
     fn pod_gauges_are_labelled_by_pod_uid_and_absent_when_the_split_is_unknown() {
-        let agent = Arc::new(Agent::for_tests(
+        let agent = Arc::new(Node::for_tests(
             vec![info(0, true), info(1, true)],
             INTERVAL,
         ));
         // GPU 0: pod a alone. GPU 1: pods b and c, b's SM share measured, c's not yet.
-        agent.tick_for_tests(0, &sample(true), vec![proc(1, "a", None)]);
-        agent.tick_for_tests(
+        agent.record(0, &sample(true), vec![proc(1, "a", None)]);
+        agent.record(
             1,
             &sample(true),
             vec![proc(2, "b", Some(20.0)), proc(3, "c", None)],
@@ -672,10 +602,10 @@ mod tests {
 
     #[test]
     fn ebpf_counters_appear_only_while_ebpf_runs() {
-        let agent = Arc::new(Agent::for_tests(vec![], INTERVAL));
+        let agent = Arc::new(Node::for_tests(vec![], INTERVAL));
         let t = text(&agent);
         assert!(!t.contains("gpuscale_agent_ebpf_events_total{"), "{t}");
-        agent.set_status_for_tests(AgentStatus {
+        agent.set_status(AgentStatus {
             ebpf: EbpfState::On,
             events: 7,
             dropped: 2,
@@ -695,20 +625,20 @@ mod tests {
 
     #[test]
     fn ready_once_every_gpu_reported_even_lost() {
-        let agent = Agent::for_tests(vec![info(0, true), info(1, true)], INTERVAL);
+        let agent = Node::for_tests(vec![info(0, true), info(1, true)], INTERVAL);
         let e = readiness(&agent).unwrap_err();
         assert!(e.contains("GPU 0, 1 of 2"), "{e}");
-        agent.tick_for_tests(0, &sample(true), vec![]);
+        agent.record(0, &sample(true), vec![]);
         let e = readiness(&agent).unwrap_err();
         assert!(e.contains("GPU 1 of 2"), "{e}");
-        agent.tick_for_tests(
+        agent.record(
             1,
             &Sample::empty(crate::unix_now_ns(), GpuState::Lost),
             vec![],
         );
         assert_eq!(readiness(&agent), Ok(()));
         assert_eq!(
-            readiness(&Agent::for_tests(vec![], INTERVAL)),
+            readiness(&Node::for_tests(vec![], INTERVAL)),
             Ok(()),
             "no GPUs: nothing to wait for"
         );
@@ -716,7 +646,7 @@ mod tests {
 
     #[test]
     fn unhealthy_when_a_loop_stops_making_progress() {
-        let agent = Agent::for_tests(vec![info(0, true)], INTERVAL);
+        let agent = Node::for_tests(vec![info(0, true)], INTERVAL);
         let now = Instant::now();
         assert_eq!(liveness(&agent, now), Ok(()));
         let e = liveness(&agent, now + Duration::from_secs(6)).unwrap_err();
@@ -724,7 +654,7 @@ mod tests {
         assert_eq!(stall_limit(INTERVAL), Duration::from_secs(5));
         assert_eq!(stall_limit(Duration::from_secs(2)), Duration::from_secs(20));
         // No sampler to stall, but the status loop (every 1 s, so 10 s allowed) hangs.
-        let agent = Agent::for_tests(vec![], INTERVAL);
+        let agent = Node::for_tests(vec![], INTERVAL);
         assert_eq!(
             liveness(&agent, Instant::now() + Duration::from_secs(6)),
             Ok(())

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpuscale_health::ops::serve_until_stopped;
 use proto::agent::agent_server::{Agent as AgentApi, AgentServer};
 use proto::agent::{
     DeviceOpen, GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
@@ -23,8 +24,9 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::live::GpuLive;
+use crate::node::Node;
 use crate::sample::{GpuState, Metric};
-use crate::sampler::{Agent, Stop};
+use crate::stop::Stop;
 use crate::window::{GpuWindows, WINDOWS};
 use crate::{unix_now_ns, Error, Result};
 
@@ -118,7 +120,7 @@ fn gpu_summary(
 }
 
 /// The node's state now.
-pub fn snapshot(agent: &Agent, seq: u64) -> NodeSnapshot {
+pub fn snapshot(agent: &Node, seq: u64) -> NodeSnapshot {
     let mut pods = Vec::new();
     let gpus = agent
         .gpus
@@ -160,7 +162,7 @@ pub fn snapshot(agent: &Agent, seq: u64) -> NodeSnapshot {
 
 /// The tonic service.
 pub struct Service {
-    agent: Arc<Agent>,
+    agent: Arc<Node>,
     seq: AtomicU64,
     stop: Arc<Stop>,
 }
@@ -230,27 +232,28 @@ impl AgentApi for Service {
 
 /// Binds `addr` now, so a taken port fails the agent at start rather than after NVML is up.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|error| Error::Listen { addr, error })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|error| Error::Listen { addr, error })?;
-    Ok(listener)
+    gpuscale_health::ops::bind(addr).map_err(|error| Error::Listen { addr, error })
 }
 
 /// Serves the agent API on `listener` until `stop` fires. Runs its own small tokio runtime;
 /// call it from a dedicated thread.
-pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>) -> Result<()> {
+pub fn serve(listener: std::net::TcpListener, agent: Arc<Node>, stop: Arc<Stop>) -> Result<()> {
     let addr = listener.local_addr().ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("grpc")
         .enable_all()
         .build()
-        .map_err(|error| Error::Runtime { error })?;
+        .map_err(|error| Error::Runtime {
+            what: "the gRPC runtime",
+            error,
+        })?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|error| Error::Runtime { error })?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|error| Error::Runtime {
+                what: "the gRPC listener",
+                error,
+            })?;
         tracing::info!(?addr, "serving the agent API");
         let (reporter, health) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::NotServing).await;
@@ -260,31 +263,17 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Agent>, stop: Arc<Stop>
             seq: AtomicU64::new(0),
             stop: stop.clone(),
         };
-        let mut server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(AgentServer::new(service))
-                .add_service(health)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    stop.stopped(),
-                ),
-        );
-        let result = tokio::select! {
-            r = &mut server => r,
-            _ = stop.stopped() => {
-                // Streams end on stop; a client that never hangs up gets a grace period only.
-                match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!("connections still open 3s after stop; exiting anyway");
-                        server.abort();
-                        Ok(Ok(()))
-                    }
-                }
-            }
-        };
-        result
-            .map_err(|e| Error::Serve { why: e.to_string() })?
+        let server = tonic::transport::Server::builder()
+            .add_service(AgentServer::new(service))
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop.stopped(),
+            );
+        // Streams end on stop; a client that never hangs up gets the grace period only.
+        serve_until_stopped("the agent API", server, stop.stopped(), async {})
+            .await
+            .unwrap_or(Ok(()))
             .map_err(|e| Error::Serve { why: e.to_string() })
     })
 }
@@ -302,7 +291,7 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 
 /// Keeps `grpc.health.v1` in step with [`crate::metrics::readiness`]: SERVING once every GPU
 /// reported, NOT_SERVING from the moment `stop` fires.
-async fn report_health(reporter: HealthReporter, agent: Arc<Agent>, stop: Arc<Stop>) {
+async fn report_health(reporter: HealthReporter, agent: Arc<Node>, stop: Arc<Stop>) {
     let stopped = stop.stopped();
     tokio::pin!(stopped);
     let mut last = None;
@@ -326,8 +315,9 @@ async fn report_health(reporter: HealthReporter, agent: Arc<Agent>, stop: Arc<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::Source;
     use crate::sample::{Sample, Slot};
-    use crate::shm::{GpuInfo, ProcessEntry, Source};
+    use crate::shm::{GpuInfo, ProcessEntry};
 
     const UID: &str = "0a0a0a0a-1111-4222-8333-444444444444";
 
@@ -354,12 +344,12 @@ mod tests {
             gpu_instance_id: Some(7),
             ..GpuInfo::default()
         };
-        let agent = Agent::for_tests(vec![parent, instance], Duration::from_millis(100));
+        let agent = Node::for_tests(vec![parent, instance], Duration::from_millis(100));
         // What NVML gives: the parent's power (no utilization in MIG mode); the instance's GPM
         // and memory (no utilization, power or temperature).
         let mut p = Sample::empty(unix_now_ns(), GpuState::Ok);
         p.set(Slot::PowerWatts, 300.0);
-        agent.tick_for_tests(0, &p, vec![]);
+        agent.record(0, &p, vec![]);
         let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
         s.set(Slot::SmActive, 40.0);
         s.set_vram_used(4 << 30);
@@ -370,7 +360,7 @@ mod tests {
             source: Source::Procfs,
             ..ProcessEntry::default()
         };
-        agent.tick_for_tests(1, &s, vec![process]);
+        agent.record(1, &s, vec![process]);
 
         let snap = snapshot(&agent, 0);
         let [g0, g1] = &snap.gpus[..] else {

@@ -204,7 +204,7 @@ impl GpuWindows {
     /// Rebuilds the windows from a ring's history (an agent restarted on an existing ring file,
     /// or `dump` reading a running agent's ring).
     pub fn from_ring(
-        ring: &crate::ring::Ring<'_>,
+        ring: crate::ring::SampleReader<'_>,
         vram_total_bytes: u64,
         interval: Duration,
     ) -> GpuWindows {

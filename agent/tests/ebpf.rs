@@ -9,7 +9,6 @@
 //!
 //! `openat_cost_and_open_to_tracked_latency` is a measurement, not a check: run it with
 //! `cargo test -p agent --release --test ebpf -- --ignored --nocapture`.
-#![cfg(not(gpuscale_loom))]
 
 use std::ffi::CString;
 use std::fs;
@@ -259,8 +258,9 @@ fn start_with(dev: &DeviceDir, open_hook: OpenHook) -> Arc<Tracker> {
         cgroup_root: None,
         open_hook,
     };
-    Tracker::start(&config)
+    agent::ebpf::start(&config)
         .unwrap_or_else(|e| panic!("running as root with the eBPF object built in: {e}"))
+        .tracker
         .expect("--ebpf on gives a tracker")
 }
 
@@ -624,7 +624,7 @@ fn openat_cost_and_open_to_tracked_latency() {
         (None, Some(why)) => println!("  fentry: the kernel refused it here ({why})"),
         (None, None) => unreachable!("fentry was measured or refused"),
     }
-    let tracker = Tracker::start(&config).unwrap().unwrap();
+    let tracker = agent::ebpf::start(&config).unwrap().tracker.unwrap();
     let path = CString::new(dev.file("nvidia0").as_os_str().as_encoded_bytes()).unwrap();
     let me = std::process::id();
     let mut lat = Vec::new();

@@ -10,8 +10,9 @@
 //! windows and aggregations. `staleAfter` is `10m` only so that data written once at setup stays
 //! fresh for the whole run; its value does not change the cost.
 //!
-//! What is measured is `Scaler::value` (parse the metadata, find the matched pods, evaluate over
-//! the view under its read lock): exactly what `GetMetrics` runs, minus gRPC framing.
+//! What is measured is `Scaler::value` (look up the trigger, parsed once per metadata; find the
+//! matched pods; evaluate over the view under its read lock): exactly what `GetMetrics` runs,
+//! minus gRPC framing. A cold call parses the metadata too.
 //!
 //! - `get_metrics/warm/N`: round-robin over the 200 ScaledObjects with the selection cache warm.
 //! - `get_metrics/cold/N`: the first call for a ScaledObject (fresh `Scaler`, empty cache), which
@@ -31,11 +32,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use collector::evaluate::{evaluate, Evaluation, Unavailable};
-use collector::pods::{PodIndex, PodMeta, PodSource};
-use collector::scaler::Scaler;
-use collector::trigger::Trigger;
-use collector::view::Cluster;
+use collector::api::scaler::Scaler;
+use collector::model::evaluate::{evaluate, Evaluation, Unavailable};
+use collector::model::trigger::Trigger;
+use collector::sources::pods::{PodIndex, PodMeta, PodSource};
+use collector::sources::view::Cluster;
 use criterion::{BatchSize, BenchmarkId, Criterion};
 use proto::agent::{
     GpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary, ProcessUsage, WindowStats,

@@ -1,28 +1,29 @@
 //! gpuscale cluster collector: follows every agent's snapshot stream, keeps a cluster view
 //! (node → GPUs → pods, with freshness), joins it with pod metadata, and answers KEDA's
-//! external-scaler API and `gpuscale-collector dump`.
+//! external-scaler API, `gpuscale-collector dump` and `gpuscale-collector query`.
 //!
-//! Modules: [`agents`] (agent streams), [`view`] (the in-memory view), [`pods`] (pod metadata
-//! sources), [`selector`] (label selectors), [`trigger`] (trigger metadata and HPA math),
-//! [`evaluate`] (a trigger's value), [`scaler`] (KEDA's gRPC service), [`debug`] (the dump API),
-//! [`dump`] (the dump client), [`query`] (what KEDA would be told), [`http`] (health and
-//! readiness), [`metrics`] (Prometheus series), [`serve`] (wiring it together).
+//! Modules, one folder per concern:
+//!
+//! - [`model`]: pure logic: [`model::trigger`] (trigger metadata), [`model::selector`] (label
+//!   selectors), [`model::evaluate`] (a trigger's value), [`model::hpa`] (the HPA's replica
+//!   count).
+//! - [`sources`]: [`sources::agents`] (agent streams), [`sources::view`] (the in-memory view),
+//!   [`sources::pods`] (pod metadata sources and `--pods-file`).
+//! - [`kube`]: in-cluster mode (`--kube`): watches of pods, agent EndpointSlices and
+//!   ScaledObjects' targets.
+//! - [`api`]: what is served: [`api::scaler`] (KEDA's gRPC service), [`api::debug`] (the dump and
+//!   evaluate API), [`api::http`] (health and readiness), [`api::metrics`] (Prometheus series).
+//! - [`cli`]: the clients: [`cli::dump`] (the cluster view) and [`cli::query`] (what KEDA would
+//!   be told).
+//! - [`serve`]: the composition root that wires them together for `gpuscale-collector serve`.
 #![deny(missing_docs)]
 
-pub mod agents;
-pub mod debug;
-pub mod dump;
-pub mod evaluate;
-pub mod http;
-pub mod k8s;
-pub mod metrics;
-pub mod pods;
-pub mod query;
-pub mod scaler;
-pub mod selector;
+pub mod api;
+pub mod cli;
+pub mod kube;
+pub mod model;
 pub mod serve;
-pub mod trigger;
-pub mod view;
+pub mod sources;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,9 @@ pub enum Error {
         /// What failed.
         why: String,
     },
+    /// An answer could not be printed as JSON.
+    #[error("cannot print the answer as JSON: {0}")]
+    Json(#[from] serde_json::Error),
     /// The gRPC server failed.
     #[error("the collector's gRPC server failed: {0}")]
     Serve(String),

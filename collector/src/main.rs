@@ -36,11 +36,11 @@ struct QueryArgs {
     name: String,
     /// Trigger metadata, one key=value per flag (repeat it): --meta metric=sm_active
     /// --meta podSelector=app=vllm --meta targetValue=80
-    #[arg(long = "meta", value_parser = parse_meta)]
+    #[arg(long = "meta", value_parser = collector::cli::query::parse_meta)]
     meta: Vec<(String, String)>,
     /// The trigger's metricType: AverageValue (KEDA's default) or Value.
-    #[arg(long, default_value = "AverageValue", value_parser = parse_metric_type)]
-    metric_type: collector::trigger::MetricType,
+    #[arg(long, default_value = "AverageValue", value_parser = collector::model::hpa::MetricType::parse)]
+    metric_type: collector::model::hpa::MetricType,
     /// Replicas running now (used with metricType Value).
     #[arg(long, default_value_t = 1)]
     replicas: u32,
@@ -49,25 +49,11 @@ struct QueryArgs {
     json: bool,
     /// Ask again every DUR (50ms, 1s) over one connection, printing each answer with the time
     /// it arrived (`ts_ns`), until stopped or --count answers.
-    #[arg(long, value_parser = collector::query::parse_every)]
+    #[arg(long, value_parser = collector::cli::query::parse_every)]
     watch: Option<std::time::Duration>,
     /// With --watch: stop after this many answers.
     #[arg(long, requires = "watch")]
     count: Option<u64>,
-}
-
-fn parse_meta(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{s:?} is not key=value (e.g. metric=sm_active)"))
-}
-
-fn parse_metric_type(s: &str) -> Result<collector::trigger::MetricType, String> {
-    match s {
-        "AverageValue" => Ok(collector::trigger::MetricType::AverageValue),
-        "Value" => Ok(collector::trigger::MetricType::Value),
-        _ => Err(format!("{s:?}: write AverageValue or Value")),
-    }
 }
 
 #[derive(clap::Args)]
@@ -77,7 +63,7 @@ struct ServeArgs {
     agents: Vec<String>,
     /// Or discover the agents from the EndpointSlices of their headless Service, NAMESPACE/NAME
     /// (needs --kube).
-    #[arg(long, env = "GPUSCALE_AGENT_SERVICE", value_parser = collector::k8s::parse_service)]
+    #[arg(long, env = "GPUSCALE_AGENT_SERVICE", value_parser = collector::kube::agents::parse_service)]
     agent_service: Option<(String, String)>,
     /// Where KEDA (and dump) reach the collector.
     #[arg(long, env = "GPUSCALE_LISTEN", default_value = "0.0.0.0:7700")]
@@ -111,18 +97,7 @@ struct DumpArgs {
     json: bool,
 }
 
-/// Resolves on SIGTERM or SIGINT; never, when the handlers cannot be installed.
-async fn shutdown_signal() {
-    match gpuscale_health::ops::ShutdownSignals::install() {
-        Ok(signals) => signals.wait().await,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot catch SIGTERM/SIGINT; stop the collector with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> collector::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let config = collector::serve::Config {
@@ -139,10 +114,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 http_listen: a.http_listen,
             };
-            collector::serve::run(config, shutdown_signal()).await?;
+            collector::serve::run_until_signalled(config).await
         }
         Command::Query(a) => {
-            let q = collector::query::Query {
+            let q = collector::cli::query::Query {
                 collector: a.collector,
                 namespace: a.namespace,
                 name: a.name,
@@ -150,41 +125,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metric_type: a.metric_type,
                 current_replicas: a.replicas,
             };
-            if let Some(every) = a.watch {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                collector::query::watch(&q, every, a.count, |v| {
-                    let line = if a.json {
-                        format!("{v}\n")
-                    } else {
-                        collector::query::render(v)
-                    };
-                    // Whoever reads stdout went away: stop quietly.
-                    out.write_all(line.as_bytes())
-                        .and_then(|()| out.flush())
-                        .is_ok()
-                })
-                .await?;
-                return Ok(());
-            }
-            let v = collector::query::run(&q).await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", collector::query::render(&v));
-            }
+            let print = collector::cli::query::Print {
+                json: a.json,
+                watch: a.watch,
+                count: a.count,
+            };
+            collector::cli::query::print(&q, print).await
         }
-        Command::Dump(a) => {
-            let view = collector::dump::fetch(&a.collector).await?;
-            if a.json {
-                let v = collector::dump::to_json(&a.collector, &view);
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", collector::dump::render_table(&a.collector, &view));
-            }
-        }
+        Command::Dump(a) => collector::cli::dump::print(&a.collector, a.json).await,
     }
-    Ok(())
 }
 
 fn main() {

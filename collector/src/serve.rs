@@ -6,19 +6,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpuscale_health::ops::serve_until_stopped;
 use proto::collector::collector_server::CollectorServer;
 use proto::externalscaler::external_scaler_server::ExternalScalerServer;
 
-use crate::debug::Debug;
-use crate::http::Observability;
-use crate::k8s::{AgentDiscovery, KubePods, KubeTargets};
-use crate::pods::{PodSource, PodsFile};
-use crate::scaler::{Scaler, ScalerService, Targets};
-use crate::view::Cluster;
-use crate::{agents, Error, Result};
-
-/// How long a shutdown waits for in-flight requests.
-const GRACE: Duration = Duration::from_secs(3);
+use crate::api::debug::Debug;
+use crate::api::http::Observability;
+use crate::api::scaler::{Scaler, ScalerService, Targets};
+use crate::kube::agents::AgentDiscovery;
+use crate::kube::pods::KubePods;
+use crate::kube::targets::KubeTargets;
+use crate::sources::agents;
+use crate::sources::pods::{PodSource, PodsFile};
+use crate::sources::view::Cluster;
+use crate::{Error, Result};
 
 /// What `serve` needs.
 #[derive(Clone, Debug)]
@@ -42,6 +43,22 @@ pub enum PodsFrom {
     File(PathBuf),
     /// The Kubernetes API (`--kube`).
     Kube,
+}
+
+/// Runs the collector until SIGTERM or SIGINT (`gpuscale-collector serve`).
+pub async fn run_until_signalled(config: Config) -> Result<()> {
+    run(config, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT; never, when the handlers cannot be installed.
+async fn shutdown_signal() {
+    match gpuscale_health::ops::ShutdownSignals::install() {
+        Ok(signals) => signals.wait().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot catch SIGTERM/SIGINT; stop the collector with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Runs the collector until `shutdown` resolves.
@@ -72,7 +89,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     agents::validate(&config.agents).map_err(Error::Config)?;
     let client = match config.pods {
-        PodsFrom::Kube => Some(crate::k8s::client().await?),
+        PodsFrom::Kube => Some(crate::kube::client().await?),
         PodsFrom::File(_) => None,
     };
     let pods_file = match &config.pods {
@@ -114,7 +131,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         };
     let discovery = Arc::new(AgentDiscovery::default());
     if let (Some((namespace, service)), Some(client)) = (&config.agent_service, client) {
-        tasks.spawn(crate::k8s::discover_agents(
+        tasks.spawn(crate::kube::agents::discover_agents(
             client,
             namespace.clone(),
             service.clone(),
@@ -140,45 +157,33 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     );
     start_observability(&mut obs, &mut tasks, pods.clone()).await;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler.clone()))))
-            .add_service(CollectorServer::new(Debug {
-                cluster,
-                pods,
-                scaler,
-            }))
-            .add_service(obs.grpc_health())
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = drain_rx.await;
-                },
-            ),
-    );
-    let result = tokio::select! {
-        r = &mut server => r,
-        _ = shutdown => {
-            obs.shutting_down().await;
-            // End the long-lived streams, then give in-flight requests a grace period; a
-            // client that never hangs up does not keep the collector alive.
-            let _ = stop_tx.send(true);
-            let _ = drain_tx.send(());
-            match tokio::time::timeout(GRACE, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!("connections still open {GRACE:?} after the shutdown signal; exiting anyway");
-                    server.abort();
-                    Ok(Ok(()))
-                }
-            }
-        }
+    let server = tonic::transport::Server::builder()
+        .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler.clone()))))
+        .add_service(CollectorServer::new(Debug {
+            cluster,
+            pods,
+            scaler,
+        }))
+        .add_service(obs.grpc_health())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = drain_rx.await;
+            },
+        );
+    // On the signal: end the long-lived streams and stop accepting, then give in-flight
+    // requests the grace period; a client that never hangs up does not keep the collector alive.
+    let on_stop = async {
+        obs.shutting_down().await;
+        let _ = stop_tx.send(true);
+        let _ = drain_tx.send(());
     };
+    let result = serve_until_stopped("the collector's gRPC server", server, shutdown, on_stop)
+        .await
+        .unwrap_or(Ok(()));
     tasks.abort_all();
     fleet.stop();
-    result
-        .map_err(|e| Error::Serve(e.to_string()))?
-        .map_err(|e| Error::Serve(e.to_string()))
+    result.map_err(|e| Error::Serve(e.to_string()))
 }
 
 /// Starts the heartbeat, `--http-listen` (health, readiness, metrics with `pods` read at scrape

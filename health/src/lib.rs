@@ -31,9 +31,6 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 
-/// How long a shutdown waits for open HTTP requests before giving up on them.
-const GRACE: Duration = Duration::from_secs(3);
-
 /// Errors of the HTTP endpoints. Each names the flag and the address.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -230,12 +227,7 @@ pub fn parse_listen(given: &str) -> Result<SocketAddr> {
 
 /// Binds `addr` now, so a taken port fails the process at start, before anything else runs.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|error| Error::Bind { addr, error })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|error| Error::Bind { addr, error })?;
-    Ok(listener)
+    ops::bind(addr).map_err(|error| Error::Bind { addr, error })
 }
 
 /// Parses and binds a `--http-listen` value in one step.
@@ -244,7 +236,7 @@ pub fn listen(given: &str) -> Result<std::net::TcpListener> {
 }
 
 /// Serves `endpoints` on `listener` until `shutdown` resolves; open requests then get
-/// [`GRACE`] to finish. Call it on a tokio runtime.
+/// [`ops::GRACE`] to finish. Call it on a tokio runtime.
 pub async fn serve(
     listener: std::net::TcpListener,
     endpoints: Endpoints,
@@ -261,18 +253,13 @@ pub async fn serve(
         shutdown.await;
         let _ = stopped_tx.send(());
     });
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        r = &mut server => return r.map_err(fail),
-        _ = stopped_rx => {}
-    }
-    match tokio::time::timeout(GRACE, server).await {
-        Ok(r) => r.map_err(fail),
-        Err(_) => {
-            tracing::warn!(%addr, "HTTP requests still open {GRACE:?} after shutdown; closing them");
-            Ok(())
-        }
-    }
+    let stopped = async {
+        let _ = stopped_rx.await;
+    };
+    ops::serve_until_stopped("the HTTP server", server.into_future(), stopped, async {})
+        .await
+        .unwrap_or(Ok(()))
+        .map_err(fail)
 }
 
 /// A loop's progress marker: the loop calls [`Heartbeat::beat`] every round; the health check

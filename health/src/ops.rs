@@ -1,7 +1,41 @@
-//! The operations code both binaries share: logging set-up, the shutdown signals, the wall
-//! clock in nanoseconds, and locks that survive a panicked holder.
+//! The operations code both binaries share: logging set-up, the shutdown signals, serving until
+//! a stop with a grace period, the wall clock in nanoseconds, and locks that survive a panicked
+//! holder.
 
+use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long a server asked to stop waits for open requests and connections before closing them.
+pub const GRACE: Duration = Duration::from_secs(3);
+
+/// Runs `server` until it ends, or until `stop` resolves; then runs `on_stop` (to end long-lived
+/// streams, say) and gives the server [`GRACE`] to finish before dropping it, which closes what it
+/// still has open (a client that never hangs up must not keep the process alive). `None` when the
+/// grace period ran out; `what` names the server in that warning.
+///
+/// Pass the server's future itself, not a `JoinHandle` of a spawned one: dropping a handle does
+/// not stop its task.
+pub async fn serve_until_stopped<T>(
+    what: &str,
+    server: impl Future<Output = T>,
+    stop: impl Future<Output = ()>,
+    on_stop: impl Future<Output = ()>,
+) -> Option<T> {
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        r = &mut server => return Some(r),
+        _ = stop => {}
+    }
+    on_stop.await;
+    match tokio::time::timeout(GRACE, server).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::warn!("{what}: connections still open {GRACE:?} after the stop; closing them");
+            None
+        }
+    }
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). tracing-subscriber's `init` also
 /// installs the `log` bridge (its `tracing-log` feature), so `log` records from libraries arrive.
@@ -40,6 +74,14 @@ impl ShutdownSignals {
     }
 }
 
+/// A listener bound to `addr` now (so a taken port fails the process at start, before anything
+/// else runs), non-blocking, ready for a tokio runtime to take over.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// Wall-clock time now, nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()
@@ -56,6 +98,46 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_ends_in_its_grace_period_gives_its_result() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = async {
+            // Ends one second after the stop: within the grace period.
+            let _ = rx.await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            7
+        };
+        let mut stopped = false;
+        let r = serve_until_stopped("test", server, async {}, async {
+            stopped = true;
+            let _ = tx.send(());
+        })
+        .await;
+        assert!(stopped, "on_stop ran");
+        assert_eq!(r, Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_ends_is_dropped_after_the_grace_period() {
+        let started = tokio::time::Instant::now();
+        let r = serve_until_stopped("test", std::future::pending::<()>(), async {}, async {}).await;
+        assert_eq!(r, None);
+        assert_eq!(
+            started.elapsed(),
+            GRACE,
+            "the paused clock advanced exactly the grace"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_fails_before_the_stop_returns_at_once() {
+        let r = serve_until_stopped("test", async { 3 }, std::future::pending(), async {
+            panic!("no stop happened")
+        })
+        .await;
+        assert_eq!(r, Some(3));
+    }
 
     #[test]
     fn a_poisoned_lock_still_opens_and_the_clock_is_past_2020() {

@@ -1,5 +1,6 @@
 //! The demo's story: four simulated GPUs whose load changes phase by phase, written as a
-//! fake-NVML scenario (the format in DESIGN.md).
+//! fake-NVML scenario (the format: the README's "The fake NVML library" and `tests/fake-nvml`'s
+//! crate docs).
 
 use serde_json::{json, Value};
 

@@ -56,45 +56,7 @@ pub fn ebpf_toolchain() -> Result<()> {
     step(&format!(
         "eBPF toolchain: {nightly} with rust-src, LLVM 22, bpf-linker (skipped where already present)"
     ));
-    let has_nightly = quiet_ok(
-        Command::new("rustup")
-            .args(["run", nightly, "rustc", "--version"])
-            .env_remove("RUSTUP_TOOLCHAIN"),
-    );
-    if !has_nightly {
-        eprintln!(
-            "installing {nightly} (rustup toolchain install {nightly} --profile minimal \
-             --component rust-src), about a minute"
-        );
-        run_cmd(
-            Command::new("rustup").args([
-                "toolchain",
-                "install",
-                nightly,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]),
-            &format!("rustup toolchain install {nightly}"),
-        )?;
-    }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        nightly,
-    ]));
-    if components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("ok: {nightly} with rust-src");
-    } else {
-        eprintln!("installing rust-src (rustup component add rust-src --toolchain {nightly})");
-        run_cmd(
-            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]),
-            "rustup component add rust-src",
-        )?;
-    }
+    pinned_nightly(&["rust-src"])?;
     let installed = output(Command::new("cargo").args(["install", "--list"]));
     if installed.contains(&format!("bpf-linker v{BPF_LINKER_VERSION}")) {
         eprintln!("ok: bpf-linker {BPF_LINKER_VERSION}");
@@ -283,4 +245,88 @@ fn apt_install(package: &str) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
         &format!("apt-get install {package}"),
     )
+}
+
+/// Makes sure the pinned nightly ([`NIGHTLY`], the eBPF one, so one nightly serves both) has
+/// `miri` and `rust-src`, and that Miri's sysroot is built, for the Miri run of the ring's tests
+/// (`cargo miri test -p gpuscale-ring`). Each part is skipped where present; from nothing it
+/// takes about a minute on 2 cores (the toolchain ~15 s, the sysroot ~35 s).
+pub fn miri() -> Result<()> {
+    let nightly = NIGHTLY.trim();
+    step(&format!(
+        "Miri: {nightly} with miri and rust-src, and Miri's sysroot (skipped where present)"
+    ));
+    pinned_nightly(&["miri", "rust-src"])?;
+    // Idempotent: it says so and returns at once when the sysroot is already built.
+    eprintln!("Miri's sysroot (cargo miri setup; about 35 seconds the first time)");
+    run_cmd(nightly_cargo().args(["miri", "setup"]), "cargo miri setup")
+}
+
+/// Installs the pinned nightly ([`NIGHTLY`]) with `components` where it or they are missing;
+/// says "ok" for each part already there.
+fn pinned_nightly(components: &[&str]) -> Result<()> {
+    let nightly = NIGHTLY.trim();
+    let has_nightly = quiet_ok(
+        Command::new("rustup")
+            .args(["run", nightly, "rustc", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    );
+    if !has_nightly {
+        let list = components.join(",");
+        eprintln!(
+            "installing {nightly} (rustup toolchain install {nightly} --profile minimal \
+             --component {list}), up to a minute"
+        );
+        run_cmd(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                nightly,
+                "--profile",
+                "minimal",
+                "--component",
+                &list,
+            ]),
+            &format!("rustup toolchain install {nightly}"),
+        )?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        nightly,
+    ]));
+    for component in components {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            eprintln!("ok: {nightly} with {component}");
+        } else {
+            eprintln!(
+                "installing {component} (rustup component add {component} --toolchain {nightly})"
+            );
+            run_cmd(
+                Command::new("rustup").args([
+                    "component",
+                    "add",
+                    component,
+                    "--toolchain",
+                    nightly,
+                ]),
+                &format!("rustup component add {component}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `cargo` of the pinned nightly, in the workspace root, without the variables through which
+/// the stable cargo running xtask would leak its own toolchain into it.
+pub fn nightly_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", NIGHTLY.trim(), "cargo"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .current_dir(crate::util::root());
+    c
 }

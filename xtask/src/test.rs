@@ -8,7 +8,9 @@
 //!    components, built from their Go modules ([`crate::setup::cluster_components`]);
 //! 2. build the workspace (the agent binary and the fake NVML library the end-to-end tests run);
 //! 3. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
-//! 4. the loom model of the shared-memory ring (`--cfg gpuscale_loom`, its own target dir).
+//! 4. the loom models of the shared-memory ring (`gpuscale-ring` with `--cfg loom`, its own
+//!    target dir);
+//! 5. the ring's tests under Miri (the pinned nightly with `miri`, [`crate::setup::miri`]).
 
 use anyhow::Result;
 
@@ -17,9 +19,12 @@ use crate::util::{cargo, run as run_cmd, step, target_dir};
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
 pub struct Options {
-    /// Skip the loom model check (it rebuilds the agent's dependencies once, in target/loom).
+    /// Skip the loom model check (it builds loom once, in target/loom).
     #[arg(long)]
     no_loom: bool,
+    /// Skip the Miri run of the ring's tests (it installs the nightly's miri component once).
+    #[arg(long)]
+    no_miri: bool,
 }
 
 /// Runs the set-up and every test.
@@ -47,20 +52,30 @@ pub fn run(o: Options) -> Result<()> {
     if o.no_loom {
         eprintln!("skipped: loom model check (--no-loom)");
     } else {
-        step("checking the ring's seqlock under loom (every interleaving, bounded preemption)");
+        step("checking the ring under loom: seqlock, push racing read (every interleaving, bounded preemption)");
         run_cmd(
             cargo()
                 .args([
                     "test",
                     "-p",
-                    "agent",
+                    "gpuscale-ring",
                     "--lib",
                     "--release",
-                    "ring::loom_model",
+                    "loom_model",
                 ])
-                .env("RUSTFLAGS", "--cfg gpuscale_loom")
+                .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", target_dir().join("loom")),
             "loom model check",
+        )?;
+    }
+    if o.no_miri {
+        eprintln!("skipped: Miri run of the ring's tests (--no-miri)");
+    } else {
+        crate::setup::miri()?;
+        step("running the ring's tests under Miri (undefined behaviour, data races, weak memory)");
+        run_cmd(
+            crate::setup::nightly_cargo().args(["miri", "test", "-p", "gpuscale-ring"]),
+            "cargo miri test",
         )?;
     }
     eprintln!("\nall tests passed");

@@ -11,9 +11,9 @@
 //! rewrites land at every phase of the agent's sampling, GPM and snapshot ticks). After each
 //! rewrite a KEDA-shaped client calls `GetMetrics` for each ScaledObject every 2 ms until it
 //! shows the new value; the latency is from just after the rename to that answer. In the same
-//! loop the agent's own ring (`ShmReader`, `Ring::latest`) is read every ~0.2 ms: the time it
-//! shows the new sample is the same-run baseline, and the difference is what the snapshot
-//! stream and the collector add.
+//! loop the agent's own ring (`ShmReader`, `SampleReader::latest`) is read every ~0.2 ms: the
+//! time it shows the new sample is the same-run baseline, and the difference is what the
+//! snapshot stream and the collector add.
 //!
 //! Runs at `--interval 100ms` and `--interval 10ms`, a fresh agent each. The agent sends
 //! snapshots on its own timer, which starts when the collector subscribes, so how stale each

@@ -5,8 +5,9 @@ use std::ffi::CString;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::sampler::{self, Config, Stop};
+use agent::daemon::{self, Config};
 use agent::shm::ShmReader;
+use agent::stop::Stop;
 use e2e::{fake_nvml, gpu, write_scenario, Scratch};
 use serde_json::json;
 
@@ -54,11 +55,13 @@ fn per_process_utilization_is_read_only_for_shared_gpus_and_off_the_sample_path(
             mode: agent::ebpf::EbpfMode::Off,
             ..Default::default()
         },
+        listen: None,
+        http_listen: None,
     };
     let stop = Arc::new(Stop::default());
     let s2 = stop.clone();
     let c2 = config.clone();
-    let runner = std::thread::spawn(move || sampler::run(&c2, &s2, |_| {}));
+    let runner = std::thread::spawn(move || daemon::run(&c2, &s2));
 
     let samples = |gpu: usize| {
         ShmReader::open(&config.shm)

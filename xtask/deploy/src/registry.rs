@@ -329,6 +329,93 @@ pub fn docker_config_auth(text: &str, host: &str) -> std::result::Result<Registr
     Ok(RegistryAuth::Basic(user.to_owned(), pass.to_owned()))
 }
 
+/// A registry of its own on `127.0.0.1:port` (Debian's `docker-registry`, which `cargo xtask
+/// test`'s set-up installs), storing into a folder; stopped when dropped. For the tests that
+/// push the image, and for trying `cargo xtask deploy --registry` without a registry.
+pub struct LocalRegistry {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl LocalRegistry {
+    /// What is wrong when [`LocalRegistry::installed`] is false, and the fix.
+    pub const MISSING: &'static str = "docker-registry is not installed (`cargo xtask test`'s \
+                                       set-up installs it: apt-get install docker-registry)";
+
+    /// Whether `docker-registry` is on PATH.
+    pub fn installed() -> bool {
+        std::process::Command::new("sh")
+            .args(["-c", "command -v docker-registry"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Starts one with its configuration, storage and logs in `dir`, and waits (up to 20 s) until
+    /// it listens. Fails with the reason (not installed, did not listen, with its log).
+    pub fn start(dir: &std::path::Path, port: u16) -> Result<LocalRegistry, String> {
+        if !LocalRegistry::installed() {
+            return Err(LocalRegistry::MISSING.into());
+        }
+        let io = |what: &str, e: std::io::Error| format!("{what} in {}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the registry's folder", e))?;
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("data").display()
+            ),
+        )
+        .map_err(|e| io("writing config.yml", e))?;
+        let log = |name: &str| {
+            std::fs::File::create(dir.join(name)).map_err(|e| io(&format!("creating {name}"), e))
+        };
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log("registry.log")?)
+            .stderr(log("registry.err")?)
+            .spawn()
+            .map_err(|e| io("starting docker-registry", e))?;
+        let registry = LocalRegistry {
+            child,
+            dir: dir.to_owned(),
+            port,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "docker-registry did not listen on 127.0.0.1:{port} within 20 s: {}",
+                    registry.logs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(registry)
+    }
+
+    /// `host:port`, as `--registry` takes it.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What it logged so far (stdout and stderr).
+    pub fn logs(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!("{}{}", read("registry.log"), read("registry.err"))
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,11 +7,12 @@
 //! Needs root (chroot) and `docker-registry`; prints why it skips without them, and fails when
 //! `CI` is set (CI runs the set-up as root).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use e2e::Scratch;
+use gpuscale_deploy::registry::LocalRegistry;
 
 const TEST: &str = "the_image_pushed_to_a_registry_runs_the_agent_from_its_own_layers_under_chroot";
 
@@ -27,64 +28,6 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// A registry on 127.0.0.1:`port` with its storage in `dir`; killed on drop.
-struct LocalRegistry {
-    child: Child,
-    log: PathBuf,
-}
-
-impl LocalRegistry {
-    fn start(dir: &Path, port: u16) -> LocalRegistry {
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("registry.log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("registry.err")).unwrap(),
-            ))
-            .spawn()
-            .expect("starting docker-registry");
-        let reg = LocalRegistry { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the registry did not listen on {port}: {}",
-                reg.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        reg
-    }
-
-    fn logs(&self) -> String {
-        let err = self.log.with_file_name("registry.err");
-        format!(
-            "{}{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default(),
-            std::fs::read_to_string(err).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for LocalRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `args` inside `root` with `chroot` and a minimal environment.
@@ -109,21 +52,15 @@ fn the_image_pushed_to_a_registry_runs_the_agent_from_its_own_layers_under_chroo
         skip_or_fail("chroot needs root");
         return;
     }
-    let has_registry = Command::new("sh")
-        .args(["-c", "command -v docker-registry"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_registry {
-        skip_or_fail("docker-registry is not installed (cargo xtask test installs it: apt-get install docker-registry)");
+    if !LocalRegistry::installed() {
+        skip_or_fail(LocalRegistry::MISSING);
         return;
     }
-    let bins = e2e::ensure_built();
     let scratch = Scratch::new("image");
-    let reg_dir = scratch.path("registry");
-    std::fs::create_dir_all(&reg_dir).unwrap();
-    let port = e2e::free_port();
-    let registry = LocalRegistry::start(&reg_dir, port);
-    let host = format!("127.0.0.1:{port}");
+    let registry = LocalRegistry::start(&scratch.path("registry"), e2e::free_port())
+        .unwrap_or_else(|why| panic!("{why}"));
+    let bins = e2e::ensure_built();
+    let host = registry.host();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

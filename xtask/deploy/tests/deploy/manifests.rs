@@ -428,13 +428,13 @@ fn the_renderer_agrees_with_kubectl_kustomize() {
 }
 
 /// The gpuscale triggers of a ScaledObject, parsed by the collector as KEDA would hand them over.
-fn parse_with_the_collector(obj: &Value) -> Vec<collector::trigger::Trigger> {
+fn parse_with_the_collector(obj: &Value) -> Vec<collector::model::trigger::Trigger> {
     checks::gpuscale_triggers(obj)
         .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .map(|meta| {
             let map: HashMap<String, String> = meta.into_iter().collect();
-            collector::trigger::Trigger::parse(&map)
+            collector::model::trigger::Trigger::parse(&map)
                 .unwrap_or_else(|e| panic!("{}: {e}", render::describe(obj)))
         })
         .collect()
@@ -461,7 +461,7 @@ fn the_examples_parse_and_every_gpuscale_trigger_names_a_real_metric() {
         assert!(!docs.is_empty(), "{}", f.display());
         for obj in docs {
             for t in parse_with_the_collector(&obj) {
-                assert!(collector::trigger::Metric::ALL.contains(&t.metric));
+                assert!(collector::model::trigger::Metric::ALL.contains(&t.metric));
                 metrics.push(t.metric.name());
             }
             let triggers = obj["spec"]["triggers"].as_array().unwrap();
@@ -492,7 +492,7 @@ fn an_example_with_a_misspelt_key_or_unknown_metric_is_caught() {
         .clone()
         .into_iter()
         .collect();
-    let e = collector::trigger::Trigger::parse(&meta)
+    let e = collector::model::trigger::Trigger::parse(&meta)
         .unwrap_err()
         .to_string();
     assert!(e.contains("sm_activity"), "{e}");

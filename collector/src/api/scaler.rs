@@ -1,0 +1,455 @@
+//! KEDA's external-scaler gRPC service (`externalscaler.ExternalScaler`): `GetMetricSpec`,
+//! `GetMetrics`, `IsActive` and `StreamIsActive`, answered from memory only (never network,
+//! never NVML), one tracing span per request.
+//!
+//! Each distinct trigger metadata is parsed once ([`CompiledTriggers`]); a target's selector is
+//! parsed where it is read ([`Targets`]).
+//!
+//! Errors: bad trigger metadata → `INVALID_ARGUMENT` naming the key and the accepted values;
+//! data that cannot be trusted → `UNAVAILABLE` naming the nodes, so KEDA's `fallback` acts.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use proto::externalscaler::external_scaler_server::ExternalScaler;
+use proto::externalscaler::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::api::metrics::CollectorMetrics;
+use crate::model::compiled::CompiledTriggers;
+use crate::model::evaluate::{evaluate, opened_within, Evaluation};
+use crate::model::selector::Selector;
+use crate::model::trigger::Trigger;
+use crate::sources::pods::{PodMeta, PodSource};
+use crate::sources::view::Cluster;
+
+type Matches = Arc<Vec<Arc<PodMeta>>>;
+
+/// `StreamIsActive` re-evaluates at most this often.
+const STREAM_MIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Where the pod selector of a trigger without `podSelector` comes from: the ScaledObject's
+/// target (in-cluster mode). Answers from memory.
+pub trait Targets: Send + Sync {
+    /// The pod selector of the target of ScaledObject `namespace/scaled_object`, parsed once
+    /// when the target was read (a selector that does not parse is [`TargetError::Invalid`]).
+    fn selector(&self, namespace: &str, scaled_object: &str) -> Result<Arc<Selector>, TargetError>;
+}
+
+/// Why a target's selector is not known.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TargetError {
+    /// The ScaledObject or its target is wrong (missing, no selector): `INVALID_ARGUMENT`.
+    Invalid(String),
+    /// Not known yet or not readable now: `UNAVAILABLE`, so KEDA's fallback acts.
+    Unavailable(String),
+}
+
+impl From<TargetError> for Status {
+    fn from(e: TargetError) -> Status {
+        match e {
+            TargetError::Invalid(why) => Status::invalid_argument(why),
+            TargetError::Unavailable(why) => Status::unavailable(why),
+        }
+    }
+}
+
+/// The KEDA-facing service.
+pub struct Scaler {
+    cluster: Arc<Cluster>,
+    pods: Arc<dyn PodSource>,
+    targets: Option<Arc<dyn Targets>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// Where `GetMetrics` answers are recorded for `/metrics`, when served.
+    metrics: std::sync::OnceLock<Arc<CollectorMetrics>>,
+    /// Parsed triggers by metadata.
+    triggers: CompiledTriggers,
+    /// (namespace, selector) → (pod index version, matched pods).
+    selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+impl Scaler {
+    /// A scaler over `cluster` with pod metadata from `pods` and, in-cluster, the selectors of
+    /// ScaledObjects' targets from `targets`; open streams end when `stop` turns true (so a
+    /// graceful shutdown does not wait for KEDA to hang up).
+    pub fn new(
+        cluster: Arc<Cluster>,
+        pods: Arc<dyn PodSource>,
+        targets: Option<Arc<dyn Targets>>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Scaler {
+        Scaler {
+            cluster,
+            pods,
+            targets,
+            stop,
+            metrics: std::sync::OnceLock::new(),
+            triggers: CompiledTriggers::default(),
+            selections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records every `GetMetrics` answer in `metrics` (the per-ScaledObject value series).
+    pub fn observe_with(&self, metrics: Arc<CollectorMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The parsed trigger of `r` (from the cache when its metadata was seen before); bad
+    /// metadata is `INVALID_ARGUMENT` naming the key.
+    fn compiled(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Status> {
+        self.triggers.get(&r.scaler_metadata).map_err(invalid)
+    }
+
+    /// The parsed triggers, for tests and benchmarks: how many are cached and parses ran.
+    pub fn triggers(&self) -> &CompiledTriggers {
+        &self.triggers
+    }
+
+    /// Records `GetMetrics`'s answer for `r`: its value, or none after an error.
+    fn observe(&self, r: &ScaledObjectRef, answer: &Result<(Arc<Trigger>, Evaluation), Status>) {
+        let Some(m) = self.metrics.get() else { return };
+        match answer {
+            Ok((t, eval)) => {
+                m.observe_scaled_object(&r.namespace, &r.name, &t.metric_name(), eval.value)
+            }
+            Err(_) => {
+                if let Ok(t) = self.compiled(r) {
+                    m.scaled_object_unavailable(&r.namespace, &r.name, &t.metric_name());
+                }
+            }
+        }
+    }
+
+    /// The trigger of `r` and its pod selector: `podSelector`, else (in-cluster) the selector
+    /// of the ScaledObject's target.
+    fn trigger(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Arc<Selector>), Status> {
+        let t = self.compiled(r)?;
+        let selector = self.selector(r, &t)?;
+        Ok((t, selector))
+    }
+
+    /// The pod selector of `r`'s parsed trigger `t`: `podSelector`, else (in-cluster) the
+    /// selector of the ScaledObject's target, which may change, so it is read each time.
+    fn selector(&self, r: &ScaledObjectRef, t: &Trigger) -> Result<Arc<Selector>, Status> {
+        match (&t.pod_selector, &self.targets) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, Some(targets)) => Ok(targets.selector(&r.namespace, &r.name)?),
+            (None, None) => Err(invalid(Trigger::selector_required())),
+        }
+    }
+
+    /// `UNAVAILABLE` when the pod list cannot be trusted for `trigger`: never listed, or out of
+    /// contact for longer than its `staleAfter`.
+    fn check_pods(&self, trigger: &Trigger) -> Result<(), Status> {
+        let h = self.pods.health();
+        if let Some(why) = h.unsynced {
+            return Err(Status::unavailable(why));
+        }
+        match h.out_of_contact {
+            Some((d, why)) if d > trigger.stale_after => Err(Status::unavailable(format!(
+                "pod metadata is stale: out of contact for {:.1}s (staleAfter {:?}): {why}",
+                d.as_secs_f64(),
+                trigger.stale_after
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The pods of `namespace` that `selector` matches, cached per pod-list version.
+    fn matches(&self, namespace: &str, selector: &Selector) -> Matches {
+        let index = self.pods.index();
+        let key = (namespace.to_owned(), selector.to_string());
+        let mut cache = self.selections.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, m)) = cache.get(&key) {
+            if *v == index.version {
+                return m.clone();
+            }
+        }
+        let matched: Matches = Arc::new(
+            index
+                .by_namespace
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .filter(|p| selector.matches(&p.labels))
+                .cloned()
+                .collect(),
+        );
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, (index.version, matched.clone()));
+        matched
+    }
+
+    /// Evaluates the trigger of `r` now.
+    pub fn value(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Evaluation), Status> {
+        self.evaluate(r).map(|(trigger, _, eval)| (trigger, eval))
+    }
+
+    /// [`Scaler::value`], with the matched pods it was computed over.
+    fn evaluate(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Matches, Evaluation), Status> {
+        let trigger = self.compiled(r)?;
+        let (matched, eval) = self.evaluate_with(r, &trigger)?;
+        Ok((trigger, matched, eval))
+    }
+
+    /// [`Scaler::evaluate`] of an already parsed trigger (a stream holds its trigger for life).
+    fn evaluate_with(
+        &self,
+        r: &ScaledObjectRef,
+        trigger: &Trigger,
+    ) -> Result<(Matches, Evaluation), Status> {
+        let selector = self.selector(r, trigger)?;
+        self.check_pods(trigger)?;
+        let matched = self.matches(&r.namespace, &selector);
+        let now = Instant::now();
+        let eval = self
+            .cluster
+            .read(|v| evaluate(v, &matched, trigger, now))
+            .map_err(|u| {
+                Status::unavailable(format!(
+                    "{}/{} {}: {u}",
+                    r.namespace,
+                    r.name,
+                    trigger.metric.name()
+                ))
+            })?;
+        Ok((matched, eval))
+    }
+
+    /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
+    /// matched pod opened a GPU recently, so a replica still loading its model is not scaled
+    /// to zero.
+    fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
+        let trigger = self.compiled(r)?;
+        self.active_with(r, &trigger)
+    }
+
+    /// [`Scaler::active`] of an already parsed trigger.
+    fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Status> {
+        let (matched, eval) = self.evaluate_with(r, trigger)?;
+        if eval.value > trigger.activation_threshold {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        Ok(self
+            .cluster
+            .read(|v| opened_within(v, &matched, trigger.active_after_open, now)))
+    }
+}
+
+fn span(rpc: &'static str, r: &ScaledObjectRef) -> tracing::Span {
+    tracing::info_span!("keda", rpc, scaled_object = %format!("{}/{}", r.namespace, r.name))
+}
+
+fn log_result<T>(result: &Result<T, Status>) {
+    if let Err(s) = result {
+        tracing::warn!(code = ?s.code(), message = s.message(), "request failed");
+    }
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
+
+/// The tonic service around a shared [`Scaler`].
+#[derive(Clone)]
+pub struct ScalerService(pub Arc<Scaler>);
+
+#[tonic::async_trait]
+impl ExternalScaler for ScalerService {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let r = request.into_inner();
+        let _g = span("IsActive", &r).entered();
+        let result = self.0.active(&r);
+        log_result(&result);
+        Ok(Response::new(IsActiveResponse { result: result? }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let r = request.into_inner();
+        let span = span("StreamIsActive", &r);
+        // Bad metadata fails the call at once; missing data just waits for data. The trigger is
+        // held for the stream's life (its metadata cannot change on a stream).
+        let trigger = self.0.compiled(&r)?;
+        if let Err(s) = self.0.selector(&r, &trigger) {
+            if s.code() == tonic::Code::InvalidArgument {
+                return Err(s);
+            }
+        }
+        let me = self.0.clone();
+        let mut changes = self.0.cluster.subscribe();
+        let mut stop = self.0.stop.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(
+            async move {
+                tracing::info!("KEDA subscribed");
+                let mut last = None;
+                loop {
+                    match me.active_with(&r, &trigger) {
+                        Ok(active) if Some(active) != last => {
+                            last = Some(active);
+                            tracing::info!(active, "activity changed");
+                            if tx
+                                .send(Ok(IsActiveResponse { result: active }))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(s) => tracing::debug!(message = s.message(), "no value yet"),
+                    }
+                    // Re-evaluate after a change of the view (an agent snapshot), at most every
+                    // STREAM_MIN_PERIOD: with a thousand agents the view changes thousands of
+                    // times a second.
+                    let evaluated = tokio::time::Instant::now();
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { break },
+                        _ = tx.closed() => break,
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    tokio::time::sleep_until(evaluated + STREAM_MIN_PERIOD).await;
+                    changes.borrow_and_update();
+                }
+                tracing::info!("KEDA stream ended");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let r = request.into_inner();
+        let _g = span("GetMetricSpec", &r).entered();
+        let result = self.0.trigger(&r);
+        log_result(&result);
+        let (t, _) = result?;
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: t.metric_name(),
+                target_size: t.target_value.ceil() as i64,
+                target_size_float: t.target_value,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let r = req.scaled_object_ref.unwrap_or_default();
+        let _g = span("GetMetrics", &r).entered();
+        let result = self.0.value(&r);
+        log_result(&result);
+        self.0.observe(&r, &result);
+        let (t, eval) = result?;
+        tracing::debug!(value = eval.value, pods = eval.running_pods, "answered");
+        let name = if req.metric_name.is_empty() {
+            t.metric_name()
+        } else {
+            req.metric_name
+        };
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name: name,
+                // KEDA reads the float when > 0, else the int: fill both.
+                metric_value: eval.value.round() as i64,
+                metric_value_float: eval.value,
+            }],
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::pods::PodIndex;
+
+    struct NoPods;
+
+    impl PodSource for NoPods {
+        fn index(&self) -> Arc<crate::sources::pods::PodIndex> {
+            Arc::new(PodIndex::default())
+        }
+        fn describe(&self) -> String {
+            "no pods".into()
+        }
+    }
+
+    fn scaler() -> Scaler {
+        let (_, stop) = tokio::sync::watch::channel(false);
+        Scaler::new(Arc::new(Cluster::new(&[])), Arc::new(NoPods), None, stop)
+    }
+
+    fn so(meta: &[(&str, &str)]) -> ScaledObjectRef {
+        ScaledObjectRef {
+            namespace: "ml".into(),
+            name: "vllm".into(),
+            scaler_metadata: meta
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn keda_calls_with_the_same_metadata_parse_it_once() {
+        let s = scaler();
+        let r = so(&[
+            ("metric", "sm_active"),
+            ("targetValue", "80"),
+            ("podSelector", "app=vllm"),
+        ]);
+        for _ in 0..10 {
+            assert_eq!(s.value(&r).unwrap().1.value, 0.0, "no pods match: 0");
+            assert!(!s.active(&r).unwrap());
+            assert_eq!(s.trigger(&r).unwrap().1.to_string(), "app=vllm");
+        }
+        assert_eq!(s.triggers().parses(), 1);
+        assert_eq!(s.triggers().len(), 1);
+    }
+
+    #[test]
+    fn bad_metadata_gets_the_same_invalid_argument_every_call() {
+        let s = scaler();
+        let r = so(&[("metric", "sm_active"), ("targetValue", "abc")]);
+        let want = Trigger::parse(&r.scaler_metadata).unwrap_err().to_string();
+        for _ in 0..3 {
+            let e = s.value(&r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert_eq!(e.message(), want);
+        }
+        assert!(s.triggers().is_empty(), "an error is not cached");
+        // Without podSelector and without --kube: the error says what to write.
+        let r = so(&[("metric", "sm_active"), ("targetValue", "80")]);
+        let e = s.value(&r).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("podSelector is required"), "{e}");
+    }
+}

@@ -1,0 +1,730 @@
+//! One trigger's value from the cluster view: which pods match, what each contributes, and
+//! whether the data can be trusted. Pure (time is passed in); the KEDA service calls it.
+//!
+//! Rules (documented for users in `docs/TRIGGERS.md`):
+//! - Matched pods are the pods of the ScaledObject's namespace whose labels match `podSelector`.
+//!   Pods not `Running` or not yet scheduled contribute nothing (they use no GPU).
+//! - Each (pod, GPU) pair the pod's node agent attributed has one value: the window statistic
+//!   `timeAggregation` of `metric` over `window` (on a shared GPU, the pod's split share).
+//! - Pods form replicas: each pod is one, or, with `replicaLabel`, the pods with the same value
+//!   of that label are one (a LeaderWorkerSet group); a pod without the label is a replica of
+//!   its own. A replica's pods' shares of one GPU add up; then its GPUs combine by
+//!   `gpuAggregation` into the replica's value (a TP=4 replica at 70 % on each GPU reads 70 with
+//!   `avg`). A running replica with no GPU entry reads 0: its agents see it use no GPU.
+//! - The replicas' values combine by `aggregation` into the value KEDA gets.
+//! - `sm_active` on a GPU without GPM falls back to that GPU's `gpu_util` (and says so in the
+//!   evaluation), because NVML has no SM-activity counter there.
+//! - A matched pod whose node has no agent, or whose agent has not reported within
+//!   `staleAfter`, or a value the agent could not measure, makes the whole answer unavailable
+//!   (KEDA then applies its `fallback`); a partial sum is never presented as whole.
+//! - Zero matched pods give 0 (inactive): that is how scale-to-zero happens.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::agent::{MetricSummary, NodeSnapshot, PodSummary};
+
+use crate::model::trigger::{aggregate, aggregate_gpus, Metric, TimeAggregation, Trigger};
+use crate::sources::pods::PodMeta;
+use crate::sources::view::View;
+
+/// One pod's value on one GPU, as its node's agent attributed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuValue {
+    /// The pod.
+    pub pod: Arc<PodMeta>,
+    /// The node it runs on.
+    pub node: String,
+    /// The GPU (`GPU-…`) or MIG instance (`MIG-…`).
+    pub gpu_uuid: String,
+    /// The pod's value on it (its split share when `shared`).
+    pub value: f64,
+    /// Other pods or processes use the GPU too.
+    pub shared: bool,
+    /// `sm_active` fell back to `gpu_util` (the GPU has no GPM).
+    pub fell_back: bool,
+}
+
+/// One replica and how its value came about.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replica {
+    /// `<replicaLabel>=<value>` for a group, else `<namespace>/<pod name>`.
+    pub key: String,
+    /// Its running pods.
+    pub pods: Vec<Arc<PodMeta>>,
+    /// Its pods' values per GPU.
+    pub gpus: Vec<GpuValue>,
+    /// Its GPUs combined by `gpuAggregation` (0 when it uses none).
+    pub value: f64,
+}
+
+/// What a trigger evaluates to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// The replicas' values combined by `aggregation`.
+    pub value: f64,
+    /// Matched pods that are running.
+    pub running_pods: usize,
+    /// (pod, GPU) values read.
+    pub values: usize,
+    /// GPUs whose `sm_active` fell back to `gpu_util`.
+    pub fallbacks: usize,
+    /// The replicas, in the order their first pod was matched.
+    pub replicas: Vec<Replica>,
+}
+
+/// Why a trigger has no trustworthy value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unavailable {
+    /// One line per problem (at most a handful are listed).
+    pub reasons: Vec<String>,
+    /// How many problems there were in all.
+    pub total: usize,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no trustworthy value: {}", self.reasons.join("; "))?;
+        if self.total > self.reasons.len() {
+            write!(f, "; and {} more", self.total - self.reasons.len())?;
+        }
+        Ok(())
+    }
+}
+
+fn statistic(m: &MetricSummary, trigger: &Trigger) -> Option<f64> {
+    if trigger.time_aggregation == TimeAggregation::Last {
+        return m.last;
+    }
+    let secs = trigger.window.as_secs() as u32;
+    let w = m.windows.iter().find(|w| w.window_s == secs)?;
+    Some(match trigger.time_aggregation {
+        TimeAggregation::Avg => w.avg,
+        TimeAggregation::Max => w.max,
+        TimeAggregation::Min => w.min,
+        TimeAggregation::P95 => w.p95,
+        TimeAggregation::Last => unreachable!("handled above"),
+    })
+}
+
+fn metric<'a>(ms: &'a [MetricSummary], name: &str) -> Option<&'a MetricSummary> {
+    ms.iter().find(|m| m.metric == name)
+}
+
+/// One (pod, GPU) value, or why it is missing. The bool says a fallback was used.
+fn pod_gpu_value(
+    snap: &NodeSnapshot,
+    meta: &PodMeta,
+    pod: &PodSummary,
+    trigger: &Trigger,
+) -> Result<(f64, bool), String> {
+    let name = trigger.metric.name();
+    if let Some(v) = metric(&pod.metrics, name).and_then(|m| statistic(m, trigger)) {
+        return Ok((v, false));
+    }
+    let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
+    if trigger.metric == Metric::SmActive && gpu.is_some_and(|g| !g.gpm_supported) {
+        if let Some(v) =
+            metric(&pod.metrics, Metric::GpuUtil.name()).and_then(|m| statistic(m, trigger))
+        {
+            return Ok((v, true));
+        }
+    }
+    let state = gpu.map_or("not reported", |g| {
+        crate::sources::view::state_name(g.state)
+    });
+    let over = match trigger.time_aggregation {
+        TimeAggregation::Last => "now".to_owned(),
+        _ => format!("over {}s", trigger.window.as_secs()),
+    };
+    let mig = gpu.filter(|g| !g.parent_uuid.is_empty());
+    let why = match mig {
+        Some(g) if matches!(trigger.metric, Metric::GpuUtil | Metric::MemUtil) => format!(
+            "; it is a MIG instance of {}, and NVML measures no utilization on MIG instances: \
+             use sm_active (measured per instance on Hopper and newer) or vram_used_pct",
+            g.parent_uuid
+        ),
+        Some(g) => format!("; it is a MIG instance of {}", g.parent_uuid),
+        None => String::new(),
+    };
+    Err(format!(
+        "{name} of pod {}/{} on GPU {} of node {} is not measured {over} (GPU state {state}){why}",
+        meta.namespace, meta.name, pod.gpu_uuid, snap.node_name,
+    ))
+}
+
+/// The replica `pod` belongs to under `trigger`'s `replicaLabel`.
+fn replica_key(pod: &PodMeta, trigger: &Trigger) -> String {
+    match trigger
+        .replica_label
+        .as_deref()
+        .and_then(|l| Some((l, pod.labels.get(l)?)))
+    {
+        Some((label, value)) => format!("{label}={value}"),
+        None => format!("{}/{}", pod.namespace, pod.name),
+    }
+}
+
+/// A replica's value: its pods' shares of each GPU added up, then its GPUs combined by
+/// `gpuAggregation`.
+fn replica_value(gpus: &[GpuValue], trigger: &Trigger) -> f64 {
+    let mut per_gpu: Vec<(&str, &str, f64)> = Vec::with_capacity(gpus.len());
+    for g in gpus {
+        match per_gpu
+            .iter_mut()
+            .find(|(node, uuid, _)| *node == g.node && *uuid == g.gpu_uuid)
+        {
+            Some((_, _, v)) => *v += g.value,
+            None => per_gpu.push((&g.node, &g.gpu_uuid, g.value)),
+        }
+    }
+    let values: Vec<f64> = per_gpu.into_iter().map(|(_, _, v)| v).collect();
+    aggregate_gpus(trigger.gpu_aggregation, &values)
+}
+
+/// Evaluates `trigger` over the `matched` pods at time `now`.
+pub fn evaluate(
+    view: &View,
+    matched: &[Arc<PodMeta>],
+    trigger: &Trigger,
+    now: Instant,
+) -> Result<Evaluation, Unavailable> {
+    let mut replicas: Vec<Replica> = Vec::new();
+    let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut running = 0;
+    let mut values = 0;
+    let mut fallbacks = 0;
+    for pod in matched {
+        if pod.phase != "Running" || pod.node.is_empty() {
+            continue;
+        }
+        running += 1;
+        let key = replica_key(pod, trigger);
+        let r = *by_key.entry(key.clone()).or_insert_with(|| {
+            replicas.push(Replica {
+                key,
+                pods: Vec::new(),
+                gpus: Vec::new(),
+                value: 0.0,
+            });
+            replicas.len() - 1
+        });
+        replicas[r].pods.push(pod.clone());
+        let Some(&node) = view.by_node_name.get(&pod.node) else {
+            problems.push(format!(
+                "pod {}/{} runs on node {} where no agent reports",
+                pod.namespace, pod.name, pod.node
+            ));
+            continue;
+        };
+        let state = &view.nodes[node];
+        let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
+            continue;
+        };
+        let age = now.saturating_duration_since(received);
+        if age > trigger.stale_after {
+            problems.push(format!(
+                "node {} (agent {}) last reported {:.1}s ago, more than staleAfter {}s{}",
+                pod.node,
+                state.address,
+                age.as_secs_f64(),
+                trigger.stale_after.as_secs_f64(),
+                if state.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", state.last_error)
+                }
+            ));
+            continue;
+        }
+        let entries = view.pod_gpus.get(&pod.uid);
+        for e in entries.into_iter().flatten().filter(|e| e.node == node) {
+            let summary = &snap.pods[e.pod];
+            match pod_gpu_value(snap, pod, summary, trigger) {
+                Ok((value, fell_back)) => {
+                    values += 1;
+                    fallbacks += usize::from(fell_back);
+                    replicas[r].gpus.push(GpuValue {
+                        pod: pod.clone(),
+                        node: snap.node_name.clone(),
+                        gpu_uuid: summary.gpu_uuid.clone(),
+                        value,
+                        shared: summary.shared,
+                        fell_back,
+                    });
+                }
+                Err(why) => problems.push(why),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        // Several pods on one stale node tell the same story once.
+        let mut seen = std::collections::HashSet::new();
+        problems.retain(|p| seen.insert(p.clone()));
+        let total = problems.len();
+        problems.truncate(5);
+        return Err(Unavailable {
+            reasons: problems,
+            total,
+        });
+    }
+    for r in &mut replicas {
+        r.value = replica_value(&r.gpus, trigger);
+    }
+    let per_replica: Vec<f64> = replicas.iter().map(|r| r.value).collect();
+    Ok(Evaluation {
+        value: aggregate(trigger.aggregation, &per_replica),
+        running_pods: running,
+        values,
+        fallbacks,
+        replicas,
+    })
+}
+
+/// Whether one of the `matched` pods opened a GPU device file within `within` before `now`
+/// (trigger key `activeAfterOpen`): a replica still loading its weights shows no utilization
+/// yet, but its process has opened the GPU. Times are compared on the agent's clock: the
+/// snapshot's `taken_unix_ns` plus the time since it arrived.
+pub fn opened_within(
+    view: &View,
+    matched: &[Arc<PodMeta>],
+    within: std::time::Duration,
+    now: Instant,
+) -> bool {
+    if within.is_zero() {
+        return false;
+    }
+    matched.iter().any(|pod| {
+        let Some(&node) = view.by_node_name.get(&pod.node) else {
+            return false;
+        };
+        let state = &view.nodes[node];
+        let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
+            return false;
+        };
+        let agent_now =
+            snap.taken_unix_ns + now.saturating_duration_since(received).as_nanos() as u64;
+        snap.opens.iter().any(|o| {
+            o.pod_uid == pod.uid
+                && agent_now.saturating_sub(o.last_open_unix_ns) <= within.as_nanos() as u64
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::trigger::Trigger;
+    use proto::agent::{GpuSummary, WindowStats};
+    use std::collections::{BTreeMap, HashMap};
+    use std::time::Duration;
+
+    fn trigger(pairs: &[(&str, &str)]) -> Trigger {
+        let mut m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.entry("targetValue".into()).or_insert("80".into());
+        m.entry("podSelector".into()).or_insert("app=vllm".into());
+        Trigger::parse(&m).unwrap()
+    }
+
+    fn ms(name: &str, avg: f64) -> MetricSummary {
+        MetricSummary {
+            metric: name.into(),
+            last: Some(avg),
+            windows: [10, 30, 60, 300]
+                .map(|w| WindowStats {
+                    window_s: w,
+                    avg,
+                    min: avg,
+                    max: avg,
+                    p95: avg,
+                    count: 10,
+                })
+                .to_vec(),
+        }
+    }
+
+    fn pod_meta(uid: &str, node: &str) -> Arc<PodMeta> {
+        Arc::new(PodMeta {
+            namespace: "ml".into(),
+            name: format!("vllm-{uid}"),
+            uid: uid.into(),
+            labels: BTreeMap::from([("app".into(), "vllm".into())]),
+            node: node.into(),
+            phase: "Running".into(),
+            owner: "Deployment/vllm".into(),
+            container_ids: Vec::new(),
+        })
+    }
+
+    /// Four pods at 90 % sm_active on two nodes.
+    fn cluster() -> (View, Vec<Arc<PodMeta>>, Instant) {
+        let now = Instant::now();
+        let mut view = View::default();
+        let mut metas = vec![];
+        for n in 0..2 {
+            view.nodes.push(crate::sources::view::NodeState {
+                connected: true,
+                ..crate::sources::view::NodeState::new(&format!("10.0.0.{n}:7701"))
+            });
+            let pods: Vec<PodSummary> = (0..2)
+                .map(|i| PodSummary {
+                    pod_uid: format!("p{n}{i}"),
+                    gpu_uuid: format!("GPU-{n}{i}"),
+                    metrics: vec![ms("sm_active", 90.0), ms("gpu_util", 97.0)],
+                    ..Default::default()
+                })
+                .collect();
+            for p in &pods {
+                metas.push(pod_meta(&p.pod_uid, &format!("node-{n}")));
+            }
+            let gpus = (0..2)
+                .map(|i| GpuSummary {
+                    uuid: format!("GPU-{n}{i}"),
+                    gpm_supported: true,
+                    state: 2,
+                    ..Default::default()
+                })
+                .collect();
+            view.update(
+                n,
+                NodeSnapshot {
+                    node_name: format!("node-{n}"),
+                    gpus,
+                    pods,
+                    ..Default::default()
+                },
+                now,
+            );
+        }
+        (view, metas, now)
+    }
+
+    #[test]
+    fn four_pods_at_90_sum_to_360() {
+        let (view, pods, now) = cluster();
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.value, e.running_pods, e.values), (360.0, 4, 4));
+        let e = evaluate(
+            &view,
+            &pods,
+            &trigger(&[("metric", "sm_active"), ("aggregation", "avg")]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(e.value, 90.0);
+    }
+
+    #[test]
+    fn zero_matched_pods_give_zero() {
+        let (view, _, now) = cluster();
+        let e = evaluate(&view, &[], &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.value, e.running_pods), (0.0, 0));
+    }
+
+    #[test]
+    fn a_stale_node_makes_the_answer_unavailable_naming_it() {
+        let (view, pods, now) = cluster();
+        let later = now + Duration::from_secs(11);
+        let err = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), later).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("node node-0") && text.contains("node node-1"),
+            "{text}"
+        );
+        assert!(text.contains("staleAfter"), "{text}");
+        // A longer staleAfter trusts the same data.
+        let e = evaluate(
+            &view,
+            &pods,
+            &trigger(&[("metric", "sm_active"), ("staleAfter", "30s")]),
+            later,
+        )
+        .unwrap();
+        assert_eq!(e.value, 360.0);
+    }
+
+    #[test]
+    fn a_pod_on_a_node_without_agent_is_unavailable_and_a_pending_pod_counts_nothing() {
+        let (view, mut pods, now) = cluster();
+        pods.push(pod_meta("stray", "node-9"));
+        let err = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap_err();
+        assert!(
+            err.to_string().contains("node-9 where no agent reports"),
+            "{err}"
+        );
+        pods.pop();
+        let mut pending = (*pod_meta("new", "")).clone();
+        pending.phase = "Pending".into();
+        pods.push(Arc::new(pending));
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.value, e.running_pods), (360.0, 4));
+    }
+
+    #[test]
+    fn a_running_pod_without_gpu_entries_counts_zero() {
+        let (view, mut pods, now) = cluster();
+        pods.push(pod_meta("cpu-only", "node-1"));
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.value, e.values, e.running_pods), (360.0, 4, 5));
+        assert_eq!(e.replicas.len(), 5);
+        assert_eq!(e.replicas[4].value, 0.0);
+        // With avg across replicas, it is a replica at 0.
+        let t = trigger(&[("metric", "sm_active"), ("aggregation", "avg")]);
+        assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 72.0);
+    }
+
+    #[test]
+    fn sm_active_falls_back_to_gpu_util_without_gpm_and_other_gaps_are_unavailable() {
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[1].snapshot.as_ref().unwrap()).clone();
+        for g in &mut snap.gpus {
+            g.gpm_supported = false;
+        }
+        for p in &mut snap.pods {
+            p.metrics.retain(|m| m.metric != "sm_active");
+        }
+        view.update(1, snap, now);
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.value, e.fallbacks), (90.0 * 2.0 + 97.0 * 2.0, 2));
+        let err =
+            evaluate(&view, &pods, &trigger(&[("metric", "tensor_active")]), now).unwrap_err();
+        assert!(err.to_string().contains("tensor_active of pod"), "{err}");
+    }
+
+    #[test]
+    fn a_recent_device_open_counts_within_active_after_open_only() {
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.taken_unix_ns = 1_000_000_000_000;
+        snap.opens.push(proto::agent::DeviceOpen {
+            pid: 7,
+            pod_uid: "p00".into(),
+            last_open_unix_ns: snap.taken_unix_ns - 20_000_000_000,
+            ..Default::default()
+        });
+        view.update(0, snap, now);
+        let s = Duration::from_secs;
+        assert!(opened_within(&view, &pods, s(60), now));
+        assert!(!opened_within(&view, &pods, s(10), now));
+        assert!(!opened_within(&view, &pods, Duration::ZERO, now));
+        // 45 s later on the collector's clock the open is 65 s old.
+        assert!(!opened_within(&view, &pods, s(60), now + s(45)));
+        assert!(
+            !opened_within(&view, &pods[2..], s(60), now),
+            "another pod's open"
+        );
+    }
+
+    #[test]
+    fn time_aggregation_picks_the_window_statistic() {
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        for p in &mut snap.pods {
+            for m in &mut p.metrics {
+                for w in &mut m.windows {
+                    w.max = 100.0 + f64::from(w.window_s);
+                }
+            }
+        }
+        view.update(0, snap, now);
+        let t = trigger(&[
+            ("metric", "sm_active"),
+            ("timeAggregation", "max"),
+            ("window", "1m"),
+            ("aggregation", "max"),
+        ]);
+        assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 160.0);
+    }
+
+    /// One node `node-0` whose pods are (uid, GPU, sm_active, vram bytes, shared), each pod
+    /// labelled `app=vllm` plus `labels`.
+    fn node_view(
+        entries: &[(&str, &str, f64, f64, bool)],
+        labels: &[(&str, &str, &str)],
+    ) -> (View, Vec<Arc<PodMeta>>, Instant) {
+        let now = Instant::now();
+        let mut view = View::default();
+        view.nodes.push(crate::sources::view::NodeState {
+            connected: true,
+            ..crate::sources::view::NodeState::new("10.0.0.1:7701")
+        });
+        let mut gpus: Vec<GpuSummary> = Vec::new();
+        let mut metas: Vec<Arc<PodMeta>> = Vec::new();
+        let pods = entries
+            .iter()
+            .map(|&(uid, gpu, sm, vram, shared)| {
+                if !gpus.iter().any(|g| g.uuid == gpu) {
+                    gpus.push(GpuSummary {
+                        uuid: gpu.into(),
+                        gpm_supported: true,
+                        state: 2,
+                        ..Default::default()
+                    });
+                }
+                if !metas.iter().any(|m| m.uid == uid) {
+                    let mut m = (*pod_meta(uid, "node-0")).clone();
+                    for (pod, k, v) in labels {
+                        if *pod == uid {
+                            m.labels.insert((*k).into(), (*v).into());
+                        }
+                    }
+                    metas.push(Arc::new(m));
+                }
+                PodSummary {
+                    pod_uid: uid.into(),
+                    gpu_uuid: gpu.into(),
+                    shared,
+                    metrics: vec![ms("sm_active", sm), ms("vram_used_bytes", vram)],
+                    ..Default::default()
+                }
+            })
+            .collect();
+        view.update(
+            0,
+            NodeSnapshot {
+                node_name: "node-0".into(),
+                gpus,
+                pods,
+                ..Default::default()
+            },
+            now,
+        );
+        (view, metas, now)
+    }
+
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+    /// A TP=4 pod on four GPUs at 70 % and a pod on one GPU at 90 %.
+    fn tp4_and_one(first_gpu: f64) -> (View, Vec<Arc<PodMeta>>, Instant) {
+        node_view(
+            &[
+                ("tp", "GPU-0", first_gpu, 60.0 * GIB, false),
+                ("tp", "GPU-1", 70.0, 60.0 * GIB, false),
+                ("tp", "GPU-2", 70.0, 60.0 * GIB, false),
+                ("tp", "GPU-3", 70.0, 60.0 * GIB, false),
+                ("one", "GPU-4", 90.0, 20.0 * GIB, false),
+            ],
+            &[],
+        )
+    }
+
+    #[test]
+    fn a_tensor_parallel_replica_counts_once_not_once_per_gpu() {
+        use crate::model::hpa::{desired_replicas, MetricType};
+        let (view, pods, now) = tp4_and_one(70.0);
+        let t = trigger(&[("metric", "sm_active")]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        // avg over the TP replica's four GPUs (70) + the other replica (90).
+        assert_eq!((e.value, e.replicas.len(), e.values), (160.0, 2, 5));
+        assert_eq!(
+            desired_replicas(e.value, 80.0, MetricType::AverageValue, 2),
+            2
+        );
+        assert_eq!(e.replicas[0].key, "ml/vllm-tp");
+        assert_eq!(e.replicas[0].gpus.len(), 4);
+
+        // The busiest GPU is the bottleneck of a tensor-parallel replica.
+        let (view, pods, now) = tp4_and_one(95.0);
+        let t = trigger(&[("metric", "sm_active"), ("gpuAggregation", "max")]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        assert_eq!(e.replicas[0].value, 95.0);
+        assert_eq!(e.value, 185.0);
+        // The old per-GPU sum, on request.
+        let t = trigger(&[("metric", "sm_active"), ("gpuAggregation", "sum")]);
+        assert_eq!(
+            evaluate(&view, &pods, &t, now).unwrap().value,
+            95.0 + 210.0 + 90.0
+        );
+        // avg + metricType Value: the mean replica.
+        let t = trigger(&[("metric", "sm_active"), ("aggregation", "avg")]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        assert_eq!(e.value, ((95.0 + 210.0) / 4.0 + 90.0) / 2.0);
+    }
+
+    #[test]
+    fn vram_of_a_tensor_parallel_replica_is_the_sum_over_its_gpus() {
+        let (view, pods, now) = tp4_and_one(70.0);
+        let t = trigger(&[("metric", "vram_used_bytes")]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        assert_eq!(e.replicas[0].value, 240.0 * GIB);
+        assert_eq!(e.value, 260.0 * GIB);
+    }
+
+    #[test]
+    fn pods_sharing_a_replica_label_value_are_one_replica() {
+        let label = "leaderworkerset.sigs.k8s.io/group-key";
+        let (view, pods, now) = node_view(
+            &[
+                ("leader", "GPU-0", 60.0, 0.0, false),
+                ("worker", "GPU-1", 80.0, 0.0, false),
+                ("solo", "GPU-2", 90.0, 0.0, false),
+            ],
+            &[("leader", label, "g1"), ("worker", label, "g1")],
+        );
+        let t = trigger(&[("metric", "sm_active"), ("replicaLabel", label)]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        assert_eq!(e.replicas.len(), 2);
+        assert_eq!(e.replicas[0].key, format!("{label}=g1"));
+        assert_eq!(e.replicas[0].pods.len(), 2);
+        // (60 + 80) / 2 for the group, and the pod without the label on its own.
+        assert_eq!((e.replicas[0].value, e.replicas[1].value), (70.0, 90.0));
+        assert_eq!(e.value, 160.0);
+        // Without replicaLabel, three replicas.
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!((e.replicas.len(), e.value), (3, 230.0));
+    }
+
+    #[test]
+    fn a_replicas_shares_of_one_shared_gpu_add_up_before_gpus_combine() {
+        let label = "group";
+        // Leader and worker split GPU-0 (30 + 20); the worker also has GPU-1 at 90.
+        let (view, pods, now) = node_view(
+            &[
+                ("leader", "GPU-0", 30.0, 0.0, true),
+                ("worker", "GPU-0", 20.0, 0.0, true),
+                ("worker", "GPU-1", 90.0, 0.0, false),
+            ],
+            &[("leader", label, "a"), ("worker", label, "a")],
+        );
+        let t = trigger(&[("metric", "sm_active"), ("replicaLabel", label)]);
+        let e = evaluate(&view, &pods, &t, now).unwrap();
+        assert_eq!((e.replicas.len(), e.value), (1, (50.0 + 90.0) / 2.0));
+        assert!(e.replicas[0].gpus[0].shared);
+    }
+
+    #[test]
+    fn a_replica_with_one_unmeasured_gpu_is_unavailable_never_partial() {
+        let (mut view, pods, now) = tp4_and_one(70.0);
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.pods[2].metrics.retain(|m| m.metric != "sm_active");
+        view.update(0, snap, now);
+        let t = trigger(&[("metric", "sm_active"), ("timeAggregation", "last")]);
+        let err = evaluate(&view, &pods, &t, now).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "sm_active of pod ml/vllm-tp on GPU GPU-2 of node node-0 is not measured now"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn gpu_util_on_a_mig_instance_is_unavailable_naming_the_instance() {
+        let (mut view, pods, now) = node_view(&[("a", "MIG-1", 40.0, 5.0 * GIB, false)], &[]);
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.gpus[0].parent_uuid = "GPU-parent".into();
+        view.update(0, snap, now);
+        let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
+        assert_eq!(e.value, 40.0);
+        let err = evaluate(&view, &pods, &trigger(&[("metric", "gpu_util")]), now).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("on GPU MIG-1 of node node-0"), "{text}");
+        assert!(text.contains("a MIG instance of GPU-parent"), "{text}");
+        assert!(text.contains("use sm_active"), "{text}");
+    }
+}

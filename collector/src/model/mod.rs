@@ -1,0 +1,17 @@
+//! The collector's pure logic: what a trigger means and how its value comes about. Nothing here
+//! does I/O, reads a clock (time is passed in), or decides a gRPC status code, so every rule is a
+//! plain unit test.
+//!
+//! - [`trigger`]: KEDA trigger metadata → a validated [`trigger::Trigger`], and what the
+//!   aggregation names mean.
+//! - [`compiled`]: each distinct trigger metadata parsed once, in a bounded LRU cache.
+//! - [`selector`]: Kubernetes label selectors in their string form, parsed and matched as
+//!   `kubectl -l` does.
+//! - [`evaluate`]: one trigger's value over the cluster view and the matched pods.
+//! - [`hpa`]: the replica count the HPA asks for, given that value.
+
+pub mod compiled;
+pub mod evaluate;
+pub mod hpa;
+pub mod selector;
+pub mod trigger;
