@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::attribution::Source;
 use crate::live::GpuLive;
 use crate::node::Node;
 use crate::sample::{GpuState, Metric};
@@ -30,14 +31,14 @@ use crate::stop::Stop;
 use crate::window::{GpuWindows, WINDOWS};
 use crate::{unix_now_ns, Error, Result};
 
-/// Revision of the v1 API this agent speaks.
-pub const API_VERSION: u32 = 1;
+/// Revision of the v1 API this agent speaks: 2 sends metrics and attributions as enums.
+pub const API_VERSION: u32 = 2;
 
 fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<MetricSummary> {
     Metric::ALL
         .into_iter()
         .map(|m| MetricSummary {
-            metric: m.name().to_owned(),
+            metric: proto::agent::Metric::from(m) as i32,
             last: last(m),
             windows: WINDOWS
                 .iter()
@@ -55,6 +56,16 @@ fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<Me
                 .collect(),
         })
         .collect()
+}
+
+fn attribution(s: Source) -> proto::agent::Attribution {
+    use proto::agent::Attribution as A;
+    match s {
+        Source::None => A::None,
+        Source::Procfs => A::Procfs,
+        Source::Ebpf => A::Ebpf,
+        Source::Unknown => A::Unknown,
+    }
 }
 
 fn state(s: GpuState) -> PbGpuState {
@@ -89,7 +100,7 @@ fn gpu_summary(
                 ok.then(|| pod.windows.last(m.index()).map(f64::from))
                     .flatten()
             }),
-            attribution: pod.source.name().to_owned(),
+            attribution: attribution(pod.source) as i32,
         });
     }
     GpuSummary {
@@ -113,7 +124,7 @@ fn gpu_summary(
                 sm_util: p.sm_util.map(f64::from),
                 pod_uid: p.pod_uid.clone().unwrap_or_default(),
                 container_id: p.container_id.clone().unwrap_or_default(),
-                attribution: p.source.name().to_owned(),
+                attribution: attribution(p.source) as i32,
             })
             .collect(),
     }
@@ -315,14 +326,15 @@ async fn report_health(reporter: HealthReporter, agent: Arc<Node>, stop: Arc<Sto
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attribution::Source;
     use crate::sample::{Sample, Slot};
     use crate::shm::{GpuInfo, ProcessEntry};
 
     const UID: &str = "0a0a0a0a-1111-4222-8333-444444444444";
 
     fn last(ms: &[MetricSummary], name: &str) -> Option<f64> {
-        ms.iter().find(|m| m.metric == name).and_then(|m| m.last)
+        ms.iter()
+            .find(|m| m.vocab_metric().map(Metric::name) == Some(name))
+            .and_then(|m| m.last)
     }
 
     #[test]

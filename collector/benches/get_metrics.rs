@@ -114,7 +114,7 @@ fn namespace_of_app(app: usize) -> String {
 /// One metric with `last` and the 4 windows, as the agent fills them.
 fn metric(name: &str, v: f64) -> MetricSummary {
     MetricSummary {
-        metric: name.to_owned(),
+        metric: proto::agent::Metric::named(name).expect("a metric of the vocabulary") as i32,
         last: Some(v),
         windows: WINDOW_SECS
             .iter()
@@ -158,7 +158,7 @@ fn snapshot(node: usize) -> NodeSnapshot {
                     sm_util: Some(20.0),
                     pod_uid: pod_uid(first_pod + g * PODS_PER_GPU + p),
                     container_id: format!("{:064x}", first_pod + g * PODS_PER_GPU + p),
-                    attribution: "procfs".into(),
+                    attribution: proto::agent::Attribution::Procfs as i32,
                 })
                 .collect(),
             ..Default::default()
@@ -175,12 +175,12 @@ fn snapshot(node: usize) -> NodeSnapshot {
                 shared: true,
                 newest_sample_unix_ns: now_ns,
                 metrics: metrics(10.0 + (i % 50) as f64),
-                attribution: "procfs".into(),
+                attribution: proto::agent::Attribution::Procfs as i32,
             }
         })
         .collect();
     NodeSnapshot {
-        api_version: 1,
+        api_version: 2,
         node_name: node_name(node),
         agent_version: "0.1.0".into(),
         driver_version: "580.159.04".into(),

@@ -194,7 +194,9 @@ impl ViewCollector {
                             };
                             for m in &p.metrics {
                                 let (Some(i), Some(value)) = (
-                                    POD_METRICS.iter().position(|p| p.name() == m.metric),
+                                    POD_METRICS
+                                        .iter()
+                                        .position(|p| Some(*p) == m.vocab_metric()),
                                     m.last.filter(|v| v.is_finite()),
                                 ) else {
                                     continue;
@@ -498,7 +500,7 @@ mod tests {
 
     fn metric(name: &str, last: Option<f64>) -> MetricSummary {
         MetricSummary {
-            metric: name.into(),
+            metric: proto::agent::Metric::named(name).unwrap() as i32,
             last,
             windows: vec![],
         }

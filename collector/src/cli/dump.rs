@@ -115,7 +115,7 @@ pub struct GpuJson<'a> {
 #[derive(Debug, Serialize)]
 pub struct ProcessJson<'a> {
     /// How it was attributed to its pod.
-    pub attribution: &'a str,
+    pub attribution: &'static str,
     /// Its container, when attributed.
     pub container_id: Option<&'a str>,
     /// PID.
@@ -153,7 +153,7 @@ pub struct PodJson<'a> {
 #[derive(Debug, Serialize)]
 pub struct PodGpuJson<'a> {
     /// How its processes were attributed.
-    pub attribution: &'a str,
+    pub attribution: &'static str,
     /// Its containers on the GPU.
     pub container_ids: &'a [String],
     /// The GPU.
@@ -195,7 +195,9 @@ pub struct WindowJson {
 
 fn metrics_json(ms: &[MetricSummary]) -> MetricsJson<'_> {
     ms.iter()
-        .map(|m| {
+        // A metric this build does not know (a newer agent's) is left out.
+        .filter_map(|m| Some((m.vocab_metric()?, m)))
+        .map(|(metric, m)| {
             let windows = m
                 .windows
                 .iter()
@@ -213,7 +215,7 @@ fn metrics_json(ms: &[MetricSummary]) -> MetricsJson<'_> {
                 })
                 .collect();
             (
-                m.metric.as_str(),
+                metric.name(),
                 MetricJson {
                     last: m.last,
                     windows,
@@ -248,7 +250,7 @@ fn gpu_json<'a>(n: &'a NodeView, g: &'a GpuSummary) -> GpuJson<'a> {
             .processes
             .iter()
             .map(|p| ProcessJson {
-                attribution: &p.attribution,
+                attribution: p.attribution().name(),
                 container_id: non_empty(&p.container_id),
                 pid: p.pid,
                 pod_uid: non_empty(&p.pod_uid),
@@ -263,7 +265,7 @@ fn gpu_json<'a>(n: &'a NodeView, g: &'a GpuSummary) -> GpuJson<'a> {
 
 fn pod_gpu_json(p: &PodSummary) -> PodGpuJson<'_> {
     PodGpuJson {
-        attribution: &p.attribution,
+        attribution: p.attribution().name(),
         container_ids: &p.container_ids,
         gpu_uuid: &p.gpu_uuid,
         metrics: metrics_json(&p.metrics),
@@ -313,7 +315,7 @@ pub fn to_json<'a>(addr: &'a str, v: &'a ClusterView) -> DumpJson<'a> {
 }
 
 fn stat(ms: &[MetricSummary], metric: Metric, window_s: Option<u32>) -> Option<f64> {
-    let m = ms.iter().find(|m| m.metric == metric.name())?;
+    let m = ms.iter().find(|m| m.vocab_metric() == Some(metric))?;
     match window_s {
         None => m.last,
         Some(w) => m.windows.iter().find(|x| x.window_s == w).map(|x| x.avg),
@@ -445,12 +447,12 @@ mod tests {
         };
         vec![
             MetricSummary {
-                metric: "sm_active".into(),
+                metric: proto::agent::Metric::SmActive as i32,
                 last: Some(71.5),
                 windows: vec![w(10, 70.0), w(30, 69.25), w(300, 60.0)],
             },
             MetricSummary {
-                metric: "gpu_util".into(),
+                metric: proto::agent::Metric::GpuUtil as i32,
                 last: None,
                 windows: vec![w(60, f64::NAN)],
             },
@@ -477,11 +479,11 @@ mod tests {
                     sm_util: Some(33.0),
                     pod_uid: "uid-a".into(),
                     container_id: "c0ffee".into(),
-                    attribution: "cgroup".into(),
+                    attribution: proto::agent::Attribution::Procfs as i32,
                 },
                 ProcessUsage {
                     pid: 7,
-                    attribution: "unknown".into(),
+                    attribution: proto::agent::Attribution::Unknown as i32,
                     ..Default::default()
                 },
             ],
@@ -533,7 +535,7 @@ mod tests {
                     pids: vec![42],
                     shared: true,
                     metrics: metrics(),
-                    attribution: "cgroup".into(),
+                    attribution: proto::agent::Attribution::Procfs as i32,
                     ..Default::default()
                 }],
             }],

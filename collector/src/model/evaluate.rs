@@ -107,8 +107,8 @@ fn statistic(m: &MetricSummary, trigger: &Trigger) -> Option<f64> {
     })
 }
 
-fn metric<'a>(ms: &'a [MetricSummary], name: &str) -> Option<&'a MetricSummary> {
-    ms.iter().find(|m| m.metric == name)
+fn metric(ms: &[MetricSummary], metric: Metric) -> Option<&MetricSummary> {
+    ms.iter().find(|m| m.vocab_metric() == Some(metric))
 }
 
 /// One (pod, GPU) value, or why it is missing. The bool says a fallback was used.
@@ -119,14 +119,12 @@ fn pod_gpu_value(
     trigger: &Trigger,
 ) -> Result<(f64, bool), String> {
     let name = trigger.metric.name();
-    if let Some(v) = metric(&pod.metrics, name).and_then(|m| statistic(m, trigger)) {
+    if let Some(v) = metric(&pod.metrics, trigger.metric).and_then(|m| statistic(m, trigger)) {
         return Ok((v, false));
     }
     let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
     if trigger.metric == Metric::SmActive && gpu.is_some_and(|g| !g.gpm_supported) {
-        if let Some(v) =
-            metric(&pod.metrics, Metric::GpuUtil.name()).and_then(|m| statistic(m, trigger))
-        {
+        if let Some(v) = metric(&pod.metrics, Metric::GpuUtil).and_then(|m| statistic(m, trigger)) {
             return Ok((v, true));
         }
     }
@@ -332,7 +330,7 @@ mod tests {
 
     fn ms(name: &str, avg: f64) -> MetricSummary {
         MetricSummary {
-            metric: name.into(),
+            metric: proto::agent::Metric::named(name).unwrap() as i32,
             last: Some(avg),
             windows: [10, 30, 60, 300]
                 .map(|w| WindowStats {
@@ -485,7 +483,8 @@ mod tests {
             g.gpm_supported = false;
         }
         for p in &mut snap.pods {
-            p.metrics.retain(|m| m.metric != "sm_active");
+            p.metrics
+                .retain(|m| m.vocab_metric() != Some(Metric::SmActive));
         }
         view.update(1, snap, now);
         let e = evaluate(&view, &pods, &trigger(&[("metric", "sm_active")]), now).unwrap();
@@ -700,7 +699,9 @@ mod tests {
     fn a_replica_with_one_unmeasured_gpu_is_unavailable_never_partial() {
         let (mut view, pods, now) = tp4_and_one(70.0);
         let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
-        snap.pods[2].metrics.retain(|m| m.metric != "sm_active");
+        snap.pods[2]
+            .metrics
+            .retain(|m| m.vocab_metric() != Some(Metric::SmActive));
         view.update(0, snap, now);
         let t = trigger(&[("metric", "sm_active"), ("timeAggregation", "last")]);
         let err = evaluate(&view, &pods, &t, now).unwrap_err();

@@ -35,6 +35,10 @@ pub fn validate(addresses: &[String]) -> Result<(), String> {
     addresses.iter().try_for_each(|a| endpoint(a).map(drop))
 }
 
+/// The oldest agent API revision this collector reads: revision 1 sent metric names and
+/// attributions as strings in fields revision 2 reserved, so its metrics would all read as absent.
+pub const MIN_AGENT_API: u32 = 2;
+
 async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<(), String> {
     let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
     let mut client = AgentClient::new(channel);
@@ -51,6 +55,13 @@ async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<()
     tracing::info!("streaming");
     loop {
         match stream.message().await {
+            Ok(Some(snap)) if snap.api_version < MIN_AGENT_API => {
+                return Err(format!(
+                    "the agent speaks API revision {}, this collector reads {MIN_AGENT_API} and \
+                     later: upgrade the agent to this collector's release",
+                    snap.api_version
+                ))
+            }
             Ok(Some(snap)) => {
                 let at = Instant::now();
                 cluster.write(|v| v.update(node, snap, at));
