@@ -49,30 +49,6 @@ const PODS_PER_NODE: usize = GPUS_PER_NODE * PODS_PER_GPU;
 const NAMESPACES: usize = 20;
 const SCALED_OBJECTS: usize = 200;
 
-/// The metrics an agent reports, in its order (`temperature_c` is reported, not a trigger metric).
-const AGENT_METRICS: [&str; 10] = [
-    "sm_active",
-    "gpu_util",
-    "sm_occupancy",
-    "tensor_active",
-    "dram_active",
-    "mem_util",
-    "vram_used_bytes",
-    "vram_used_pct",
-    "power_watts",
-    "temperature_c",
-];
-const TRIGGER_METRICS: [&str; 9] = [
-    "sm_active",
-    "gpu_util",
-    "sm_occupancy",
-    "tensor_active",
-    "dram_active",
-    "mem_util",
-    "vram_used_bytes",
-    "vram_used_pct",
-    "power_watts",
-];
 const TIME_AGGREGATIONS: [&str; 5] = ["avg", "max", "p95", "last", "min"];
 const WINDOWS: [&str; 4] = ["30s", "1m", "10s", "5m"];
 const WINDOW_SECS: [u32; 4] = [10, 30, 60, 300];
@@ -112,9 +88,9 @@ fn namespace_of_app(app: usize) -> String {
 }
 
 /// One metric with `last` and the 4 windows, as the agent fills them.
-fn metric(name: &str, v: f64) -> MetricSummary {
+fn metric(m: vocab::Metric, v: f64) -> MetricSummary {
     MetricSummary {
-        metric: proto::agent::Metric::named(name).expect("a metric of the vocabulary") as i32,
+        metric: proto::agent::Metric::from(m) as i32,
         last: Some(v),
         windows: WINDOW_SECS
             .iter()
@@ -131,10 +107,11 @@ fn metric(name: &str, v: f64) -> MetricSummary {
 }
 
 fn metrics(base: f64) -> Vec<MetricSummary> {
-    AGENT_METRICS
-        .iter()
+    // Every metric an agent reports, in its order.
+    vocab::Metric::ALL
+        .into_iter()
         .enumerate()
-        .map(|(m, name)| metric(name, base + m as f64))
+        .map(|(i, m)| metric(m, base + i as f64))
         .collect()
 }
 
@@ -225,7 +202,9 @@ fn scaled_object(k: usize) -> ScaledObjectRef {
         ),
         (
             "metric",
-            TRIGGER_METRICS[k % TRIGGER_METRICS.len()].to_owned(),
+            vocab::Metric::TRIGGER[k % vocab::Metric::TRIGGER.len()]
+                .name()
+                .to_owned(),
         ),
         ("podSelector", format!("app=svc-{k}")),
         (

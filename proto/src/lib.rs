@@ -59,9 +59,20 @@ impl agent::Metric {
 
     /// The vocabulary's metric; `None` for `METRIC_UNSPECIFIED`.
     pub fn vocab(self) -> Option<vocab::Metric> {
-        vocab::Metric::ALL
-            .into_iter()
-            .find(|&m| agent::Metric::from(m) == self)
+        use vocab::Metric as V;
+        Some(match self {
+            agent::Metric::Unspecified => return None,
+            agent::Metric::SmActive => V::SmActive,
+            agent::Metric::GpuUtil => V::GpuUtil,
+            agent::Metric::SmOccupancy => V::SmOccupancy,
+            agent::Metric::TensorActive => V::TensorActive,
+            agent::Metric::DramActive => V::DramActive,
+            agent::Metric::MemUtil => V::MemUtil,
+            agent::Metric::VramUsedBytes => V::VramUsedBytes,
+            agent::Metric::VramUsedPct => V::VramUsedPct,
+            agent::Metric::PowerWatts => V::PowerWatts,
+            agent::Metric::TemperatureC => V::TemperatureC,
+        })
     }
 }
 

@@ -108,7 +108,9 @@ fn statistic(m: &MetricSummary, trigger: &Trigger) -> Option<f64> {
 }
 
 fn metric(ms: &[MetricSummary], metric: Metric) -> Option<&MetricSummary> {
-    ms.iter().find(|m| m.vocab_metric() == Some(metric))
+    // Compared as wire values: this runs for every matched pod of every KEDA call.
+    let wire = proto::agent::Metric::from(metric) as i32;
+    ms.iter().find(|m| m.metric == wire)
 }
 
 /// One (pod, GPU) value, or why it is missing. The bool says a fallback was used.
