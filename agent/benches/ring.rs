@@ -105,9 +105,9 @@ fn ring_write(c: &mut Criterion) {
         gpm_supported: true,
         ..GpuInfo::default()
     };
-    let writer = ShmWriter::open(&dir.0.join("agent.ring"), &params, &[gpu])
+    let mut writer = ShmWriter::open(&dir.0.join("agent.ring"), &params, &[gpu])
         .expect("opening a ring file in the temp dir");
-    let regions = writer.regions();
+    let regions = writer.parts().regions;
     let mapped = regions[0].ring();
     assert_eq!(mapped.capacity(), CAPACITY as u64);
     let mut i = 0u64;

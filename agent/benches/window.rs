@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use agent::sample::{GpuState, Metric, Sample, Slot};
-use agent::window::{GpuWindows, WindowSet, WINDOWS};
+use agent::window::{GpuWindows, Window, WindowSet};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const INTERVAL_NS: u64 = 100_000_000;
@@ -109,7 +109,10 @@ fn window_update(c: &mut Criterion) {
         })
     });
     // Sanity, not timing: the 5 m window still holds its 5 minutes.
-    assert_eq!(w.metric(Metric::GpuUtil, 3).map(|s| s.count), Some(3000));
+    assert_eq!(
+        w.metric(Metric::GpuUtil, Window::M5).map(|s| s.count),
+        Some(3000)
+    );
 
     // What the sampler does per sample: `Sample::metrics` then `push_metrics`.
     let (mut w, mut load) = filled(1);
@@ -150,8 +153,14 @@ fn window_query(c: &mut Criterion) {
     let gpus: Vec<GpuWindows> = (0..GPUS).map(|g| filled(g).0).collect();
     for g in &gpus {
         // Sanity, not timing: every window is full (10 s = 100 samples … 5 m = 3000).
-        assert_eq!(g.metric(Metric::SmActive, 0).map(|s| s.count), Some(100));
-        assert_eq!(g.metric(Metric::SmActive, 3).map(|s| s.count), Some(3000));
+        assert_eq!(
+            g.metric(Metric::SmActive, Window::S10).map(|s| s.count),
+            Some(100)
+        );
+        assert_eq!(
+            g.metric(Metric::SmActive, Window::M5).map(|s| s.count),
+            Some(3000)
+        );
     }
 
     let mut group = c.benchmark_group("window_query");
@@ -161,11 +170,8 @@ fn window_query(c: &mut Criterion) {
         .sample_size(50);
 
     group.throughput(Throughput::Elements(GPUS as u64));
-    for (w, (name, _)) in WINDOWS.iter().enumerate() {
-        if w != 0 && w != 3 {
-            continue;
-        }
-        group.bench_function(format!("sm_active_{name}_8gpus"), |b| {
+    for w in [Window::S10, Window::M5] {
+        group.bench_function(format!("sm_active_{w}_8gpus"), |b| {
             b.iter(|| {
                 for g in &gpus {
                     black_box(g.metric(black_box(Metric::SmActive), black_box(w)));
@@ -176,19 +182,19 @@ fn window_query(c: &mut Criterion) {
     group.bench_function("vram_used_bytes_5m_8gpus", |b| {
         b.iter(|| {
             for g in &gpus {
-                black_box(g.metric(black_box(Metric::VramUsedBytes), 3));
+                black_box(g.metric(black_box(Metric::VramUsedBytes), Window::M5));
             }
         })
     });
 
     group.throughput(Throughput::Elements(
-        (GPUS * Metric::COUNT * WINDOWS.len()) as u64,
+        (GPUS * Metric::COUNT * Window::ALL.len()) as u64,
     ));
     group.bench_function("snapshot_10x4_8gpus", |b| {
         b.iter(|| {
             for g in &gpus {
                 for m in Metric::ALL {
-                    for w in 0..WINDOWS.len() {
+                    for w in Window::ALL {
                         black_box(g.metric(m, w));
                     }
                 }

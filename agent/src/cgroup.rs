@@ -1,9 +1,10 @@
 //! Which Kubernetes pod a host process belongs to, read from the process's cgroup.
 //!
-//! Owns three things: parsing kubelet-made cgroup paths into a [`PodRef`]
+//! Owns four things: parsing kubelet-made cgroup paths into a [`PodRef`]
 //! ([`parse_cgroup_path`]), picking the useful path out of `/proc/<pid>/cgroup`
-//! ([`parse_proc_cgroup`]), and [`ProcfsResolver`], which reads procfs and caches each PID's
-//! answer keyed by the PID **and** its start time, so a reused PID is resolved afresh.
+//! ([`parse_proc_cgroup`]), [`ProcfsResolver`], which reads procfs and caches each PID's
+//! answer keyed by the PID **and** its start time, so a reused PID is resolved afresh, and where
+//! cgroup v2 is mounted ([`cgroup2_root`], for the eBPF tracker and the tests' pods).
 //!
 //! Shapes understood, anywhere in the path (so kind-style `kubelet-` prefixes and nested
 //! prefixes such as `/system.slice/docker-<id>.scope/…` work too):
@@ -29,7 +30,7 @@
 //!   the container whose id it carries.
 //! - Pod UIDs must be lowercase 8-4-4-4-12 hex after `_` → `-`; container ids 64 lowercase hex.
 //!   A path that names a pod but is malformed anywhere gives no pod at all (never a wrong one);
-//!   [`ProcfsResolver`] reports such a process as [`Attribution::Unknown`] with the reason.
+//!   [`ProcfsResolver`] reports such a process as [`Membership::Unknown`] with the reason.
 //!
 //! Must never: guess a pod from a malformed path, write to procfs or cgroupfs, call NVML or
 //! the Kubernetes API, or do more I/O per lookup than reading two small procfs files.
@@ -91,10 +92,10 @@ pub enum Qos {
     BestEffort,
 }
 
-/// What a process's cgroup says about it.
+/// What a process's cgroup says about it: in a pod, not in one, or cannot tell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Attribution {
+pub enum Membership {
     /// The process runs in this pod.
     Pod(PodRef),
     /// The process's cgroup is not a pod's (a host service, a user session, `/`).
@@ -108,6 +109,42 @@ pub enum Attribution {
         /// What happened and, where there is one, what to do about it.
         reason: String,
     },
+}
+
+/// Where cgroup v2 is mounted for this process, per `/proc/self/mounts`; `None` when it is not
+/// (or the file cannot be read).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    cgroup2_mount_in(&std::fs::read_to_string("/proc/self/mounts").ok()?)
+}
+
+/// The mount point of the first `cgroup2` file system in the text of a `/proc/<pid>/mounts`
+/// file (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
+    })
+}
+
+/// Undoes the octal escapes (`\040` for a space) of a mounts-file field.
+fn unescape_mount(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).ok();
+            if let Some(b) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
+                out.push(b);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How a cgroup path parses: a pod, not a pod, or pod-like but malformed (with why).
@@ -305,7 +342,7 @@ pub struct ProcfsResolver {
 #[derive(Debug)]
 struct Cached {
     start_time: u64,
-    attribution: Attribution,
+    membership: Membership,
 }
 
 impl ProcfsResolver {
@@ -319,18 +356,18 @@ impl ProcfsResolver {
     }
 
     /// What `pid`'s cgroup says about it. Failures to read procfs are
-    /// [`Attribution::Unknown`] and are not cached, so the next call tries again.
-    pub fn resolve(&mut self, pid: u32) -> Attribution {
+    /// [`Membership::Unknown`] and are not cached, so the next call tries again.
+    pub fn resolve(&mut self, pid: u32) -> Membership {
         let start_time = match self.start_time(pid) {
             Ok(t) => t,
             Err(reason) => {
                 self.cache.remove(&pid);
-                return Attribution::Unknown { reason };
+                return Membership::Unknown { reason };
             }
         };
         if let Some(cached) = self.cache.get(&pid) {
             if cached.start_time == start_time {
-                return cached.attribution.clone();
+                return cached.membership.clone();
             }
             tracing::debug!(
                 pid,
@@ -344,7 +381,7 @@ impl ProcfsResolver {
             Ok(c) => c,
             Err(e) => {
                 self.cache.remove(&pid);
-                return Attribution::Unknown {
+                return Membership::Unknown {
                     reason: describe_read_error(pid, &cgroup_file, &e),
                 };
             }
@@ -355,34 +392,34 @@ impl ProcfsResolver {
             Ok(again) if again == start_time => {}
             Ok(_) => {
                 self.cache.remove(&pid);
-                return Attribution::Unknown {
+                return Membership::Unknown {
                     reason: format!("process {pid} was replaced while its cgroup was being read"),
                 };
             }
             Err(reason) => {
                 self.cache.remove(&pid);
-                return Attribution::Unknown { reason };
+                return Membership::Unknown { reason };
             }
         }
-        let attribution = match parse_proc_cgroup(&contents) {
-            None => Attribution::Unknown {
+        let membership = match parse_proc_cgroup(&contents) {
+            None => Membership::Unknown {
                 reason: format!("{} lists no cgroup path", cgroup_file.display()),
             },
             Some(cgroup) => match classify(&cgroup) {
-                Parsed::Pod(pod) => Attribution::Pod(pod),
-                Parsed::NotPod => Attribution::NotInPod { cgroup },
-                Parsed::Malformed(why) => Attribution::Unknown { reason: why },
+                Parsed::Pod(pod) => Membership::Pod(pod),
+                Parsed::NotPod => Membership::NotInPod { cgroup },
+                Parsed::Malformed(why) => Membership::Unknown { reason: why },
             },
         };
-        tracing::debug!(pid, start_time, ?attribution, "resolved process cgroup");
+        tracing::debug!(pid, start_time, ?membership, "resolved process cgroup");
         self.cache.insert(
             pid,
             Cached {
                 start_time,
-                attribution: attribution.clone(),
+                membership: membership.clone(),
             },
         );
-        attribution
+        membership
     }
 
     /// Keeps only the cached PIDs for which `live` returns true.
@@ -439,6 +476,27 @@ mod tests {
             runtime,
             qos,
         }
+    }
+
+    #[test]
+    fn cgroup2_mount_is_found_in_hybrid_and_unified_layouts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("none /host\\040cg cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/host cg"))
+        );
     }
 
     #[test]
@@ -804,7 +862,7 @@ mod tests {
         let mut r = ProcfsResolver::new(&proc.0);
         assert_eq!(
             r.resolve(4242),
-            Attribution::Pod(pod(
+            Membership::Pod(pod(
                 UID,
                 Some(CID),
                 Some(Runtime::Containerd),
@@ -813,7 +871,7 @@ mod tests {
         );
         assert_eq!(
             r.resolve(77),
-            Attribution::NotInPod {
+            Membership::NotInPod {
                 cgroup: "/system.slice/containerd.service".to_owned()
             }
         );
@@ -835,12 +893,12 @@ mod tests {
         let proc = FakeProc::new("reuse");
         proc.process(4242, 1000, &pod_a());
         let mut r = ProcfsResolver::new(&proc.0);
-        assert!(matches!(r.resolve(4242), Attribution::Pod(p) if p.pod_uid == UID));
+        assert!(matches!(r.resolve(4242), Membership::Pod(p) if p.pod_uid == UID));
         proc.kill(4242);
         proc.process(4242, 2000, &pod_b());
         assert_eq!(
             r.resolve(4242),
-            Attribution::Pod(pod(UID2, Some(CID2), None, Qos::Guaranteed))
+            Membership::Pod(pod(UID2, Some(CID2), None, Qos::Guaranteed))
         );
     }
 
@@ -856,10 +914,10 @@ mod tests {
         std::fs::write(proc.0.join("4243/cgroup"), format!("0::{}\n", pod_b())).unwrap();
         r.evict_missing(&[4243]);
         // 4242 was dropped, so its (changed) file is read; 4243 was kept and still cached.
-        assert!(matches!(r.resolve(4242), Attribution::Pod(p) if p.pod_uid == UID2));
-        assert!(matches!(r.resolve(4243), Attribution::Pod(p) if p.pod_uid == UID));
+        assert!(matches!(r.resolve(4242), Membership::Pod(p) if p.pod_uid == UID2));
+        assert!(matches!(r.resolve(4243), Membership::Pod(p) if p.pod_uid == UID));
         r.retain(|_| false);
-        assert!(matches!(r.resolve(4243), Attribution::Pod(p) if p.pod_uid == UID2));
+        assert!(matches!(r.resolve(4243), Membership::Pod(p) if p.pod_uid == UID2));
     }
 
     #[test]
@@ -867,16 +925,16 @@ mod tests {
         let proc = FakeProc::new("gone");
         proc.process(4242, 1000, &pod_a());
         let mut r = ProcfsResolver::new(&proc.0);
-        assert!(matches!(r.resolve(4242), Attribution::Pod(_)));
+        assert!(matches!(r.resolve(4242), Membership::Pod(_)));
         proc.kill(4242);
         match r.resolve(4242) {
-            Attribution::Unknown { reason } => {
+            Membership::Unknown { reason } => {
                 assert!(reason.contains("process 4242 is gone"), "{reason}")
             }
             other => panic!("expected Unknown, got {other:?}"),
         }
         match r.resolve(999_999) {
-            Attribution::Unknown { reason } => assert!(reason.contains("gone"), "{reason}"),
+            Membership::Unknown { reason } => assert!(reason.contains("gone"), "{reason}"),
             other => panic!("expected Unknown, got {other:?}"),
         }
     }
@@ -888,7 +946,7 @@ mod tests {
         proc.process(4242, 1000, &bad);
         let mut r = ProcfsResolver::new(&proc.0);
         match r.resolve(4242) {
-            Attribution::Unknown { reason } => assert!(reason.contains(&bad), "{reason}"),
+            Membership::Unknown { reason } => assert!(reason.contains(&bad), "{reason}"),
             other => panic!("expected Unknown, got {other:?}"),
         }
     }
@@ -900,7 +958,7 @@ mod tests {
         std::fs::write(proc.0.join("4242/stat"), "4242 (x) S 1\n").unwrap();
         let mut r = ProcfsResolver::new(&proc.0);
         assert!(
-            matches!(r.resolve(4242), Attribution::Unknown { reason } if reason.contains("field 22"))
+            matches!(r.resolve(4242), Membership::Unknown { reason } if reason.contains("field 22"))
         );
     }
 
@@ -910,14 +968,14 @@ mod tests {
         let mut r = ProcfsResolver::new("/proc");
         let got = r.resolve(std::process::id());
         assert!(
-            matches!(got, Attribution::Pod(_) | Attribution::NotInPod { .. }),
+            matches!(got, Membership::Pod(_) | Membership::NotInPod { .. }),
             "{got:?}"
         );
     }
 
     #[test]
-    fn attribution_serialises_with_a_kind_tag() {
-        let json = serde_json::to_string(&Attribution::Pod(pod(
+    fn membership_serialises_with_a_kind_tag() {
+        let json = serde_json::to_string(&Membership::Pod(pod(
             UID,
             Some(CID),
             Some(Runtime::Crio),

@@ -77,13 +77,17 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
         node_name: config.node_name.clone(),
         driver_version: devices.driver_version.clone(),
     };
-    let writer = ShmWriter::open(&config.shm, &params, &devices.gpus)?;
-    let regions = writer.regions();
+    let mut writer = ShmWriter::open(&config.shm, &params, &devices.gpus)?;
+    let (reused, capacity) = (writer.reused(), writer.capacity());
+    let shm::WriterParts {
+        regions,
+        agent_area: area,
+    } = writer.parts();
     let live = regions
         .iter()
         .zip(&devices.gpus)
         .map(|(r, g)| {
-            let w = if writer.reused() {
+            let w = if reused {
                 GpuWindows::from_ring(r.reader().ring(), g.memory_total_bytes, config.interval)
             } else {
                 GpuWindows::for_gpu_at(config.interval)
@@ -91,7 +95,7 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
             GpuLive::new(w, g.memory_total_bytes, config.interval)
         })
         .collect();
-    if writer.reused() {
+    if reused {
         tracing::info!(path = %config.shm.display(), "reused the ring file; windows rebuilt from its history");
     }
     tracing::info!(
@@ -99,7 +103,7 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
         driver = %devices.driver_version,
         gpus = devices.gpus.len(),
         interval = %vocab::duration::format(config.interval),
-        capacity = writer.capacity(),
+        capacity,
         "sampling"
     );
     let node = Arc::new(Node::new(
@@ -117,7 +121,6 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
     ));
     let served = std::thread::scope(|s| {
         sampler::spawn(s, &nvml, &devices, &regions, &node, &config.proc_root, stop);
-        let area = writer.agent_area();
         let node_ref = &*node;
         std::thread::Builder::new()
             .name("status".into())

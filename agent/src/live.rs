@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::attribution::{attribute, Proc, Source};
+use crate::attribution::{attribute, Attribution, Proc};
 use crate::sample::{GpuState, Metric, Sample};
 use crate::shm::ProcessEntry;
 use crate::window::GpuWindows;
@@ -32,7 +32,7 @@ pub struct PodLive {
     /// Whether the GPU was shared in the newest sample.
     pub shared: bool,
     /// How the pod was found.
-    pub source: Source,
+    pub attribution: Attribution,
     /// Newest sample that saw one of the pod's processes, ns since the Unix epoch.
     pub last_present_ns: u64,
 }
@@ -114,7 +114,7 @@ impl GpuLive {
                     container_ids: Vec::new(),
                     pids: Vec::new(),
                     shared: false,
-                    source: Source::None,
+                    attribution: Attribution::None,
                     last_present_ns: 0,
                 });
             pod.windows.push_metrics(ts, pv.values);
@@ -125,8 +125,8 @@ impl GpuLive {
                     pod.container_ids.push(c.clone());
                 }
             }
-            pod.source = mine()
-                .map(|p| p.source)
+            pod.attribution = mine()
+                .map(|p| p.attribution)
                 .max_by_key(|s| *s as u8)
                 .unwrap_or_default();
             pod.last_present_ns = ts;
@@ -165,12 +165,15 @@ mod tests {
             sm_util: sm,
             pod_uid: Some(pod.into()),
             container_id: Some(format!("{pid:064x}")),
-            source: Source::Procfs,
+            attribution: Attribution::Procfs,
         }
     }
 
     fn avg(live: &GpuLive, pod: &str, m: Metric) -> Option<f64> {
-        live.pods[pod].windows.metric(m, 0).map(|s| s.avg)
+        live.pods[pod]
+            .windows
+            .metric(m, crate::window::Window::S10)
+            .map(|s| s.avg)
     }
 
     #[test]

@@ -130,13 +130,6 @@ fn help(m: Metric) -> &'static str {
     }
 }
 
-const STATES: [GpuState; 4] = [
-    GpuState::Starting,
-    GpuState::Ok,
-    GpuState::Lost,
-    GpuState::Error,
-];
-
 /// One GPU's series, copied out under its lock.
 struct GpuRow {
     labels: Labels,
@@ -265,7 +258,7 @@ impl Collector for AgentCollector {
             "The GPU's state in the newest sample: 1 for the current one of starting, ok, lost, \
              error; 0 for the others",
             rows.iter().flat_map(|r| {
-                STATES.iter().map(|s| {
+                GpuState::ALL.iter().map(|s| {
                     (
                         with(&r.labels, &[("state", s.name())]),
                         i64::from(*s == r.state),
@@ -359,7 +352,7 @@ impl Collector for AgentCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attribution::Source;
+    use crate::attribution::Attribution;
     use crate::sample::{Sample, Slot};
     use crate::shm::{AgentStatus, GpuInfo, ProcessEntry};
 
@@ -400,7 +393,7 @@ mod tests {
             sm_util: sm,
             pod_uid: Some(pod.into()),
             container_id: None,
-            source: Source::Procfs,
+            attribution: Attribution::Procfs,
         }
     }
 

@@ -9,41 +9,8 @@ use bytemuck::{Pod, Zeroable};
 /// The metrics, named once for every crate (`vocab`).
 pub use vocab::Metric;
 
-/// Health of one GPU as the sampler last saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum GpuState {
-    /// Not sampled yet.
-    Starting = 0,
-    /// Sampled successfully.
-    Ok = 1,
-    /// NVML says the GPU fell off the bus (`GPU_IS_LOST`).
-    Lost = 2,
-    /// NVML returned an unexpected error for the GPU.
-    Error = 3,
-}
-
-impl GpuState {
-    /// Decodes a state stored in shared memory; unknown codes read as `Error`.
-    pub fn from_code(code: u32) -> GpuState {
-        match code {
-            0 => GpuState::Starting,
-            1 => GpuState::Ok,
-            2 => GpuState::Lost,
-            _ => GpuState::Error,
-        }
-    }
-
-    /// The state's name in dumps (`ok`, `lost`, `error`, `starting`).
-    pub fn name(self) -> &'static str {
-        match self {
-            GpuState::Starting => "starting",
-            GpuState::Ok => "ok",
-            GpuState::Lost => "lost",
-            GpuState::Error => "error",
-        }
-    }
-}
+/// Health of one GPU as the sampler last saw it: the vocabulary's (`vocab`).
+pub use vocab::GpuState;
 
 /// Index of each `f32` value in [`Sample::values`].
 #[derive(Clone, Copy, Debug)]
@@ -122,7 +89,7 @@ impl Sample {
 
     /// The state recorded with the sample.
     pub fn state(&self) -> GpuState {
-        GpuState::from_code(self.state)
+        GpuState::from_code(self.state.into())
     }
 
     fn slot(&self, slot: Slot) -> Option<f64> {

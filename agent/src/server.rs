@@ -23,12 +23,11 @@ use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::attribution::Source;
 use crate::live::GpuLive;
 use crate::node::Node;
 use crate::sample::{GpuState, Metric};
 use crate::stop::Stop;
-use crate::window::{GpuWindows, WINDOWS};
+use crate::window::{GpuWindows, Window};
 use crate::{unix_now_ns, Error, Result};
 
 /// Revision of the v1 API this agent speaks: 2 sends metrics and attributions as enums.
@@ -40,12 +39,11 @@ fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<Me
         .map(|m| MetricSummary {
             metric: proto::agent::Metric::from(m) as i32,
             last: last(m),
-            windows: WINDOWS
-                .iter()
-                .enumerate()
-                .filter_map(|(w, (_, d))| {
+            windows: Window::ALL
+                .into_iter()
+                .filter_map(|w| {
                     windows.metric(m, w).map(|s| WindowStats {
-                        window_s: d.as_secs() as u32,
+                        window_s: w.secs(),
                         avg: s.avg,
                         min: s.min,
                         max: s.max,
@@ -56,25 +54,6 @@ fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<Me
                 .collect(),
         })
         .collect()
-}
-
-fn attribution(s: Source) -> proto::agent::Attribution {
-    use proto::agent::Attribution as A;
-    match s {
-        Source::None => A::None,
-        Source::Procfs => A::Procfs,
-        Source::Ebpf => A::Ebpf,
-        Source::Unknown => A::Unknown,
-    }
-}
-
-fn state(s: GpuState) -> PbGpuState {
-    match s {
-        GpuState::Starting => PbGpuState::Starting,
-        GpuState::Ok => PbGpuState::Ok,
-        GpuState::Lost => PbGpuState::Lost,
-        GpuState::Error => PbGpuState::Error,
-    }
 }
 
 fn gpu_summary(
@@ -100,14 +79,14 @@ fn gpu_summary(
                 ok.then(|| pod.windows.last(m.index()).map(f64::from))
                     .flatten()
             }),
-            attribution: attribution(pod.source) as i32,
+            attribution: proto::agent::Attribution::from(pod.attribution) as i32,
         });
     }
     GpuSummary {
         index: info.index,
         uuid: info.uuid.clone(),
         name: info.name.clone(),
-        state: state(live.state) as i32,
+        state: PbGpuState::from(live.state) as i32,
         gpm_supported: info.gpm_supported,
         memory_total_bytes: info.memory_total_bytes,
         newest_sample_unix_ns: live.newest_ns,
@@ -124,7 +103,7 @@ fn gpu_summary(
                 sm_util: p.sm_util.map(f64::from),
                 pod_uid: p.pod_uid.clone().unwrap_or_default(),
                 container_id: p.container_id.clone().unwrap_or_default(),
-                attribution: attribution(p.source) as i32,
+                attribution: proto::agent::Attribution::from(p.attribution) as i32,
             })
             .collect(),
     }
@@ -159,6 +138,8 @@ pub fn snapshot(agent: &Node, seq: u64) -> NodeSnapshot {
             })
             .collect(),
         ebpf,
+        ebpf_state: proto::agent::EbpfState::from(status.ebpf) as i32,
+        ebpf_detail: status.ebpf_reason,
         api_version: API_VERSION,
         node_name: agent.node_name.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -327,7 +308,7 @@ async fn report_health(reporter: HealthReporter, agent: Arc<Node>, stop: Arc<Sto
 mod tests {
     use super::*;
     use crate::sample::{Sample, Slot};
-    use crate::shm::{GpuInfo, ProcessEntry};
+    use crate::shm::{Attribution, GpuInfo, ProcessEntry};
 
     const UID: &str = "0a0a0a0a-1111-4222-8333-444444444444";
 
@@ -369,7 +350,7 @@ mod tests {
             pid: 11,
             used_memory_bytes: Some(3 << 30),
             pod_uid: Some(UID.into()),
-            source: Source::Procfs,
+            attribution: Attribution::Procfs,
             ..ProcessEntry::default()
         };
         agent.record(1, &s, vec![process]);
@@ -402,5 +383,38 @@ mod tests {
             Some(4.0 * (1u64 << 30) as f64)
         );
         assert_eq!(last(&pod.metrics, "gpu_util"), None, "unavailable, never 0");
+    }
+
+    #[test]
+    fn the_ebpf_state_is_sent_typed_for_programs_and_in_words_for_people() {
+        use crate::shm::{AgentStatus, EbpfState};
+        use proto::agent::EbpfState as Wire;
+        let node = Node::for_tests(vec![GpuInfo::default()], Duration::from_millis(100));
+        for (state, reason, wire, words) in [
+            (
+                EbpfState::On,
+                "fentry on do_sys_openat2",
+                Wire::On,
+                "on: fentry on do_sys_openat2",
+            ),
+            (EbpfState::Off, "", Wire::Off, "off"),
+            (
+                EbpfState::Unavailable,
+                "BTF is missing",
+                Wire::Unavailable,
+                "unavailable: BTF is missing",
+            ),
+        ] {
+            node.set_status(AgentStatus {
+                ebpf: state,
+                ebpf_reason: reason.into(),
+                ..AgentStatus::default()
+            });
+            let snap = snapshot(&node, 0);
+            assert_eq!(snap.ebpf_state(), wire);
+            assert_eq!(Wire::vocab(snap.ebpf_state), state);
+            assert_eq!(snap.ebpf_detail, reason);
+            assert_eq!(snap.ebpf, words);
+        }
     }
 }

@@ -15,13 +15,8 @@ use std::time::Duration;
 
 use crate::sample::Metric;
 
-/// The windows every metric keeps, with the names dumps and trigger metadata use.
-pub const WINDOWS: [(&str, Duration); 4] = [
-    ("10s", Duration::from_secs(10)),
-    ("30s", Duration::from_secs(30)),
-    ("60s", Duration::from_secs(60)),
-    ("5m", Duration::from_secs(300)),
-];
+/// The windows every metric keeps: the vocabulary's (`vocab`).
+pub use vocab::Window;
 
 const LINEAR: u64 = 64;
 const SUB: u64 = 32;
@@ -159,7 +154,7 @@ struct Entry<const M: usize> {
     values: [f32; M],
 }
 
-struct Window<const M: usize> {
+struct Span<const M: usize> {
     dur_ns: u64,
     /// Sequence number of the oldest sample inside the window.
     start: u64,
@@ -172,7 +167,7 @@ pub struct WindowSet<const M: usize> {
     buf: VecDeque<Entry<M>>,
     /// Sequence number of `buf[0]`.
     first_seq: u64,
-    windows: Vec<Window<M>>,
+    windows: Vec<Span<M>>,
     last: [Option<f32>; M],
     last_ts_ns: u64,
 }
@@ -190,7 +185,7 @@ impl GpuWindows {
     /// reserved up front (a growing buffer would double past it).
     pub fn for_gpu_at(interval: Duration) -> GpuWindows {
         let mut w = Self::for_gpu();
-        let longest = WINDOWS[WINDOWS.len() - 1].1;
+        let longest = Window::LONGEST.duration();
         let n = longest.as_nanos() / interval.as_nanos().max(1);
         w.buf.reserve_exact(n.min(1 << 20) as usize + 2);
         w
@@ -213,8 +208,8 @@ impl GpuWindows {
         w
     }
 
-    /// The summary of `metric` over window `w` (an index into [`WINDOWS`]).
-    pub fn metric(&self, metric: Metric, w: usize) -> Option<Summary> {
+    /// The summary of `metric` over window `w`.
+    pub fn metric(&self, metric: Metric, w: Window) -> Option<Summary> {
         self.summary(metric.index(), w)
     }
 }
@@ -226,10 +221,10 @@ impl<const M: usize> WindowSet<M> {
             units,
             buf: VecDeque::new(),
             first_seq: 0,
-            windows: WINDOWS
+            windows: Window::ALL
                 .iter()
-                .map(|(_, d)| Window {
-                    dur_ns: d.as_nanos() as u64,
+                .map(|w| Span {
+                    dur_ns: w.duration().as_nanos() as u64,
                     start: 0,
                     stats: std::array::from_fn(|_| Stat::new()),
                 })
@@ -292,10 +287,10 @@ impl<const M: usize> WindowSet<M> {
         }
     }
 
-    /// The summary of metric `i` over window `w` (an index into [`WINDOWS`]); `None` when the
+    /// The summary of metric `i` over window `w`; `None` when the
     /// window holds no value of it.
-    pub fn summary(&self, i: usize, w: usize) -> Option<Summary> {
-        self.windows[w].stats[i].summary(self.units[i])
+    pub fn summary(&self, i: usize, w: Window) -> Option<Summary> {
+        self.windows[w.index()].stats[i].summary(self.units[i])
     }
 
     /// Metric `i` in the newest sample; `None` when that sample lacks it.
@@ -352,11 +347,11 @@ mod tests {
         for t in 0..400u64 {
             w.push(t * S, [Some(t as f32)]);
         }
-        let s10 = w.summary(0, 0).unwrap();
+        let s10 = w.summary(0, Window::S10).unwrap();
         assert_eq!(s10.count, 10);
         assert_eq!((s10.min, s10.max), (390.0, 399.0));
         assert_eq!(s10.avg, 394.5);
-        let s5m = w.summary(0, 3).unwrap();
+        let s5m = w.summary(0, Window::M5).unwrap();
         assert_eq!(s5m.count, 300);
         assert_eq!((s5m.min, s5m.max), (100.0, 399.0));
         assert!(
@@ -368,7 +363,7 @@ mod tests {
         // A sample without the metric: no `last`, though the windows still hold older values.
         w.push(400 * S, [None]);
         assert_eq!(w.last(0), None);
-        assert!(w.summary(0, 0).is_some());
+        assert!(w.summary(0, Window::S10).is_some());
     }
 
     #[test]
@@ -384,7 +379,7 @@ mod tests {
             vals.push(v);
             w.push(t * S / 10, [Some(v)]);
         }
-        let s = w.summary(0, 3).unwrap();
+        let s = w.summary(0, Window::M5).unwrap();
         let want = p95(&vals);
         assert!(
             (s.p95 - want).abs() <= want * 0.016 + 0.125,
@@ -401,11 +396,11 @@ mod tests {
         for t in 0..100u64 {
             w.push(t * S / 10, [Some(90.0)]);
         }
-        assert_eq!(w.summary(0, 0).unwrap().p95, 90.0);
+        assert_eq!(w.summary(0, Window::S10).unwrap().p95, 90.0);
         for t in 100..110u64 {
             w.push(t * S / 10, [Some(30.0)]);
         }
-        let s = w.summary(0, 0).unwrap();
+        let s = w.summary(0, Window::S10).unwrap();
         assert_eq!((s.min, s.max, s.count), (30.0, 90.0, 100));
         assert_eq!(s.p95, 90.0);
     }
@@ -415,13 +410,13 @@ mod tests {
         let mut w = WindowSet::<2>::new([4.0, 4.0]);
         w.push(0, [Some(50.0), None]);
         w.push(S, [None, None]);
-        let s = w.summary(0, 0).unwrap();
+        let s = w.summary(0, Window::S10).unwrap();
         assert_eq!((s.avg, s.count), (50.0, 1));
-        assert_eq!(w.summary(1, 0), None);
+        assert_eq!(w.summary(1, Window::S10), None);
         // After the window passes with only absent samples, the metric is unavailable again.
         w.push(20 * S, [None, None]);
-        assert_eq!(w.summary(0, 0), None);
-        assert_eq!(w.summary(0, 3).unwrap().count, 1);
+        assert_eq!(w.summary(0, Window::S10), None);
+        assert_eq!(w.summary(0, Window::M5).unwrap().count, 1);
     }
 
     #[test]
@@ -430,9 +425,9 @@ mod tests {
         w.push(100 * S, [Some(1.0)]);
         w.push(50 * S, [Some(2.0)]);
         w.push(105 * S, [Some(3.0)]);
-        assert_eq!(w.summary(0, 0).unwrap().count, 3);
+        assert_eq!(w.summary(0, Window::S10).unwrap().count, 3);
         w.push(200 * S, [Some(4.0)]);
-        assert_eq!(w.summary(0, 0).unwrap().count, 1);
+        assert_eq!(w.summary(0, Window::S10).unwrap().count, 1);
     }
 
     #[test]
@@ -441,7 +436,7 @@ mod tests {
         let mut vals = [None; Metric::COUNT];
         vals[Metric::VramUsedBytes.index()] = Some(20.0 * (1u64 << 30) as f64);
         w.push_metrics(0, vals);
-        let s = w.metric(Metric::VramUsedBytes, 0).unwrap();
+        let s = w.metric(Metric::VramUsedBytes, Window::S10).unwrap();
         assert_eq!(s.p95, 20.0 * (1u64 << 30) as f64);
     }
 }

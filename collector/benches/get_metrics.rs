@@ -50,8 +50,8 @@ const NAMESPACES: usize = 20;
 const SCALED_OBJECTS: usize = 200;
 
 const TIME_AGGREGATIONS: [&str; 5] = ["avg", "max", "p95", "last", "min"];
+/// Window spellings as users write them (`1m` and `60s` name the same window).
 const WINDOWS: [&str; 4] = ["30s", "1m", "10s", "5m"];
-const WINDOW_SECS: [u32; 4] = [10, 30, 60, 300];
 
 /// Pod metadata that never changes (the bench's `PodSource`).
 struct StaticPods(Arc<PodIndex>);
@@ -92,9 +92,10 @@ fn metric(m: vocab::Metric, v: f64) -> MetricSummary {
     MetricSummary {
         metric: proto::agent::Metric::from(m) as i32,
         last: Some(v),
-        windows: WINDOW_SECS
-            .iter()
-            .map(|&w| WindowStats {
+        windows: vocab::Window::ALL
+            .map(|w| w.secs())
+            .into_iter()
+            .map(|w| WindowStats {
                 window_s: w,
                 avg: v,
                 min: v * 0.5,
@@ -168,6 +169,8 @@ fn snapshot(node: usize) -> NodeSnapshot {
         pods,
         opens: Vec::new(),
         ebpf: "on".into(),
+        ebpf_state: proto::agent::EbpfState::On as i32,
+        ebpf_detail: String::new(),
     }
 }
 

@@ -83,16 +83,95 @@ impl agent::MetricSummary {
     }
 }
 
+impl From<vocab::GpuState> for agent::GpuState {
+    fn from(s: vocab::GpuState) -> agent::GpuState {
+        use vocab::GpuState as V;
+        match s {
+            V::Starting => agent::GpuState::Starting,
+            V::Ok => agent::GpuState::Ok,
+            V::Lost => agent::GpuState::Lost,
+            V::Error => agent::GpuState::Error,
+        }
+    }
+}
+
+impl agent::GpuState {
+    /// The vocabulary's state of a wire value; `None` for `GPU_STATE_UNSPECIFIED` or a value
+    /// this build does not know (a newer agent).
+    pub fn vocab(code: i32) -> Option<vocab::GpuState> {
+        use vocab::GpuState as V;
+        Some(match agent::GpuState::try_from(code).ok()? {
+            agent::GpuState::Unspecified => return None,
+            agent::GpuState::Starting => V::Starting,
+            agent::GpuState::Ok => V::Ok,
+            agent::GpuState::Lost => V::Lost,
+            agent::GpuState::Error => V::Error,
+        })
+    }
+
+    /// The name dumps print for a wire value: the vocabulary's (`starting`, `ok`, `lost`,
+    /// `error`), or `unknown` for `GPU_STATE_UNSPECIFIED` or a value this build does not know.
+    pub fn name_of(code: i32) -> &'static str {
+        Self::vocab(code).map_or("unknown", vocab::GpuState::name)
+    }
+}
+
+impl From<vocab::Attribution> for agent::Attribution {
+    fn from(a: vocab::Attribution) -> agent::Attribution {
+        use vocab::Attribution as V;
+        match a {
+            V::None => agent::Attribution::None,
+            V::Procfs => agent::Attribution::Procfs,
+            V::Ebpf => agent::Attribution::Ebpf,
+            V::Unknown => agent::Attribution::Unknown,
+        }
+    }
+}
+
 impl agent::Attribution {
-    /// The name dumps print (`procfs`, `ebpf`, `unknown`, `none`; `unspecified` from a sender
-    /// that set none).
-    pub fn name(self) -> &'static str {
-        match self {
-            agent::Attribution::Unspecified => "unspecified",
-            agent::Attribution::None => "none",
-            agent::Attribution::Procfs => "procfs",
-            agent::Attribution::Ebpf => "ebpf",
-            agent::Attribution::Unknown => "unknown",
+    /// The vocabulary's attribution of a wire value; `None` for `ATTRIBUTION_UNSPECIFIED` or a
+    /// value this build does not know.
+    pub fn vocab(code: i32) -> Option<vocab::Attribution> {
+        use vocab::Attribution as V;
+        Some(match agent::Attribution::try_from(code).ok()? {
+            agent::Attribution::Unspecified => return None,
+            agent::Attribution::None => V::None,
+            agent::Attribution::Procfs => V::Procfs,
+            agent::Attribution::Ebpf => V::Ebpf,
+            agent::Attribution::Unknown => V::Unknown,
+        })
+    }
+
+    /// The name dumps print for a wire value: the vocabulary's (`procfs`, `ebpf`, `unknown`,
+    /// `none`), or `unspecified` from a sender that set none (or a value this build does not
+    /// know).
+    pub fn name_of(code: i32) -> &'static str {
+        Self::vocab(code).map_or("unspecified", vocab::Attribution::name)
+    }
+}
+
+impl From<vocab::EbpfState> for agent::EbpfState {
+    fn from(e: vocab::EbpfState) -> agent::EbpfState {
+        use vocab::EbpfState as V;
+        match e {
+            V::Unknown => agent::EbpfState::Unspecified,
+            V::On => agent::EbpfState::On,
+            V::Off => agent::EbpfState::Off,
+            V::Unavailable => agent::EbpfState::Unavailable,
+        }
+    }
+}
+
+impl agent::EbpfState {
+    /// The vocabulary's state of a wire value; unspecified or unknown values read as
+    /// [`vocab::EbpfState::Unknown`].
+    pub fn vocab(code: i32) -> vocab::EbpfState {
+        use vocab::EbpfState as V;
+        match agent::EbpfState::try_from(code) {
+            Ok(agent::EbpfState::On) => V::On,
+            Ok(agent::EbpfState::Off) => V::Off,
+            Ok(agent::EbpfState::Unavailable) => V::Unavailable,
+            Ok(agent::EbpfState::Unspecified) | Err(_) => V::Unknown,
         }
     }
 }
@@ -114,5 +193,48 @@ mod tests {
             );
         }
         assert_eq!(super::agent::Metric::Unspecified.vocab(), None);
+    }
+
+    #[test]
+    fn every_state_of_the_vocabulary_has_its_own_wire_value_and_back() {
+        use super::agent;
+        let mut seen = std::collections::HashSet::new();
+        for &s in vocab::GpuState::ALL {
+            let w = agent::GpuState::from(s);
+            assert_ne!(w, agent::GpuState::Unspecified);
+            assert!(seen.insert(w as i32), "{s:?} shares a wire value");
+            assert_eq!(agent::GpuState::vocab(w as i32), Some(s));
+            assert_eq!(
+                w.as_str_name(),
+                format!("GPU_STATE_{}", s.name().to_uppercase())
+            );
+        }
+        assert_eq!(agent::GpuState::vocab(0), None);
+        assert_eq!(agent::GpuState::vocab(99), None);
+        assert_eq!(
+            agent::GpuState::name_of(agent::GpuState::Lost as i32),
+            "lost"
+        );
+        assert_eq!(agent::GpuState::name_of(0), "unknown");
+
+        seen.clear();
+        for &a in vocab::Attribution::ALL {
+            let w = agent::Attribution::from(a);
+            assert_ne!(w, agent::Attribution::Unspecified);
+            assert!(seen.insert(w as i32), "{a:?} shares a wire value");
+            assert_eq!(agent::Attribution::vocab(w as i32), Some(a));
+            assert_eq!(agent::Attribution::name_of(w as i32), a.name());
+            assert_eq!(
+                w.as_str_name(),
+                format!("ATTRIBUTION_{}", a.name().to_uppercase())
+            );
+        }
+        assert_eq!(agent::Attribution::name_of(0), "unspecified");
+        assert_eq!(agent::Attribution::name_of(99), "unspecified");
+
+        for &e in vocab::EbpfState::ALL {
+            assert_eq!(agent::EbpfState::vocab(agent::EbpfState::from(e) as i32), e);
+        }
+        assert_eq!(agent::EbpfState::vocab(99), vocab::EbpfState::Unknown);
     }
 }

@@ -1,10 +1,25 @@
 //! The metrics gpuscale measures, named once: the names the agent reports on the wire, the
 //! `metric` of KEDA trigger metadata, and the dumps and Prometheus labels all come from here.
 
-use std::fmt;
-
-/// A metric the agent reports; [`Metric::TRIGGER`] are the ones a trigger may scale on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A metric the agent reports; [`Metric::TRIGGER`] are the ones a trigger may scale on. Its
+/// name (`sm_active`, …, from strum: the variant in snake case) is a contract: KEDA trigger
+/// metadata, dumps and Prometheus labels spell it so.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::EnumCount,
+    strum::VariantArray,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum Metric {
     /// GPM SM activity, % (Hopper and newer): the honest compute-saturation signal.
     SmActive,
@@ -29,22 +44,21 @@ pub enum Metric {
 }
 
 impl Metric {
-    /// Every metric, in the order dumps print them (and [`Metric::index`] counts).
-    pub const ALL: [Metric; 10] = [
-        Metric::SmActive,
-        Metric::GpuUtil,
-        Metric::SmOccupancy,
-        Metric::TensorActive,
-        Metric::DramActive,
-        Metric::MemUtil,
-        Metric::VramUsedBytes,
-        Metric::VramUsedPct,
-        Metric::PowerWatts,
-        Metric::TemperatureC,
-    ];
-
     /// Number of metrics.
-    pub const COUNT: usize = Self::ALL.len();
+    pub const COUNT: usize = <Metric as strum::EnumCount>::COUNT;
+
+    /// Every metric, in the order dumps print them (and [`Metric::index`] counts): the order of
+    /// declaration.
+    pub const ALL: [Metric; Self::COUNT] = {
+        let variants = <Metric as strum::VariantArray>::VARIANTS;
+        let mut all = [Metric::SmActive; Self::COUNT];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = variants[i];
+            i += 1;
+        }
+        all
+    };
 
     /// The metrics a trigger's `metric` may name, in the order error messages list them:
     /// [`Metric::ALL`] but the last, temperature.
@@ -60,23 +74,12 @@ impl Metric {
 
     /// The name as users write it and agents report it (`sm_active`, `vram_used_bytes`, …).
     pub fn name(self) -> &'static str {
-        match self {
-            Metric::SmActive => "sm_active",
-            Metric::GpuUtil => "gpu_util",
-            Metric::SmOccupancy => "sm_occupancy",
-            Metric::TensorActive => "tensor_active",
-            Metric::DramActive => "dram_active",
-            Metric::MemUtil => "mem_util",
-            Metric::VramUsedBytes => "vram_used_bytes",
-            Metric::VramUsedPct => "vram_used_pct",
-            Metric::PowerWatts => "power_watts",
-            Metric::TemperatureC => "temperature_c",
-        }
+        self.into()
     }
 
     /// The metric with this exact (case-sensitive) name.
     pub fn from_name(name: &str) -> Option<Metric> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
+        name.parse().ok()
     }
 
     /// Position in [`Metric::ALL`].
@@ -99,12 +102,6 @@ impl Metric {
     }
 }
 
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +117,27 @@ mod tests {
         assert!(Metric::TRIGGER.iter().all(|m| m.is_trigger()));
         assert!(!Metric::TemperatureC.is_trigger());
         assert_eq!(Metric::TRIGGER.len(), Metric::COUNT - 1);
+    }
+
+    #[test]
+    fn the_names_are_the_documented_ones() {
+        // The contract users write in ScaledObjects (README, docs/API.md): a rename of a variant
+        // must not rename a metric.
+        let names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "sm_active",
+                "gpu_util",
+                "sm_occupancy",
+                "tensor_active",
+                "dram_active",
+                "mem_util",
+                "vram_used_bytes",
+                "vram_used_pct",
+                "power_watts",
+                "temperature_c",
+            ]
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Source;
-use crate::cgroup::{Attribution, ProcfsResolver};
+use super::Attribution;
+use crate::cgroup::{Membership, ProcfsResolver};
 use crate::ebpf::Tracker;
 use crate::shm::ProcessEntry;
 
@@ -47,7 +47,7 @@ impl Owners {
             for (p, known) in processes.iter_mut().zip(&self.attributed) {
                 p.pod_uid.clone_from(&known.pod_uid);
                 p.container_id.clone_from(&known.container_id);
-                p.source = known.source;
+                p.attribution = known.attribution;
             }
             return;
         }
@@ -56,27 +56,27 @@ impl Owners {
             if let Some(info) = self.tracker.as_ref().and_then(|t| t.process(p.pid)) {
                 if info.cgroup_path.is_none() {
                     // Its cgroup is gone: unknown, never a guess.
-                    p.source = Source::Unknown;
+                    p.attribution = Attribution::Unknown;
                     continue;
                 }
                 if let Some(pod) = info.pod {
                     p.pod_uid = Some(pod.pod_uid);
                     p.container_id = pod.container_id;
                 }
-                p.source = Source::Ebpf;
+                p.attribution = Attribution::Ebpf;
                 continue;
             }
             // Missed by eBPF (off, unavailable, or its events dropped): procfs.
             match self.resolver.resolve(p.pid) {
-                Attribution::Pod(pod) => {
+                Membership::Pod(pod) => {
                     p.pod_uid = Some(pod.pod_uid);
                     p.container_id = pod.container_id;
-                    p.source = Source::Procfs;
+                    p.attribution = Attribution::Procfs;
                 }
-                Attribution::NotInPod { .. } => p.source = Source::Procfs,
-                Attribution::Unknown { reason } => {
+                Membership::NotInPod { .. } => p.attribution = Attribution::Procfs,
+                Membership::Unknown { reason } => {
                     tracing::debug!(pid = p.pid, %reason, "cannot attribute process");
-                    p.source = Source::Unknown;
+                    p.attribution = Attribution::Unknown;
                 }
             }
         }

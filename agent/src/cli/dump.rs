@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::sample::Metric;
 use crate::shm::ShmReader;
-use crate::window::{GpuWindows, Summary, WINDOWS};
+use crate::window::{GpuWindows, Summary, Window};
 use crate::Result;
 
 /// Runs `gpuscale-agent dump`: maps the ring file at `shm` read-only and prints its [`Report`]
@@ -185,10 +185,9 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
                 .map(|m| {
                     let report = MetricReport {
                         last: latest.and_then(|s| s.get(m, info.memory_total_bytes)),
-                        windows: WINDOWS
-                            .iter()
-                            .enumerate()
-                            .map(|(w, (name, _))| (*name, windows.metric(m, w).map(Into::into)))
+                        windows: Window::ALL
+                            .into_iter()
+                            .map(|w| (w.name(), windows.metric(m, w).map(Into::into)))
                             .collect(),
                     };
                     (m.name(), report)
@@ -218,7 +217,7 @@ pub fn collect(reader: &ShmReader, now_ns: u64) -> Report {
                         sm_util: p.sm_util,
                         pod_uid: p.pod_uid.clone(),
                         container_id: p.container_id.clone(),
-                        attribution: p.source.name(),
+                        attribution: p.attribution.name(),
                     })
                     .collect(),
                 processes_truncated: snap.truncated,
@@ -339,20 +338,20 @@ pub fn render_table(r: &Report) -> String {
         );
         for m in Metric::ALL {
             let mr = &g.metrics[m.name()];
-            let w = |name: &str, f: fn(&WindowReport) -> f64| {
-                fmt_value(m, mr.windows[name].as_ref().map(f))
+            let w = |w: Window, f: fn(&WindowReport) -> f64| {
+                fmt_value(m, mr.windows[w.name()].as_ref().map(f))
             };
             let _ = writeln!(
                 out,
                 "{pad}  {:<16}{:>11}  {:>11}{:>11}{:>11}{:>11}  {:>11}{:>11}",
                 m.name(),
                 fmt_value(m, mr.last),
-                w("10s", |s| s.avg),
-                w("10s", |s| s.min),
-                w("10s", |s| s.max),
-                w("10s", |s| s.p95),
-                w("60s", |s| s.avg),
-                w("5m", |s| s.avg),
+                w(Window::S10, |s| s.avg),
+                w(Window::S10, |s| s.min),
+                w(Window::S10, |s| s.max),
+                w(Window::S10, |s| s.p95),
+                w(Window::S60, |s| s.avg),
+                w(Window::M5, |s| s.avg),
             );
         }
         if g.mig_enabled {
@@ -459,10 +458,10 @@ mod tests {
             info("MIG-a", "GPU-p", Some(7)),
             info("MIG-b", "GPU-p", Some(9)),
         ];
-        let w = ShmWriter::open(&path, &params, &gpus).unwrap();
+        let mut w = ShmWriter::open(&path, &params, &gpus).unwrap();
         let mut s = Sample::empty(crate::unix_now_ns(), GpuState::Ok);
         s.set(Slot::SmActive, 40.0);
-        w.regions()[2].ring().push(&s);
+        w.parts().regions[2].ring().push(&s);
 
         let r = ShmReader::open(&path).unwrap();
         let report = collect(&r, crate::unix_now_ns());

@@ -1,7 +1,8 @@
-//! Cgroup ids to paths: the cgroup v2 mount from `/proc/self/mounts`, and an index of the tree
+//! Cgroup ids to paths: the cgroup v2 mount (found by [`crate::cgroup::cgroup2_mount_in`]), and an index of the tree
 //! under it by inode number, re-walked on a miss at most once per [`REWALK_EVERY`].
 
 use super::*;
+use crate::cgroup::cgroup2_mount_in;
 
 /// The mount point of the first `cgroup2` file system in a `/proc/<pid>/mounts` file.
 pub fn find_cgroup2_mount(mounts: &Path) -> Result<PathBuf> {
@@ -13,34 +14,6 @@ pub fn find_cgroup2_mount(mounts: &Path) -> Result<PathBuf> {
             mounts.display()
         ))
     })
-}
-
-pub(super) fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
-    })
-}
-
-/// Undoes the octal escapes (`\040` for a space) of a mounts-file field.
-pub(super) fn unescape_mount(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).ok();
-            if let Some(b) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
-                out.push(b);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What [`CgroupIndex::resolve`] found.

@@ -289,47 +289,9 @@ impl Shared {
 
 use gpuscale_health::ops::lock;
 
-/// Whether the agent's eBPF device-open tracker runs, as the agent status reports it (stored in
-/// the ring file by its [`EbpfState::code`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum EbpfState {
-    /// Not reported (an agent that has not started its tracker yet).
-    #[default]
-    Unknown = 0,
-    /// Loaded and attached.
-    On = 1,
-    /// Turned off with `--ebpf off`.
-    Off = 2,
-    /// `--ebpf auto` could not load it; the reason says why; procfs is used.
-    Unavailable = 3,
-}
-
-impl EbpfState {
-    /// The name dumps use.
-    pub fn name(self) -> &'static str {
-        match self {
-            EbpfState::Unknown => "unknown",
-            EbpfState::On => "on",
-            EbpfState::Off => "off",
-            EbpfState::Unavailable => "unavailable",
-        }
-    }
-
-    /// The code stored in the ring file.
-    pub fn code(self) -> u32 {
-        self as u32
-    }
-
-    /// The state of a stored `code`; an unknown code is [`EbpfState::Unknown`].
-    pub fn from_code(code: u32) -> EbpfState {
-        match code {
-            1 => EbpfState::On,
-            2 => EbpfState::Off,
-            3 => EbpfState::Unavailable,
-            _ => EbpfState::Unknown,
-        }
-    }
-}
+/// Whether the agent's eBPF device-open tracker runs, as the agent status reports it: the
+/// vocabulary's (`vocab`).
+pub use vocab::EbpfState;
 
 /// What starting eBPF tracking gave: the tracker when it runs, and the state and reason that
 /// `dump` and the agent API report.
@@ -627,27 +589,6 @@ mod tests {
         let msg = start(&config).unwrap_err().to_string();
         assert!(msg.contains("built without its eBPF object"), "{msg}");
         assert!(!built_with_ebpf());
-    }
-
-    #[test]
-    fn cgroup2_mount_is_found_in_hybrid_and_unified_layouts() {
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
-                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
-        assert_eq!(
-            cgroup2_mount_in("none /host\\040cg cgroup2 rw 0 0\n"),
-            Some(PathBuf::from("/host cg"))
-        );
     }
 
     #[test]

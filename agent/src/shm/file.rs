@@ -299,23 +299,39 @@ impl ShmWriter {
         &self.gpus
     }
 
-    /// The regions, one per GPU, writing ends: each may be written by one thread only.
-    pub fn regions(&self) -> Vec<WriterRegion<'_>> {
+    /// The writing ends of the file: one region per GPU, in file order, and the agent-status
+    /// area. They borrow the writer mutably, so no second set can exist while these do: each
+    /// seqlock in the file must have exactly one writer:
+    ///
+    /// ```compile_fail,E0499
+    /// fn two_writers(w: &mut agent::shm::ShmWriter) {
+    ///     let first = w.parts();
+    ///     let second = w.parts(); // refused: `first` still borrows `w`
+    ///     drop((first, second));
+    /// }
+    /// ```
+    pub fn parts(&mut self) -> WriterParts<'_> {
         let capacity = self.header.capacity as usize;
-        region_words(&self.header, &self.map)
-            .map(|words| WriterRegion::new(words, capacity))
-            .collect()
+        WriterParts {
+            regions: region_words(&self.header, &self.map)
+                .map(|words| WriterRegion::new(words, capacity))
+                .collect(),
+            agent_area: AgentAreaWriter::new(agent_cell(&self.header, &self.map)),
+        }
     }
 
     /// Slots per GPU.
     pub fn capacity(&self) -> u32 {
         self.header.capacity
     }
+}
 
-    /// The agent-wide status area, writing end (one thread only).
-    pub fn agent_area(&self) -> AgentAreaWriter<'_> {
-        AgentAreaWriter::new(agent_cell(&self.header, &self.map))
-    }
+/// What [`ShmWriter::parts`] hands out: the only writing ends of one open ring file.
+pub struct WriterParts<'a> {
+    /// One region per GPU (its ring, state and process snapshot), in file order.
+    pub regions: Vec<WriterRegion<'a>>,
+    /// The agent-wide status area (one thread only).
+    pub agent_area: AgentAreaWriter<'a>,
 }
 
 /// A read-only view of a ring file, as `dump` uses it.
@@ -413,7 +429,9 @@ impl ShmReader {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{DeviceOpen, EbpfState, ProcessEntry, ProcessSnapshot, Source, MAX_OPENS};
+    use super::super::{
+        Attribution, DeviceOpen, EbpfState, ProcessEntry, ProcessSnapshot, MAX_OPENS,
+    };
     use super::*;
     use crate::sample::{GpuState, Sample, Slot};
 
@@ -471,9 +489,9 @@ mod tests {
     fn reader_sees_what_the_writer_wrote_and_a_restart_keeps_history() {
         let dir = tempdir();
         let path = dir.join("agent.ring");
-        let w = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
+        let mut w = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
         assert!(!w.reused());
-        let regions = w.regions();
+        let regions = w.parts().regions;
         let mut s = Sample::empty(42, GpuState::Ok);
         s.set(Slot::GpuUtil, 37.0);
         regions[1].ring().push(&s);
@@ -486,7 +504,7 @@ mod tests {
                 sm_util: None,
                 pod_uid: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()),
                 container_id: Some("ab".repeat(32)),
-                source: Source::Procfs,
+                attribution: Attribution::Procfs,
             }],
             truncated: 0,
         };
@@ -510,9 +528,9 @@ mod tests {
         drop(regions);
         drop(w);
         assert!(!ShmReader::open(&path).unwrap().writer_alive());
-        let w2 = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
+        let mut w2 = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
         assert!(w2.reused());
-        assert_eq!(w2.regions()[1].reader().ring().latest(), Some(s));
+        assert_eq!(w2.parts().regions[1].reader().ring().latest(), Some(s));
         drop(w2);
         let w3 = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
         assert!(!w3.reused(), "other GPUs must get a fresh file");
@@ -581,7 +599,7 @@ mod tests {
     fn agent_status_round_trips_and_keeps_the_newest_opens() {
         let dir = tempdir();
         let path = dir.join("a.ring");
-        let w = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
+        let mut w = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
         let st = AgentStatus {
             ebpf: EbpfState::Unavailable,
             ebpf_reason: "tracefs is not mounted".into(),
@@ -603,7 +621,7 @@ mod tests {
                 .collect(),
         };
         assert_eq!(ShmReader::open(&path).unwrap().agent_status(), None);
-        w.agent_area().write(1, &st);
+        w.parts().agent_area.write(1, &st);
         let back = ShmReader::open(&path).unwrap().agent_status().unwrap();
         assert_eq!(back.opens.len(), MAX_OPENS);
         assert_eq!(back.opens[..], st.opens[200 - MAX_OPENS..]);

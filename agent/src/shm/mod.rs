@@ -13,20 +13,18 @@
 //!
 //! It never interprets samples, and publishes nothing with orderings of its own (its state word
 //! is a `Relaxed` status): the seqlock ring and cells of the `gpuscale-ring` crate, through
-//! [`crate::ring`], do that. The attribution [`Source`] and the [`EbpfState`] a record stores
-//! are defined where they are decided ([`crate::attribution`], [`crate::ebpf`]) and re-exported
-//! here.
+//! [`crate::ring`], do that. The [`Attribution`] and the [`EbpfState`] a record stores (by their
+//! stored codes) are the vocabulary's (`vocab`), re-exported here.
 
 pub mod file;
 pub mod layout;
 pub mod records;
 pub mod region;
 
-pub use crate::attribution::Source;
-pub use crate::ebpf::EbpfState;
-pub use file::{capacity_for, lock_path, Params, ShmReader, ShmWriter};
+pub use file::{capacity_for, lock_path, Params, ShmReader, ShmWriter, WriterParts};
 pub use layout::{
     FileHeader, GpuEntry, GpuInfo, LAYOUT_VERSION, MAGIC, MAX_OPENS, MAX_PROCESSES, REASON_BYTES,
 };
 pub use records::{AgentStatus, DeviceOpen, ProcessEntry, ProcessSnapshot};
 pub use region::{AgentAreaReader, AgentAreaWriter, ReaderRegion, WriterRegion};
+pub use vocab::{Attribution, EbpfState};

@@ -23,7 +23,7 @@ use bytemuck::{Pod, Zeroable};
 use super::layout::{
     get_str, put_str, MAX_OPENS, MAX_PROCESSES, REASON_BYTES, SNAPSHOT_WORDS, STATUS_WORDS,
 };
-use crate::attribution::Source;
+use crate::attribution::Attribution;
 use crate::ebpf::EbpfState;
 
 /// A running process on a GPU, as kept in the snapshot.
@@ -40,7 +40,7 @@ pub struct ProcessEntry {
     /// The container's 64-hex ID when known.
     pub container_id: Option<String>,
     /// How the pod was found.
-    pub source: Source,
+    pub attribution: Attribution,
 }
 
 /// The processes on one GPU at one moment.
@@ -113,7 +113,7 @@ pub struct ProcessRecord {
     /// Which optional fields hold a value: bit 0 used memory, 1 SM utilization, 2 pod UID,
     /// 3 container ID.
     pub flags: u8,
-    /// The [`Source`] code.
+    /// The [`Attribution`] code.
     pub source: u8,
     /// Zero.
     pub _pad: [u8; 2],
@@ -270,7 +270,7 @@ impl ProcessRecord {
         let mut r = ProcessRecord::zeroed();
         let mut flags = 0;
         r.pid = p.pid;
-        r.source = p.source.code();
+        r.source = p.attribution.code();
         put_opt(
             &mut r.used_memory_bytes,
             &mut flags,
@@ -295,7 +295,7 @@ impl ProcessRecord {
             sm_util: has(PROC_SM_UTIL).then_some(self.sm_util),
             pod_uid: has(PROC_POD_UID).then(|| uid_text(&self.pod_uid)),
             container_id: has(PROC_CONTAINER_ID).then(|| to_hex(&self.container_id)),
-            source: Source::from_code(self.source),
+            attribution: Attribution::from_code(self.source.into()),
         }
     }
 }
@@ -380,7 +380,7 @@ impl StatusHeader {
     /// The header of `st` with `open_count` opens.
     pub fn new(st: &AgentStatus, open_count: usize) -> StatusHeader {
         let mut h = StatusHeader::zeroed();
-        h.ebpf = st.ebpf.code();
+        h.ebpf = st.ebpf.code().into();
         h.events = st.events;
         h.dropped = st.dropped;
         h.open_count = open_count.min(MAX_OPENS) as u32;
@@ -391,7 +391,7 @@ impl StatusHeader {
     /// The status this header stores, without its opens.
     pub fn status(&self) -> AgentStatus {
         AgentStatus {
-            ebpf: EbpfState::from_code(self.ebpf),
+            ebpf: EbpfState::from_code(self.ebpf.into()),
             ebpf_reason: get_str(&self.reason),
             events: self.events,
             dropped: self.dropped,
@@ -447,7 +447,7 @@ mod tests {
             sm_util: Some(100.0),
             pod_uid: Some(UID.into()),
             container_id: Some(cid()),
-            source: Source::Unknown,
+            attribution: Attribution::Unknown,
         }
     }
 
@@ -547,8 +547,12 @@ mod tests {
                     sm_util: (i % 3 == 0).then_some(i as f32),
                     pod_uid: (i % 4 == 0).then(|| format!("{i:08x}-0000-4000-8000-00000000abcd")),
                     container_id: (i % 5 == 0).then(|| format!("{i:064x}")),
-                    source: [Source::None, Source::Procfs, Source::Ebpf, Source::Unknown]
-                        [i as usize % 4],
+                    attribution: [
+                        Attribution::None,
+                        Attribution::Procfs,
+                        Attribution::Ebpf,
+                        Attribution::Unknown,
+                    ][i as usize % 4],
                 })
                 .collect(),
             truncated: 6,
@@ -576,7 +580,7 @@ mod tests {
                 sm_util: Some(37.5),
                 pod_uid: Some(UID.into()),
                 container_id: Some(cid()),
-                source: Source::Ebpf,
+                attribution: Attribution::Ebpf,
             }],
             truncated: 3,
         };

@@ -61,7 +61,7 @@ impl<'a> ReaderRegion<'a> {
     pub fn state(&self) -> GpuState {
         // Relaxed: a standalone status word; no other data hangs off it (and read-only memory
         // allows no other load).
-        GpuState::from_code(self.0.state.load(Ordering::Relaxed) as u32)
+        GpuState::from_code(self.0.state.load(Ordering::Relaxed))
     }
 
     /// The latest process snapshot; `None` when none was written yet or the writer kept

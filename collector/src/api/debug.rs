@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::api::scaler::Scaler;
 use crate::model::evaluate::Evaluation;
 use crate::model::trigger::Trigger;
+use crate::model::Named;
 use crate::sources::pods::PodSource;
 use crate::sources::view::Cluster;
 

@@ -9,7 +9,6 @@ use proto::collector::{ClusterView, ClusterViewRequest, NodeView};
 use serde::Serialize;
 use vocab::Metric;
 
-use crate::sources::view::state_name;
 use crate::{Error, Result};
 
 /// Fetches the view from the collector at `addr` (`host:port`).
@@ -37,10 +36,12 @@ pub async fn print(addr: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A window's name as dumps print it (`10s`, `5m`); a length no window has (a newer agent's)
+/// in seconds.
 fn window_name(secs: u32) -> String {
-    match secs {
-        300 => "5m".into(),
-        s => format!("{s}s"),
+    match vocab::Window::from_secs(secs) {
+        Some(w) => w.name().to_owned(),
+        None => format!("{secs}s"),
     }
 }
 
@@ -250,7 +251,7 @@ fn gpu_json<'a>(n: &'a NodeView, g: &'a GpuSummary) -> GpuJson<'a> {
             .processes
             .iter()
             .map(|p| ProcessJson {
-                attribution: p.attribution().name(),
+                attribution: proto::agent::Attribution::name_of(p.attribution),
                 container_id: non_empty(&p.container_id),
                 pid: p.pid,
                 pod_uid: non_empty(&p.pod_uid),
@@ -258,14 +259,14 @@ fn gpu_json<'a>(n: &'a NodeView, g: &'a GpuSummary) -> GpuJson<'a> {
                 used_memory_bytes: p.used_memory_bytes,
             })
             .collect(),
-        state: state_name(g.state),
+        state: proto::agent::GpuState::name_of(g.state),
         uuid: &g.uuid,
     }
 }
 
 fn pod_gpu_json(p: &PodSummary) -> PodGpuJson<'_> {
     PodGpuJson {
-        attribution: p.attribution().name(),
+        attribution: proto::agent::Attribution::name_of(p.attribution),
         container_ids: &p.container_ids,
         gpu_uuid: &p.gpu_uuid,
         metrics: metrics_json(&p.metrics),
@@ -382,7 +383,7 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
                 "  GPU {} {:<24} {:<8} sm_active {:>8}  gpu_util {:>8}  vram {:>9}  {} process(es){}",
                 g.index,
                 g.name,
-                state_name(g.state),
+                proto::agent::GpuState::name_of(g.state),
                 pct(stat(&g.metrics, Metric::SmActive, None)),
                 pct(stat(&g.metrics, Metric::GpuUtil, None)),
                 gib(stat(&g.metrics, Metric::VramUsedBytes, None)),
@@ -395,7 +396,7 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
                     "    MIG {} {:<40} {:<8} sm_active {:>8}  vram {:>9}  {} process(es)",
                     i.gpu_instance_id.map_or("?".into(), |id| id.to_string()),
                     i.uuid,
-                    state_name(i.state),
+                    proto::agent::GpuState::name_of(i.state),
                     pct(stat(&i.metrics, Metric::SmActive, None)),
                     gib(stat(&i.metrics, Metric::VramUsedBytes, None)),
                     i.processes.len()

@@ -15,6 +15,7 @@ use proto::externalscaler::{GetMetricsRequest, MetricSpec, ScaledObjectRef};
 use serde::{Deserialize, Serialize};
 
 use crate::model::hpa::{desired_replicas, MetricType};
+use crate::model::Named;
 use crate::Result;
 
 /// What to ask.

@@ -96,7 +96,7 @@ fn statistic(m: &MetricSummary, trigger: &Trigger) -> Option<f64> {
     if trigger.time_aggregation == TimeAggregation::Last {
         return m.last;
     }
-    let secs = trigger.window.as_secs() as u32;
+    let secs = trigger.window.secs();
     let w = m.windows.iter().find(|w| w.window_s == secs)?;
     Some(match trigger.time_aggregation {
         TimeAggregation::Avg => w.avg,
@@ -130,12 +130,10 @@ fn pod_gpu_value(
             return Ok((v, true));
         }
     }
-    let state = gpu.map_or("not reported", |g| {
-        crate::sources::view::state_name(g.state)
-    });
+    let state = gpu.map_or("not reported", |g| proto::agent::GpuState::name_of(g.state));
     let over = match trigger.time_aggregation {
         TimeAggregation::Last => "now".to_owned(),
-        _ => format!("over {}s", trigger.window.as_secs()),
+        _ => format!("over {}s", trigger.window.secs()),
     };
     let mig = gpu.filter(|g| !g.parent_uuid.is_empty());
     let why = match mig {

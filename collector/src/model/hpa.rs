@@ -2,8 +2,22 @@
 //! replica count it asks for ([`desired_replicas`]), with worked numbers. Pure arithmetic: no
 //! I/O, no cluster, no gRPC; `gpuscale-collector query` shows its answer next to KEDA's.
 
-/// How the HPA reads the target KEDA gives it (the trigger's `metricType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+use crate::model::Named;
+
+/// How the HPA reads the target KEDA gives it (the trigger's `metricType`), named as a
+/// ScaledObject writes it (`AverageValue`, `Value`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantArray,
+)]
 pub enum MetricType {
     /// KEDA's default: the target is per replica, so the HPA wants
     /// `ceil(value / target)` replicas whatever runs now.
@@ -13,24 +27,12 @@ pub enum MetricType {
     Value,
 }
 
+impl Named for MetricType {}
+
 impl MetricType {
-    /// Both, in the order error messages list them.
-    pub const ALL: [MetricType; 2] = [MetricType::AverageValue, MetricType::Value];
-
-    /// The name as a ScaledObject writes it (`AverageValue`, `Value`).
-    pub fn name(self) -> &'static str {
-        match self {
-            MetricType::AverageValue => "AverageValue",
-            MetricType::Value => "Value",
-        }
-    }
-
     /// Parses `--metric-type`: the exact name, or an error with the accepted ones.
     pub fn parse(s: &str) -> Result<MetricType, String> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| format!("{s:?}: write AverageValue or Value"))
+        Self::from_name(s).ok_or_else(|| format!("{s:?}: write AverageValue or Value"))
     }
 }
 

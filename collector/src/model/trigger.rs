@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::selector::Selector;
+use crate::model::Named;
 
 /// The gpuscale keys of a trigger's metadata, in the order errors list them.
 pub const KEYS: [&str; 11] = [
@@ -66,13 +67,8 @@ pub const KEDA_KEYS: [&str; 7] = [
     "tlsClientKey",
 ];
 
-/// The windows the agent keeps; `window` must equal one of them.
-pub const WINDOWS: [Duration; 4] = [
-    Duration::from_secs(10),
-    Duration::from_secs(30),
-    Duration::from_secs(60),
-    Duration::from_secs(300),
-];
+/// The windows the agent keeps; `window` must be (any spelling of) one of them.
+pub use vocab::Window;
 
 /// The longest `staleAfter` accepted.
 pub const MAX_STALE_AFTER: Duration = Duration::from_secs(600);
@@ -81,7 +77,7 @@ pub const MAX_STALE_AFTER: Duration = Duration::from_secs(600);
 /// milli-quantity, so anything smaller would reach the HPA as 0.
 pub const MIN_TARGET_VALUE: f64 = 0.001;
 
-const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+const DEFAULT_WINDOW: Window = Window::S30;
 const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// A trigger's metadata was missing a key, had an unknown key, or had a bad value.
@@ -106,77 +102,59 @@ impl MetadataError {
     }
 }
 
-/// Defines a metadata enum with its wire names, `ALL`, `name()` and `from_name()`.
-macro_rules! named_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $text:literal, )+ }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $( $(#[$vmeta])* $variant, )+
-        }
-
-        impl $name {
-            /// Every value, in the order error messages list them.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The name as written in trigger metadata.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
-            }
-
-            /// The value with this exact (case-sensitive) name, if any.
-            pub fn from_name(name: &str) -> Option<$name> {
-                match name {
-                    $($text => Some($name::$variant),)+
-                    _ => None,
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-    };
-}
-
 /// What is measured (`metric`): one of [`Metric::TRIGGER`], named once for every crate.
 pub use vocab::Metric;
 
-named_enum! {
-    /// How one series is summarised over the window (`timeAggregation`). The agent
-    /// computes these; this module only names them.
-    TimeAggregation {
-        /// Mean over the window.
-        Avg = "avg",
-        /// Largest sample in the window.
-        Max = "max",
-        /// Smallest sample in the window.
-        Min = "min",
-        /// 95th percentile of the window's samples.
-        P95 = "p95",
-        /// Latest sample.
-        Last = "last",
-    }
+/// How one series is summarised over the window (`timeAggregation`). The agent
+/// computes these; this module only names them.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantArray,
+)]
+#[strum(serialize_all = "lowercase")]
+pub enum TimeAggregation {
+    /// Mean over the window.
+    Avg,
+    /// Largest sample in the window.
+    Max,
+    /// Smallest sample in the window.
+    Min,
+    /// 95th percentile of the window's samples.
+    P95,
+    /// Latest sample.
+    Last,
 }
 
-named_enum! {
-    /// How one replica's GPUs combine into the replica's value (`gpuAggregation`); see
-    /// [`aggregate_gpus`].
-    GpuAggregation {
-        /// Mean over the replica's GPUs: the default for the percentage metrics.
-        Avg = "avg",
-        /// The busiest GPU: the bottleneck of a tensor-parallel replica.
-        Max = "max",
-        /// Total: the default for the absolute metrics (`vram_used_bytes`, `power_watts`).
-        Sum = "sum",
-    }
+/// How one replica's GPUs combine into the replica's value (`gpuAggregation`); see
+/// [`aggregate_gpus`].
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantArray,
+)]
+#[strum(serialize_all = "lowercase")]
+pub enum GpuAggregation {
+    /// Mean over the replica's GPUs: the default for the percentage metrics.
+    Avg,
+    /// The busiest GPU: the bottleneck of a tensor-parallel replica.
+    Max,
+    /// Total: the default for the absolute metrics (`vram_used_bytes`, `power_watts`).
+    Sum,
 }
 
 /// How a replica's GPUs combine when the trigger does not say: `avg` for percentages, `sum` for
@@ -189,20 +167,35 @@ pub fn default_gpu_aggregation(metric: Metric) -> GpuAggregation {
     }
 }
 
-named_enum! {
-    /// How the replicas' values combine into the one value KEDA gets (`aggregation`); see
-    /// [`aggregate`].
-    Aggregation {
-        /// Total: goes with KEDA's default `metricType: AverageValue`.
-        Sum = "sum",
-        /// Mean: goes with `metricType: Value`.
-        Avg = "avg",
-        /// Largest: goes with `metricType: Value`.
-        Max = "max",
-        /// Smallest: goes with `metricType: Value`.
-        Min = "min",
-    }
+/// How the replicas' values combine into the one value KEDA gets (`aggregation`); see
+/// [`aggregate`].
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantArray,
+)]
+#[strum(serialize_all = "lowercase")]
+pub enum Aggregation {
+    /// Total: goes with KEDA's default `metricType: AverageValue`.
+    Sum,
+    /// Mean: goes with `metricType: Value`.
+    Avg,
+    /// Largest: goes with `metricType: Value`.
+    Max,
+    /// Smallest: goes with `metricType: Value`.
+    Min,
 }
+
+impl Named for TimeAggregation {}
+impl Named for GpuAggregation {}
+impl Named for Aggregation {}
 
 /// A validated trigger: what to measure, over which pods, and the scaling thresholds.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,8 +205,8 @@ pub struct Trigger {
     /// Which pods in the ScaledObject's namespace count; `None` when `podSelector` is
     /// absent. `Some` of an empty selector (`podSelector: ""`) matches every pod.
     pub pod_selector: Option<Arc<Selector>>,
-    /// Smoothing window, one of [`WINDOWS`].
-    pub window: Duration,
+    /// Smoothing window.
+    pub window: Window,
     /// How each series is summarised over the window.
     pub time_aggregation: TimeAggregation,
     /// How one replica's GPUs combine into its value.
@@ -276,16 +269,18 @@ impl Trigger {
         let window = match get("window") {
             None => DEFAULT_WINDOW,
             Some(v) => {
-                let accepted = "write one of 10s, 30s, 1m, 5m (the windows the agent keeps)";
+                let accepted = format!(
+                    "write one of {} (the windows the agent keeps)",
+                    list(&Window::ALL.map(Window::label))
+                );
                 let d = vocab::duration::parse(v)
                     .map_err(|why| MetadataError::new("window", format!("{why}; {accepted}")))?;
-                if !WINDOWS.contains(&d) {
-                    return Err(MetadataError::new(
+                Window::of(d).ok_or_else(|| {
+                    MetadataError::new(
                         "window",
                         format!("{v:?} is not a window the agent keeps; {accepted}"),
-                    ));
-                }
-                d
+                    )
+                })?
             }
         };
 
@@ -431,7 +426,7 @@ impl Trigger {
             "gpuscale-{}-{}-{}-{}",
             self.metric.name().replace('_', "-"),
             self.time_aggregation.name(),
-            window_label(self.window),
+            self.window.label(),
             self.aggregation.name(),
         )
     }
@@ -468,15 +463,6 @@ pub fn aggregate(agg: Aggregation, values: &[f64]) -> f64 {
         Aggregation::Avg => values.iter().sum::<f64>() / values.len() as f64,
         Aggregation::Max => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         Aggregation::Min => values.iter().copied().fold(f64::INFINITY, f64::min),
-    }
-}
-
-/// `window` as the metric name writes it.
-fn window_label(window: Duration) -> String {
-    match window.as_secs() {
-        _ if window.subsec_nanos() != 0 => format!("{}ms", window.as_millis()),
-        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
-        s => format!("{s}s"),
     }
 }
 
@@ -633,7 +619,7 @@ mod tests {
         let t = ok(&with(&[]));
         assert_eq!(t.metric, Metric::SmActive);
         assert_eq!(t.pod_selector.as_ref().unwrap().to_string(), "app=vllm");
-        assert_eq!(t.window, Duration::from_secs(30));
+        assert_eq!(t.window, Window::S30);
         assert_eq!(t.time_aggregation, TimeAggregation::Avg);
         assert_eq!(t.aggregation, Aggregation::Sum);
         assert_eq!(t.target_value, 80.0);
@@ -657,7 +643,7 @@ mod tests {
         ]));
         assert_eq!(t.metric, Metric::VramUsedPct);
         assert_eq!(t.pod_selector.unwrap().to_string(), "tier in (a,b)");
-        assert_eq!(t.window, Duration::from_secs(300));
+        assert_eq!(t.window, Window::M5);
         assert_eq!(t.time_aggregation, TimeAggregation::P95);
         assert_eq!(t.aggregation, Aggregation::Max);
         assert_eq!(t.target_value, 0.5);
@@ -760,7 +746,7 @@ mod tests {
         ] {
             assert_eq!(
                 ok(&with(&[("window", v)])).window,
-                Duration::from_secs(secs),
+                Window::from_secs(secs).unwrap(),
                 "{v}"
             );
         }
@@ -792,13 +778,10 @@ mod tests {
             ("staleAfter", "1m30s"),
             ("activeAfterOpen", "2m30s"),
         ]));
-        assert_eq!(t.window, Duration::from_secs(60));
+        assert_eq!(t.window, Window::S60);
         assert_eq!(t.stale_after, Duration::from_secs(90));
         assert_eq!(t.active_after_open, Duration::from_secs(150));
-        assert_eq!(
-            ok(&with(&[("window", "0h5m")])).window,
-            Duration::from_secs(300)
-        );
+        assert_eq!(ok(&with(&[("window", "0h5m")])).window, Window::M5);
         let e = err(&with(&[("staleAfter", "1m30")]));
         assert_eq!(e.key, "staleAfter");
         assert!(e.message.contains("no unit after"), "{e}");

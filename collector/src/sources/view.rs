@@ -168,17 +168,6 @@ impl Cluster {
     }
 }
 
-/// The name of a GPU state as agents report it (`ok`, `lost`, `error`, `starting`).
-pub fn state_name(code: i32) -> &'static str {
-    match proto::agent::GpuState::try_from(code) {
-        Ok(proto::agent::GpuState::Starting) => "starting",
-        Ok(proto::agent::GpuState::Ok) => "ok",
-        Ok(proto::agent::GpuState::Lost) => "lost",
-        Ok(proto::agent::GpuState::Error) => "error",
-        _ => "unknown",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

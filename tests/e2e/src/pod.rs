@@ -48,15 +48,9 @@ pub fn ensure_tracefs() -> Result<(), String> {
     }
 }
 
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
-}
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts):
+/// the agent's own lookup.
+pub use agent::cgroup::cgroup2_root;
 
 /// A `sleep` process living in the cgroup of container `container_id` of pod `uid`, shaped as
 /// the kubelet's systemd driver makes it (below a private `gpuscale-e2e-<pid>` parent).
