@@ -330,6 +330,15 @@ impl Collector for AgentCollector {
                 ]
             }),
         )?;
+        counter_family(
+            &mut encoder,
+            "gpuscale_agent_nvml_out_of_range",
+            "Values NVML reported that their metric cannot have (a utilization over 100 %, more \
+             memory in use than the GPU has, NaN), left unmeasured for that sample",
+            rows.iter()
+                .zip(&a.stats.gpus)
+                .map(|(r, s)| (r.labels.clone(), s.out_of_range.get())),
+        )?;
         // eBPF counters exist only while the tracker runs.
         let ebpf_on = status.ebpf == EbpfState::On;
         counter_family(

@@ -34,6 +34,22 @@ pub enum Slot {
     TemperatureC,
 }
 
+impl Slot {
+    /// The metric the slot holds.
+    pub fn metric(self) -> Metric {
+        match self {
+            Slot::GpuUtil => Metric::GpuUtil,
+            Slot::MemUtil => Metric::MemUtil,
+            Slot::SmActive => Metric::SmActive,
+            Slot::SmOccupancy => Metric::SmOccupancy,
+            Slot::TensorActive => Metric::TensorActive,
+            Slot::DramActive => Metric::DramActive,
+            Slot::PowerWatts => Metric::PowerWatts,
+            Slot::TemperatureC => Metric::TemperatureC,
+        }
+    }
+}
+
 /// `valid` bit for `vram_used_bytes` (bits 0..8 are the [`Slot`]s).
 const VRAM_BIT: u32 = 1 << 8;
 

@@ -30,6 +30,9 @@ pub struct GpuStats {
     pub lost: Counter,
     /// Sampling rounds that failed with any other NVML error.
     pub errors: Counter,
+    /// Values NVML gave that the metric cannot have, left unmeasured
+    /// (`sampler::checked`).
+    pub out_of_range: Counter,
     /// The newest sample and when it was taken (this process's clock).
     latest: Mutex<Option<(Sample, Instant)>>,
 }
@@ -41,6 +44,7 @@ impl Default for GpuStats {
             sample_seconds: Histogram::new(SAMPLE_BUCKETS),
             lost: Counter::default(),
             errors: Counter::default(),
+            out_of_range: Counter::default(),
             latest: Mutex::new(None),
         }
     }

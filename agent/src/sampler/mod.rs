@@ -19,6 +19,7 @@
 //! memory, power and temperature; its processes are listed (and attributed to pods) only under
 //! its instances, so that no pod is counted twice.
 
+pub mod checked;
 pub mod devices;
 pub mod gpm;
 pub mod proc_util;
@@ -35,7 +36,7 @@ use nvml_wrapper::{Device, Nvml};
 
 use crate::attribution::Owners;
 use crate::node::Node;
-use crate::sample::{GpuState, Sample, Slot};
+use crate::sample::{GpuState, Metric, Sample, Slot};
 use crate::shm::{self, ProcessEntry, ProcessSnapshot, WriterRegion};
 use crate::stop::Stop;
 use crate::unix_now_ns;
@@ -125,6 +126,8 @@ struct DeviceLoop<'a, 'n> {
     proc_version: u64,
     interval: Duration,
     owners: Owners,
+    /// Metrics (bit [`Metric::index`]) already warned about as out of range on this GPU.
+    warned: u32,
 }
 
 impl<'a, 'n> DeviceLoop<'a, 'n> {
@@ -164,6 +167,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
             proc_version: 0,
             interval,
             owners: Owners::new(proc_root, agent.tracker.clone()),
+            warned: 0,
         }
     }
 
@@ -245,21 +249,25 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
         // NOT_SUPPORTED on MIG instances and on GPUs in MIG mode: absent, never 0.
         if let Some(util) = optional(d.utilization_rates())? {
-            s.set(Slot::GpuUtil, util.gpu as f32);
-            s.set(Slot::MemUtil, util.memory as f32);
+            self.put(&mut s, Slot::GpuUtil, f64::from(util.gpu));
+            self.put(&mut s, Slot::MemUtil, f64::from(util.memory));
         }
         if let Some(m) = optional(d.memory_info())? {
-            s.set_vram_used(m.used);
+            let total = self.agent.gpus[self.gpu].memory_total_bytes;
+            match checked::accept(Metric::VramUsedBytes, m.used as f64, total) {
+                Some(_) => s.set_vram_used(m.used),
+                None => self.out_of_range(Metric::VramUsedBytes, m.used as f64),
+            }
         }
         if let Some(mw) = optional(d.power_usage())? {
-            s.set(Slot::PowerWatts, mw as f32 / 1000.0);
+            self.put(&mut s, Slot::PowerWatts, f64::from(mw) / 1000.0);
         }
         if let Some(t) = optional(d.temperature(TemperatureSensor::Gpu))? {
-            s.set(Slot::TemperatureC, t as f32);
+            self.put(&mut s, Slot::TemperatureC, f64::from(t));
         }
         if let Some(v) = self.gpm_values(now)? {
             for (slot, v) in gpm::SLOTS.into_iter().zip(v) {
-                s.set(slot, v);
+                self.put(&mut s, slot, f64::from(v));
             }
         }
         let procs = match self.kind {
@@ -273,6 +281,32 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         s.process_count = procs.len() as u32;
         let processes = self.publish_processes(s.ts_ns, &procs);
         Ok((s, processes))
+    }
+
+    /// Sets `slot` of `s` to `raw` when NVML's value can be what it claims ([`checked`]);
+    /// otherwise leaves it unmeasured for this sample.
+    fn put(&mut self, s: &mut Sample, slot: Slot, raw: f64) {
+        let metric = slot.metric();
+        match checked::accept(metric, raw, 0) {
+            Some(v) => s.set(slot, v as f32),
+            None => self.out_of_range(metric, raw),
+        }
+    }
+
+    /// NVML gave `raw` for `metric`, which it cannot be: counted, and logged once per metric.
+    fn out_of_range(&mut self, metric: Metric, raw: f64) {
+        self.agent.stats.gpus[self.gpu].out_of_range.inc();
+        let bit = 1 << metric.index();
+        if self.warned & bit == 0 {
+            self.warned |= bit;
+            tracing::warn!(
+                %metric,
+                value = raw,
+                "NVML reported a value {metric} cannot have; left unmeasured for that sample \
+                 (this and later ones are counted in gpuscale_agent_nvml_out_of_range_total, \
+                 logged once)"
+            );
+        }
     }
 
     fn gpm_values(&mut self, now: Instant) -> Result<Option<[f32; 4]>, Failure> {

@@ -158,6 +158,7 @@ struct AgentRow {
     connected: bool,
     age: Option<f64>,
     reconnects: u64,
+    refused: u64,
 }
 
 /// Every series the view gives, copied out under its read lock.
@@ -183,7 +184,9 @@ impl ViewCollector {
                         .as_ref()
                         .map(|s| s.node_name.clone())
                         .unwrap_or_default();
-                    let fresh = n.connected && age.is_some_and(|a| a <= POD_VALUES_FRESH);
+                    let fresh = n.connected
+                        && n.refused.is_none()
+                        && age.is_some_and(|a| a <= POD_VALUES_FRESH);
                     if let (true, Some(snap)) = (fresh, &n.snapshot) {
                         for p in &snap.pods {
                             let Some(meta) = index.by_uid.get(&p.pod_uid) else {
@@ -218,6 +221,7 @@ impl ViewCollector {
                         connected: n.connected,
                         age: age.map(|a| a.as_secs_f64()),
                         reconnects: u64::from(n.reconnects),
+                        refused: n.refused_total,
                     }
                 })
                 .collect();
@@ -255,6 +259,18 @@ impl Collector for ViewCollector {
             )?;
             for a in &rows.agents {
                 ConstCounter::new(a.reconnects).encode(e.encode_family(&a.labels)?)?;
+            }
+        }
+        {
+            let mut e = encoder.encode_descriptor(
+                "gpuscale_collector_agent_snapshots_refused",
+                "Snapshots from the agent refused as invalid (NaN, out-of-range values, a GPU or \
+                 pod listed twice, oversized names); the reason is logged and in dump",
+                None,
+                MetricType::Counter,
+            )?;
+            for a in &rows.agents {
+                ConstCounter::new(a.refused).encode(e.encode_family(&a.labels)?)?;
             }
         }
         for (name, series) in POD_METRICS.iter().zip(rows.pods) {
@@ -608,6 +624,44 @@ mod tests {
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("gpuscale_collector_"), "{line}");
         }
+    }
+
+    #[test]
+    fn a_refused_snapshot_is_counted_and_hides_the_nodes_pod_values() {
+        let (_, cluster, r) = setup();
+        cluster.write(|v| {
+            v.nodes[0].connected = true;
+            v.update(0, snapshot(), Instant::now());
+            v.refuse(
+                0,
+                "GPU \"GPU-3\" sm_active last is NaN: not a finite number".into(),
+            );
+            v.refuse(0, "again".into());
+        });
+        let t = gpuscale_health::encode(&r).unwrap();
+        let a0 = r#"{address="10.0.0.1:7701",node="n0"}"#;
+        assert_eq!(
+            value(
+                &t,
+                &format!("gpuscale_collector_agent_snapshots_refused_total{a0}")
+            ),
+            Some(2.0)
+        );
+        assert!(
+            !t.contains("gpuscale_collector_pod_gpu_sm_active{"),
+            "values from a node whose newest snapshot was refused are not presented\n{t}"
+        );
+        // A good snapshot brings them back; the counter keeps its count.
+        cluster.write(|v| v.update(0, snapshot(), Instant::now()));
+        let t = gpuscale_health::encode(&r).unwrap();
+        assert!(t.contains("gpuscale_collector_pod_gpu_sm_active{"), "{t}");
+        assert_eq!(
+            value(
+                &t,
+                &format!("gpuscale_collector_agent_snapshots_refused_total{a0}")
+            ),
+            Some(2.0)
+        );
     }
 
     #[test]

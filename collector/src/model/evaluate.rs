@@ -15,7 +15,9 @@
 //! - `sm_active` on a GPU without GPM falls back to that GPU's `gpu_util` (and says so in the
 //!   evaluation), because NVML has no SM-activity counter there.
 //! - A matched pod whose node has no agent, or whose agent has not reported within
-//!   `staleAfter`, or a value the agent could not measure, makes the whole answer unavailable
+//!   `staleAfter`, or whose agent's newest snapshot was refused (NaN, a percentage over 100, a
+//!   GPU listed twice: `sources::validate`), or a value the agent could not measure, makes the
+//!   whole answer unavailable
 //!   (KEDA then applies its `fallback`); a partial sum is never presented as whole.
 //! - Zero matched pods give 0 (inactive): that is how scale-to-zero happens.
 
@@ -220,6 +222,13 @@ pub fn evaluate(
         let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
             continue;
         };
+        if let Some(why) = &state.refused {
+            problems.push(format!(
+                "node {} (agent {}) sent a snapshot the collector refused: {why}",
+                pod.node, state.address
+            ));
+            continue;
+        }
         let age = now.saturating_duration_since(received);
         if age > trigger.stale_after {
             problems.push(format!(
@@ -298,7 +307,8 @@ pub fn opened_within(
             return false;
         };
         let state = &view.nodes[node];
-        let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
+        let (Some(snap), Some(received), None) = (&state.snapshot, state.received, &state.refused)
+        else {
             return false;
         };
         let agent_now =
@@ -443,6 +453,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.value, 360.0);
+    }
+
+    #[test]
+    fn a_refused_snapshot_makes_its_nodes_pods_unavailable_until_a_good_one() {
+        let (mut view, pods, now) = cluster();
+        view.refuse(
+            1,
+            "GPU \"GPU-10\" sm_active last is NaN: not a finite number".into(),
+        );
+        let t = trigger(&[("metric", "sm_active")]);
+        let text = evaluate(&view, &pods, &t, now).unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "node node-1 (agent 10.0.0.1:7701) sent a snapshot the collector refused"
+            ) && text.contains("NaN"),
+            "{text}"
+        );
+        assert!(!text.contains("node-0"), "node-0 is fine: {text}");
+        // A good snapshot clears it.
+        let snap = (**view.nodes[1].snapshot.as_ref().unwrap()).clone();
+        view.update(1, snap, now);
+        assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 360.0);
+        assert!(view.nodes[1].last_error.is_empty());
+        assert_eq!(view.nodes[1].refused_total, 1);
     }
 
     #[test]

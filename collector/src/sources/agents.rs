@@ -13,6 +13,7 @@ use proto::agent::WatchRequest;
 use tonic::transport::Endpoint;
 use tracing::Instrument;
 
+use crate::sources::validate;
 use crate::sources::view::Cluster;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -64,7 +65,20 @@ async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<()
             }
             Ok(Some(snap)) => {
                 let at = Instant::now();
-                cluster.write(|v| v.update(node, snap, at));
+                match validate::check(&snap) {
+                    Ok(()) => cluster.write(|v| v.update(node, snap, at)),
+                    Err(validate::Refused(why)) => {
+                        // Once per change of reason: a bad agent must not flood the log.
+                        let repeat = cluster.read(|v| v.nodes[node].refused.as_ref() == Some(&why));
+                        if !repeat {
+                            tracing::warn!(
+                                "snapshot refused: {why}; the node's pods read UNAVAILABLE \
+                                 until a good snapshot arrives"
+                            );
+                        }
+                        cluster.write(|v| v.refuse(node, why));
+                    }
+                }
             }
             Ok(None) => return Err("the agent closed the stream".into()),
             Err(s) => return Err(format!("stream: {}", s.message())),

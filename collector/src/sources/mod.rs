@@ -2,10 +2,12 @@
 //!
 //! - [`agents`]: one `WatchSnapshots` stream per agent, reconnecting with backoff; the
 //!   [`agents::Fleet`] of followed addresses.
+//! - [`validate`]: what an agent sends, checked before it enters the view.
 //! - [`view`]: the cluster view those streams write (node → GPUs → pods, with freshness).
 //! - [`pods`]: pod metadata behind one interface, [`pods::PodSource`], and the `--pods-file`
 //!   source. The Kubernetes API source is [`crate::kube::pods`].
 
 pub mod agents;
 pub mod pods;
+pub mod validate;
 pub mod view;

@@ -25,6 +25,11 @@ pub struct NodeState {
     pub reconnects: u32,
     /// The agent left the discovered set (its slot is kept, empty, for a later return).
     pub retired: bool,
+    /// Why the agent's newest snapshot was refused (see [`crate::sources::validate`]); while
+    /// set, its pods read `UNAVAILABLE`. Cleared by the next good snapshot.
+    pub refused: Option<String>,
+    /// Snapshots refused since the collector started.
+    pub refused_total: u64,
 }
 
 impl NodeState {
@@ -38,6 +43,8 @@ impl NodeState {
             last_error: String::new(),
             reconnects: 0,
             retired: false,
+            refused: None,
+            refused_total: 0,
         }
     }
 }
@@ -99,6 +106,7 @@ impl View {
         *n = NodeState {
             retired: true,
             reconnects: n.reconnects,
+            refused_total: n.refused_total,
             ..NodeState::new(&n.address)
         };
     }
@@ -130,6 +138,19 @@ impl View {
         }
         n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
+        if n.refused.take().is_some() {
+            n.last_error.clear();
+        }
+    }
+
+    /// Node `node`'s agent sent a snapshot the collector refused, for `why`. What it reported
+    /// before stays indexed (so its pods are still found on it) but reads `UNAVAILABLE` with
+    /// `why` until a good snapshot replaces it; its freshness is not renewed.
+    pub fn refuse(&mut self, node: usize, why: String) {
+        let n = &mut self.nodes[node];
+        n.refused_total += 1;
+        n.last_error = format!("snapshot refused: {why}");
+        n.refused = Some(why);
     }
 }
 

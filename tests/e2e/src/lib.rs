@@ -428,3 +428,23 @@ pub fn dump_json(shm: &Path) -> Result<Value> {
 pub fn last(dump: &Value, gpu: usize, metric: &str) -> Option<f64> {
     dump["gpus"][gpu]["metrics"][metric]["last"].as_f64()
 }
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}

@@ -4,12 +4,13 @@
 //! procfs tree the agent reads with `--proc-root`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use e2e::keda::{is_code, scaled_object, Keda};
-use e2e::{agent_cmd, collector_bin, free_port, gpu, write_scenario, Agent, Collector, Scratch};
+use e2e::{
+    agent_cmd, collector_bin, free_port, gpu, http_get, write_scenario, Agent, Collector, Scratch,
+};
 use serde_json::json;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -19,25 +20,6 @@ use tonic_health::pb::HealthCheckRequest;
 const WAIT: Duration = Duration::from_secs(30);
 const POD_UID: &str = "0a0a0a0a-1111-4222-8333-555555555555";
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// A minimal HTTP/1.1 GET: (status, body).
-fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}
 
 /// Polls `fetch` until `pred` holds (up to [`WAIT`]); panics with the last answer otherwise.
 fn wait_for<T: std::fmt::Debug>(
