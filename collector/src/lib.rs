@@ -27,6 +27,22 @@ pub mod sources;
 
 use std::path::PathBuf;
 
+/// How many bytes of an oversized or bad input a message quotes.
+const QUOTE: usize = 40;
+
+/// `s` quoted for a message or a log line, cut to a short prefix (and its length) when long: what
+/// the network sends is never echoed back whole.
+pub fn quote(s: &str) -> String {
+    if s.len() <= QUOTE {
+        return format!("{s:?}");
+    }
+    let mut end = QUOTE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
 /// Errors the collector reports to users.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

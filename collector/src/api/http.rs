@@ -78,10 +78,13 @@ impl Health {
         if self.stopping.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
-        match self.pods.get().map(|p| p.health().unsynced) {
+        match self.pods.get().map(|p| p.health()) {
             None => return Err("the pod source has not started yet".into()),
-            Some(Some(why)) => return Err(why),
-            Some(None) => {}
+            Some(h) => {
+                if let Some(why) = h.unsynced.or(h.refused) {
+                    return Err(why);
+                }
+            }
         }
         self.cluster.read(|v| {
             let agents = || v.nodes.iter().filter(|n| !n.retired);
@@ -247,9 +250,9 @@ mod tests {
     use super::*;
     use proto::agent::NodeSnapshot;
 
-    /// A pod source whose sync state the test sets.
+    /// A pod source whose health the test sets.
     #[derive(Default)]
-    struct Pods(std::sync::Mutex<Option<String>>);
+    struct Pods(std::sync::Mutex<crate::sources::pods::SourceHealth>);
 
     impl PodSource for Pods {
         fn index(&self) -> Arc<crate::sources::pods::PodIndex> {
@@ -259,10 +262,7 @@ mod tests {
             "test".into()
         }
         fn health(&self) -> crate::sources::pods::SourceHealth {
-            crate::sources::pods::SourceHealth {
-                unsynced: self.0.lock().unwrap().clone(),
-                out_of_contact: None,
-            }
+            self.0.lock().unwrap().clone()
         }
     }
 
@@ -275,13 +275,14 @@ mod tests {
             "the pod source has not started yet"
         );
         let pods = Arc::new(Pods::default());
-        *pods.0.lock().unwrap() = Some("pods not listed from the Kubernetes API yet".into());
+        pods.0.lock().unwrap().unsynced =
+            Some("pods not listed from the Kubernetes API yet".into());
         h.set_pods(pods.clone());
         assert_eq!(
             h.readiness().unwrap_err(),
             "pods not listed from the Kubernetes API yet"
         );
-        *pods.0.lock().unwrap() = None;
+        pods.0.lock().unwrap().unsynced = None;
         cluster.write(|v| v.nodes[1].last_error = "connect: refused".into());
         assert_eq!(
             h.readiness().unwrap_err(),
@@ -291,6 +292,14 @@ mod tests {
         cluster.write(|v| v.nodes[0].connected = true);
         assert!(h.readiness().is_err());
         cluster.write(|v| v.update(0, NodeSnapshot::default(), Instant::now()));
+        assert_eq!(h.readiness(), Ok(()));
+        // A pods file whose newest version was refused: not ready until it is fixed.
+        pods.0.lock().unwrap().refused = Some("pods file \"p.json\": invalid JSON".into());
+        assert_eq!(
+            h.readiness().unwrap_err(),
+            "pods file \"p.json\": invalid JSON"
+        );
+        pods.0.lock().unwrap().refused = None;
         assert_eq!(h.readiness(), Ok(()));
         h.set_stopping();
         assert_eq!(h.readiness().unwrap_err(), "shutting down");

@@ -17,13 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use gpuscale_health::{gauge_family, Labels};
+use gpuscale_health::{counter_family, gauge_family, Labels};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tonic::codegen::{http, Bytes, Service};
 use tonic::server::NamedService;
@@ -46,6 +45,10 @@ const POD_METRICS: [vocab::Metric; vocab::Metric::COUNT] = vocab::Metric::ALL;
 
 /// `rpc` and `code` of a KEDA request.
 type RpcLabels = [(&'static str, &'static str); 2];
+
+/// Most ScaledObject triggers with a value series; past it the least recently answered are
+/// forgotten (names are bounded by `api::limits`, so this bounds the map's bytes too).
+pub const MAX_SCALED_OBJECT_SERIES: usize = 10_000;
 
 /// (namespace, ScaledObject, metric).
 type ScaledObjectKey = (String, String, String);
@@ -102,8 +105,17 @@ impl CollectorMetrics {
             (namespace.to_owned(), name.to_owned(), metric.to_owned()),
             (value, now),
         );
-        if map.len() > 10_000 {
+        if map.len() > MAX_SCALED_OBJECT_SERIES {
             map.retain(|_, (_, at)| now.saturating_duration_since(*at) < SCALED_OBJECT_FORGET);
+        }
+        if map.len() > MAX_SCALED_OBJECT_SERIES {
+            // All recent: the least recently answered go, down to 90 % so that a flood pays
+            // for this sort once per thousand calls, not on each.
+            let mut ages: Vec<Instant> = map.values().map(|(_, at)| *at).collect();
+            let keep = MAX_SCALED_OBJECT_SERIES * 9 / 10;
+            let (_, cut, _) = ages.select_nth_unstable_by(map.len() - keep, |a, b| a.cmp(b));
+            let cut = *cut;
+            map.retain(|_, (_, at)| *at > cut);
         }
     }
 
@@ -186,6 +198,7 @@ impl ViewCollector {
                         .unwrap_or_default();
                     let fresh = n.connected
                         && n.refused.is_none()
+                        && v.conflict(&node).is_none()
                         && age.is_some_and(|a| a <= POD_VALUES_FRESH);
                     if let (true, Some(snap)) = (fresh, &n.snapshot) {
                         for p in &snap.pods {
@@ -250,29 +263,27 @@ impl Collector for ViewCollector {
                 .iter()
                 .filter_map(|a| a.age.map(|age| (a.labels.clone(), age))),
         )?;
-        {
-            let mut e = encoder.encode_descriptor(
-                "gpuscale_collector_agent_reconnects",
-                "Times the snapshot stream to the agent was lost and retried",
-                None,
-                MetricType::Counter,
-            )?;
-            for a in &rows.agents {
-                ConstCounter::new(a.reconnects).encode(e.encode_family(&a.labels)?)?;
-            }
-        }
-        {
-            let mut e = encoder.encode_descriptor(
-                "gpuscale_collector_agent_snapshots_refused",
-                "Snapshots from the agent refused as invalid (NaN, out-of-range values, a GPU or \
-                 pod listed twice, oversized names); the reason is logged and in dump",
-                None,
-                MetricType::Counter,
-            )?;
-            for a in &rows.agents {
-                ConstCounter::new(a.refused).encode(e.encode_family(&a.labels)?)?;
-            }
-        }
+        counter_family(
+            &mut encoder,
+            "gpuscale_collector_agent_reconnects",
+            "Times the snapshot stream to the agent was lost and retried",
+            rows.agents.iter().map(|a| (a.labels.clone(), a.reconnects)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "gpuscale_collector_pod_source_refused",
+            "Versions of the pod source refused (a --pods-file that no longer parses, has a \
+             duplicate UID or a non-string label); the last good list stays in use and /readyz \
+             fails until a good one",
+            [(Labels::new(), self.pods.health().refused_total)],
+        )?;
+        counter_family(
+            &mut encoder,
+            "gpuscale_collector_agent_snapshots_refused",
+            "Snapshots from the agent refused as invalid (NaN, out-of-range values, a GPU or pod \
+             listed twice, oversized names); the reason is logged and in dump",
+            rows.agents.iter().map(|a| (a.labels.clone(), a.refused)),
+        )?;
         for (name, series) in POD_METRICS.iter().zip(rows.pods) {
             gauge_family(
                 &mut encoder,
@@ -624,6 +635,42 @@ mod tests {
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("gpuscale_collector_"), "{line}");
         }
+    }
+
+    #[test]
+    fn scaled_object_series_stay_bounded_forgetting_the_least_recently_answered() {
+        let m = CollectorMetrics::default();
+        let n = MAX_SCALED_OBJECT_SERIES + 500;
+        for i in 0..n {
+            m.observe_scaled_object(
+                "ml",
+                &format!("so-{i}"),
+                "gpuscale-sm-active-avg-30s-sum",
+                1.0,
+            );
+        }
+        let map = m.scaled_objects.lock().unwrap();
+        assert!(map.len() <= MAX_SCALED_OBJECT_SERIES, "{}", map.len());
+        assert!(
+            map.len() >= MAX_SCALED_OBJECT_SERIES * 8 / 10,
+            "{}",
+            map.len()
+        );
+        let newest = (
+            "ml".to_owned(),
+            format!("so-{}", n - 1),
+            "gpuscale-sm-active-avg-30s-sum".to_owned(),
+        );
+        assert!(map.contains_key(&newest), "the newest answer is kept");
+        let oldest = (
+            "ml".to_owned(),
+            "so-0".to_owned(),
+            "gpuscale-sm-active-avg-30s-sum".to_owned(),
+        );
+        assert!(
+            !map.contains_key(&oldest),
+            "the least recently answered goes first"
+        );
     }
 
     #[test]

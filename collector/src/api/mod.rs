@@ -5,5 +5,6 @@
 
 pub mod debug;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod scaler;

@@ -22,6 +22,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::api::limits;
 use crate::api::metrics::CollectorMetrics;
 use crate::model::compiled::CompiledTriggers;
 use crate::model::evaluate::{evaluate, opened_within, Evaluation};
@@ -60,6 +61,10 @@ impl From<TargetError> for Status {
         }
     }
 }
+
+/// Most (namespace, selector) pairs whose matched pods are cached (one per distinct trigger
+/// selector in use; the cache restarts empty when full).
+const MAX_SELECTIONS: usize = 1024;
 
 /// The KEDA-facing service.
 pub struct Scaler {
@@ -108,6 +113,7 @@ impl Scaler {
     /// The parsed trigger of `r` (from the cache when its metadata was seen before); bad
     /// metadata is `INVALID_ARGUMENT` naming the key.
     fn compiled(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Status> {
+        limits::check(r)?;
         self.triggers.get(&r.scaler_metadata).map_err(invalid)
     }
 
@@ -186,7 +192,8 @@ impl Scaler {
                 .cloned()
                 .collect(),
         );
-        if cache.len() > 10_000 {
+        // Bounded: each key holds a selector of at most the metadata limit (16 KiB).
+        if cache.len() >= MAX_SELECTIONS {
             cache.clear();
         }
         cache.insert(key, (index.version, matched.clone()));
@@ -251,7 +258,7 @@ impl Scaler {
 }
 
 fn span(rpc: &'static str, r: &ScaledObjectRef) -> tracing::Span {
-    tracing::info_span!("keda", rpc, scaled_object = %format!("{}/{}", r.namespace, r.name))
+    tracing::info_span!("keda", rpc, scaled_object = %limits::display(r))
 }
 
 fn log_result<T>(result: &Result<T, Status>) {
@@ -365,6 +372,7 @@ impl ExternalScaler for ScalerService {
         let req = request.into_inner();
         let r = req.scaled_object_ref.unwrap_or_default();
         let _g = span("GetMetrics", &r).entered();
+        limits::check_metric_name(&req.metric_name)?;
         let result = self.0.value(&r);
         log_result(&result);
         self.0.observe(&r, &result);

@@ -59,6 +59,7 @@ impl Contact {
                 None => format!("{what} not listed from the Kubernetes API yet"),
             }),
             out_of_contact: out,
+            ..SourceHealth::default()
         }
     }
 }

@@ -218,6 +218,16 @@ pub fn evaluate(
             ));
             continue;
         };
+        if let Some(agents) = view.conflict(&pod.node) {
+            problems.push(format!(
+                "node {} is claimed by {} agents ({}): one of them is not that node's agent; \
+                 until only one reports it, its values cannot be trusted",
+                pod.node,
+                agents.len(),
+                agents.join(", ")
+            ));
+            continue;
+        }
         let state = &view.nodes[node];
         let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
             continue;
@@ -306,6 +316,9 @@ pub fn opened_within(
         let Some(&node) = view.by_node_name.get(&pod.node) else {
             return false;
         };
+        if view.conflict(&pod.node).is_some() {
+            return false;
+        }
         let state = &view.nodes[node];
         let (Some(snap), Some(received), None) = (&state.snapshot, state.received, &state.refused)
         else {
@@ -477,6 +490,32 @@ mod tests {
         assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 360.0);
         assert!(view.nodes[1].last_error.is_empty());
         assert_eq!(view.nodes[1].refused_total, 1);
+    }
+
+    #[test]
+    fn a_second_agent_claiming_a_node_makes_it_unavailable_naming_both_until_one_stops() {
+        let (mut view, pods, now) = cluster();
+        // An impostor at another address reports node-0 with its own numbers.
+        view.nodes.push(crate::sources::view::NodeState {
+            connected: true,
+            ..crate::sources::view::NodeState::new("10.9.9.9:7701")
+        });
+        let mut fake = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        for p in &mut fake.pods {
+            p.metrics = vec![ms("sm_active", 0.0)];
+        }
+        view.update(2, fake, now);
+        let t = trigger(&[("metric", "sm_active")]);
+        let text = evaluate(&view, &pods, &t, now).unwrap_err().to_string();
+        assert!(
+            text.contains("node node-0 is claimed by 2 agents (10.0.0.0:7701, 10.9.9.9:7701)"),
+            "{text}"
+        );
+        assert!(!text.contains("node-1"), "{text}");
+        // The impostor leaves (its address is no longer followed): node-0 is its agent's again.
+        view.retire_node(2);
+        assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 360.0);
+        assert_eq!(view.by_node_name["node-0"], 0);
     }
 
     #[test]

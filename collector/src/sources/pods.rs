@@ -94,6 +94,11 @@ pub struct SourceHealth {
     /// How long the source has been out of contact (`None` while it is in contact), and why:
     /// the last list stays in use, but a trigger's `staleAfter` bounds how long.
     pub out_of_contact: Option<(Duration, String)>,
+    /// `Some(why)` while the newest input was refused (a pods file that no longer parses): the
+    /// last good list stays in use, and readiness fails so that someone fixes it.
+    pub refused: Option<String>,
+    /// Inputs refused since start.
+    pub refused_total: u64,
 }
 
 /// Why a Pod object cannot be a [`PodMeta`]: it lacks what the collector indexes pods by.
@@ -329,6 +334,7 @@ pub fn parse_pod_list(path: &Path, text: &str) -> Result<Vec<PodMeta>> {
     let items = doc
         .items
         .ok_or_else(|| bad("it has no `items` array".into()))?;
+    let mut seen: HashMap<String, (usize, String)> = HashMap::with_capacity(items.len());
     items
         .into_iter()
         .enumerate()
@@ -338,7 +344,16 @@ pub fn parse_pod_list(path: &Path, text: &str) -> Result<Vec<PodMeta>> {
             if let Some(kind) = pod.kind.as_deref().filter(|k| *k != "Pod") {
                 return Err(at(format!("is a {kind:?}, not a Pod")));
             }
-            PodMeta::try_from(&Pod::from(pod)).map_err(|e| at(e.to_string()))
+            let meta = PodMeta::try_from(&Pod::from(pod)).map_err(|e| at(e.to_string()))?;
+            if let Some((j, other)) = seen.insert(meta.uid.clone(), (i, item_name(&item))) {
+                // Two pods with one UID would both take that UID's GPU values.
+                return Err(at(format!(
+                    "has metadata.uid {:?}, as items[{j}]{other} has: a UID names one pod; \
+                     {fix}",
+                    meta.uid
+                )));
+            }
+            Ok(meta)
         })
         .collect()
 }
@@ -357,6 +372,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub struct PodsFile {
     path: PathBuf,
     current: RwLock<(Option<Stamp>, Arc<PodIndex>)>,
+    /// Why the newest version of the file was refused, while it is; and refusals since start.
+    refused: RwLock<(Option<String>, u64)>,
 }
 
 impl PodsFile {
@@ -372,10 +389,12 @@ impl PodsFile {
         Ok(PodsFile {
             path: path.to_owned(),
             current: RwLock::new((st, Arc::new(PodIndex::new(1, pods)))),
+            refused: RwLock::new((None, 0)),
         })
     }
 
-    /// Re-reads the file if it changed. A bad reload keeps the last good list and logs why.
+    /// Re-reads the file if it changed. A bad reload keeps the last good list, logs why, and
+    /// fails readiness ([`SourceHealth::refused`]) until a good one.
     pub fn reload_if_changed(&self) {
         let st = stamp(&self.path);
         let (old_st, old) = {
@@ -394,13 +413,20 @@ impl PodsFile {
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         // Remember the stamp either way, so a bad file is reported once, not every poll.
         cur.0 = st;
+        let mut refused = self.refused.write().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(pods) => {
                 tracing::info!(path = %self.path.display(), pods = pods.len(), "reloaded pods file");
                 cur.1 = Arc::new(PodIndex::new(old.version + 1, pods));
+                refused.0 = None;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "keeping the last good pod list");
+                refused.0 = Some(format!(
+                    "{e}; answering from the last good list ({} pods) until the file is fixed",
+                    old.by_uid.len()
+                ));
+                refused.1 += 1;
             }
         }
     }
@@ -435,6 +461,15 @@ impl PodSource for PodsFile {
 
     fn describe(&self) -> String {
         format!("pods-file {}", self.path.display())
+    }
+
+    fn health(&self) -> SourceHealth {
+        let refused = self.refused.read().unwrap_or_else(|e| e.into_inner());
+        SourceHealth {
+            refused: refused.0.clone(),
+            refused_total: refused.1,
+            ..SourceHealth::default()
+        }
     }
 }
 
@@ -498,6 +533,25 @@ mod tests {
     }
 
     #[test]
+    fn a_uid_listed_twice_is_refused_naming_both_pods() {
+        let e = parse_pod_list(
+            Path::new("pods.json"),
+            &list(vec![
+                pod("ml", "a", "u1", json!({})),
+                pod("ml", "b", "u2", json!({})),
+                pod("ml", "c", "u1", json!({})),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("items[2] has metadata.uid \"u1\", as items[0] (pod ml/a) has")
+                && e.ends_with("(pod ml/c)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_bad_reload_keeps_the_last_good_list() {
         let dir = std::env::temp_dir().join(format!("gpuscale-pods-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -510,6 +564,7 @@ mod tests {
         write(&list(vec![pod("a", "p1", "u1", json!({}))]));
         let src = PodsFile::load(&path).unwrap();
         assert_eq!(src.index().by_uid.len(), 1);
+        assert_eq!(src.health(), SourceHealth::default());
         write("not json");
         src.reload_if_changed();
         assert_eq!(
@@ -518,6 +573,14 @@ mod tests {
             "bad reload must keep the old list"
         );
         assert_eq!(src.index().version, 1);
+        // …and says so until the file is fixed: readiness fails on `refused`.
+        let h = src.health();
+        let why = h.refused.expect("a refused reload shows");
+        assert!(
+            why.contains("invalid JSON") && why.contains("last good list (1 pods)"),
+            "{why}"
+        );
+        assert_eq!(h.refused_total, 1);
         write(&list(vec![
             pod("a", "p1", "u1", json!({})),
             pod("a", "p2", "u2", json!({})),
@@ -525,6 +588,8 @@ mod tests {
         src.reload_if_changed();
         assert_eq!(src.index().by_uid.len(), 2);
         assert_eq!(src.index().version, 2);
+        assert_eq!(src.health().refused, None, "fixed");
+        assert_eq!(src.health().refused_total, 1, "the count stays");
         assert!(PodsFile::load(&dir.join("missing.json")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 use proto::agent::{GpuSummary, MetricSummary, NodeSnapshot};
 use vocab::Metric;
 
+use crate::quote;
+
 /// Longest node name accepted: a Kubernetes node name is a DNS subdomain.
 pub const MAX_NODE_NAME: usize = 253;
 /// Longest GPU UUID accepted (`GPU-` or `MIG-` and a UUID are 40 bytes).
@@ -19,8 +21,6 @@ pub const MAX_UUID: usize = 96;
 pub const MAX_POD_UID: usize = 64;
 /// Longest container ID accepted (runtimes use 64 hex digits).
 pub const MAX_CONTAINER_ID: usize = 128;
-/// How many bytes of a bad string a reason quotes.
-const QUOTE: usize = 40;
 /// How far over its bound a window statistic may read from float rounding alone (a mean of
 /// values that are all 100 can come out a few ulps above 100).
 const ROUNDING: f64 = 1e-9;
@@ -34,18 +34,6 @@ const SAMPLE_AHEAD_NS: u64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("snapshot refused: {0}")]
 pub struct Refused(pub String);
-
-/// `s` quoted, cut to a short prefix when long.
-fn quote(s: &str) -> String {
-    if s.len() <= QUOTE {
-        return format!("{s:?}");
-    }
-    let mut end = QUOTE;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &s[..end], s.len())
-}
 
 /// `s` is at most `max` bytes; `what` names it (built only for the reason).
 fn bounded(what: impl Fn() -> String, s: &str, max: usize) -> Result<(), Refused> {
@@ -144,14 +132,17 @@ pub fn check(snap: &NodeSnapshot) -> Result<(), Refused> {
     if snap.taken_unix_ns == 0 {
         return Err(Refused("taken_unix_ns is 0".into()));
     }
-    let mut gpus: HashSet<&str> = HashSet::new();
+    // GPU UUID → memory total. A GPU lost before its UUID was read has none (its entry still
+    // says it is lost); such entries are not indexed, and no pod can be on them.
     let mut totals: HashMap<&str, u64> = HashMap::with_capacity(snap.gpus.len());
     for (i, g) in snap.gpus.iter().enumerate() {
         gpu(i, g, snap.taken_unix_ns)?;
-        if !gpus.insert(&g.uuid) {
+        if g.uuid.is_empty() {
+            continue;
+        }
+        if totals.insert(&g.uuid, g.memory_total_bytes).is_some() {
             return Err(Refused(format!("GPU {} is listed twice", quote(&g.uuid))));
         }
-        totals.insert(&g.uuid, g.memory_total_bytes);
     }
     let mut pods: HashSet<(&str, &str)> = HashSet::with_capacity(snap.pods.len());
     for (i, p) in snap.pods.iter().enumerate() {
@@ -196,9 +187,6 @@ fn gpu(i: usize, g: &GpuSummary, taken: u64) -> Result<(), Refused> {
         &g.parent_uuid,
         MAX_UUID,
     )?;
-    if g.uuid.is_empty() {
-        return Err(Refused(format!("gpus[{i}].uuid is empty")));
-    }
     if g.newest_sample_unix_ns > taken.saturating_add(SAMPLE_AHEAD_NS) {
         return Err(Refused(format!(
             "GPU {} has a sample from after the snapshot was taken",
@@ -382,5 +370,20 @@ mod tests {
         assert!(why.contains("after the snapshot was taken"), "{why}");
         assert_eq!(refused(|s| s.taken_unix_ns = 0), "taken_unix_ns is 0");
         assert!(refused(|s| s.pods[0].pod_uid.clear()).contains("pod_uid is empty"));
+        // GPUs lost before NVML gave their UUIDs have none: they are reported, not refused,
+        // and no pod can be on them.
+        let mut lost = good();
+        for _ in 0..2 {
+            lost.gpus.push(GpuSummary {
+                state: proto::agent::GpuState::Lost as i32,
+                ..GpuSummary::default()
+            });
+        }
+        assert_eq!(check(&lost), Ok(()));
+        lost.pods[0].gpu_uuid.clear();
+        assert!(check(&lost)
+            .unwrap_err()
+            .0
+            .contains("which the snapshot does not list"));
     }
 }

@@ -67,6 +67,9 @@ pub struct View {
     pub by_node_name: HashMap<String, usize>,
     /// Pod UID → its per-GPU entries.
     pub pod_gpus: HashMap<String, Vec<PodEntry>>,
+    /// Node name → every slot whose newest snapshot names it: more than one is a conflict (two
+    /// agents claim one node), and that node's pods read `UNAVAILABLE` until only one does.
+    pub claims: HashMap<String, Vec<usize>>,
 }
 
 impl View {
@@ -82,9 +85,27 @@ impl View {
                 }
             }
         }
+        if let Some(c) = self.claims.get_mut(&old.node_name) {
+            c.retain(|&n| n != node);
+            match c.first() {
+                None => {
+                    self.claims.remove(&old.node_name);
+                }
+                // The other claimant keeps the name.
+                Some(&other) => {
+                    self.by_node_name.insert(old.node_name.clone(), other);
+                }
+            }
+        }
         if self.by_node_name.get(&old.node_name) == Some(&node) {
             self.by_node_name.remove(&old.node_name);
         }
+    }
+
+    /// The addresses of the agents that claim node `name` when more than one does.
+    pub fn conflict(&self, name: &str) -> Option<Vec<&str>> {
+        let c = self.claims.get(name).filter(|c| c.len() > 1)?;
+        Some(c.iter().map(|&n| self.nodes[n].address.as_str()).collect())
     }
 
     /// The slot for the agent at `address`: its old slot when it was seen before (retired or
@@ -113,6 +134,11 @@ impl View {
 
     /// Replaces node `node`'s snapshot, received at `at`.
     pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
+        if self.nodes[node].retired {
+            // A stream that outlived its agent's removal by a moment.
+            return;
+        }
+        let was_conflict = self.conflict(&snap.node_name).is_some();
         self.unindex(node);
         for (i, p) in snap.pods.iter().enumerate() {
             self.pod_gpus
@@ -120,22 +146,19 @@ impl View {
                 .or_default()
                 .push(PodEntry { node, pod: i });
         }
-        if let Some(other) = self.by_node_name.insert(snap.node_name.clone(), node) {
-            if other != node {
-                tracing::warn!(
-                    node = %snap.node_name,
-                    a = %self.nodes[other].address,
-                    b = %self.nodes[node].address,
-                    "two agents report the same node name; using the newest"
-                );
-            }
+        let claims = self.claims.entry(snap.node_name.clone()).or_default();
+        claims.push(node);
+        if claims.len() > 1 && !was_conflict {
+            let other = claims[0];
+            tracing::warn!(
+                node = %snap.node_name,
+                a = %self.nodes[other].address,
+                b = %self.nodes[node].address,
+                "two agents claim the same node; its pods read UNAVAILABLE until one stops"
+            );
         }
+        self.by_node_name.insert(snap.node_name.clone(), node);
         let n = &mut self.nodes[node];
-        if n.retired {
-            // A stream that outlived its agent's removal by a moment.
-            self.unindex(node);
-            return;
-        }
         n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
         if n.refused.take().is_some() {

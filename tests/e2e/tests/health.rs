@@ -443,6 +443,61 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
         },
     );
 
+    // A request no KEDA sends (a 3 MB name) is refused before anything holds it.
+    let huge = scaled_object(&"n".repeat(3 << 20), &[("metric", "sm_active")]);
+    let err = keda.metrics(&huge, &name).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().len() < 300,
+        "a prefix, not 3 MB: {} bytes",
+        err.message().len()
+    );
+    assert!(
+        !collector.daemon.log().contains(&"n".repeat(100)),
+        "nor logged whole"
+    );
+
+    // A pods file that no longer parses (here: a UID listed twice): the last good list keeps
+    // answering, /readyz fails naming the file and the pods, the refusal counts; fixed, ready.
+    let item = |name: &str| {
+        json!({"metadata": {"namespace": "ml", "name": name, "uid": POD_UID,
+                            "labels": {"app": "vllm"}},
+               "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}})
+    };
+    let rewrite = |items: Vec<serde_json::Value>| {
+        let tmp = dir.path("pods.json.tmp");
+        std::fs::write(&tmp, json!({"kind": "PodList", "items": items}).to_string()).unwrap();
+        std::fs::rename(&tmp, &pods).unwrap();
+    };
+    rewrite(vec![item("vllm-0"), item("vllm-copy")]);
+    let (_, why) = wait_for(
+        "collector /readyz 503 after a bad reload",
+        || http_get(&http, "/readyz"),
+        |r| r.0 == 503,
+    );
+    assert!(
+        why.contains("pods.json")
+            && why.contains("(pod ml/vllm-0)")
+            && why.contains("ml/vllm-copy"),
+        "{why}"
+    );
+    assert_eq!(
+        keda.metrics(&so, &name).unwrap().0,
+        answered,
+        "the last good list answers"
+    );
+    let m = metrics(&http).unwrap();
+    assert_eq!(
+        value(&m, "gpuscale_collector_pod_source_refused_total", &[]),
+        Some(1.0)
+    );
+    rewrite(vec![item("vllm-0")]);
+    wait_for(
+        "collector /readyz 200 once the file is fixed",
+        || http_get(&http, "/readyz"),
+        |r| r.0 == 200,
+    );
+
     assert!(
         collector.daemon.terminate().success(),
         "{}",
