@@ -1,6 +1,8 @@
 //! The metrics gpuscale measures, named once: the names the agent reports on the wire, the
 //! `metric` of KEDA trigger metadata, and the dumps and Prometheus labels all come from here.
 
+use strum::{Display, EnumCount, EnumString, IntoStaticStr, VariantArray};
+
 /// A metric the agent reports; [`Metric::TRIGGER`] are the ones a trigger may scale on. Its
 /// name (`sm_active`, …, from strum: the variant in snake case) is a contract: KEDA trigger
 /// metadata, dumps and Prometheus labels spell it so.
@@ -13,11 +15,11 @@
     Hash,
     PartialOrd,
     Ord,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::EnumCount,
-    strum::VariantArray,
+    IntoStaticStr,
+    EnumString,
+    Display,
+    EnumCount,
+    VariantArray,
 )]
 #[strum(serialize_all = "snake_case")]
 pub enum Metric {

@@ -3,6 +3,8 @@
 //! logs, Prometheus labels), a code stored in the agent's ring file (stable across releases: a
 //! test below pins them), and a protobuf enum in the agent API (`proto` converts).
 
+use strum::{Display, FromRepr, IntoStaticStr, VariantArray};
+
 /// Defines what a state enum offers besides its derives: `ALL`, `name()`, and the stored-code
 /// pair `code()` and `from_code()`, which reads a code this build does not know as `$fallback`.
 macro_rules! stored_code {
@@ -34,17 +36,7 @@ macro_rules! stored_code {
 
 /// Health of one GPU as the agent's sampler last saw it.
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::FromRepr,
-    strum::VariantArray,
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, IntoStaticStr, Display, FromRepr, VariantArray,
 )]
 #[strum(serialize_all = "snake_case")]
 #[repr(u8)]
@@ -63,17 +55,7 @@ stored_code!(GpuState, Error);
 
 /// How a GPU process was tied (or not) to a pod.
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::FromRepr,
-    strum::VariantArray,
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, IntoStaticStr, Display, FromRepr, VariantArray,
 )]
 #[strum(serialize_all = "snake_case")]
 #[repr(u8)]
@@ -92,17 +74,7 @@ stored_code!(Attribution, None);
 
 /// Whether the agent's eBPF device-open tracker runs.
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::FromRepr,
-    strum::VariantArray,
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, IntoStaticStr, Display, FromRepr, VariantArray,
 )]
 #[strum(serialize_all = "snake_case")]
 #[repr(u8)]

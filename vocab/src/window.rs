@@ -2,6 +2,7 @@
 //! picks one, and dumps name them.
 
 use std::time::Duration;
+use strum::{Display, EnumCount, IntoStaticStr, VariantArray};
 
 /// A window the agent keeps. Named `10s`, `30s`, `60s`, `5m` in dumps; on the wire by its
 /// length in seconds ([`Window::secs`]); in `GetMetricSpec` metric names by
@@ -15,10 +16,10 @@ use std::time::Duration;
     Hash,
     PartialOrd,
     Ord,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::EnumCount,
-    strum::VariantArray,
+    IntoStaticStr,
+    Display,
+    EnumCount,
+    VariantArray,
 )]
 pub enum Window {
     /// The last 10 s.

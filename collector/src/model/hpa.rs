@@ -3,20 +3,12 @@
 //! I/O, no cluster, no gRPC; `gpuscale-collector query` shows its answer next to KEDA's.
 
 use crate::model::Named;
+use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 
 /// How the HPA reads the target KEDA gives it (the trigger's `metricType`), named as a
 /// ScaledObject writes it (`AverageValue`, `Value`).
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::VariantArray,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, VariantArray,
 )]
 pub enum MetricType {
     /// KEDA's default: the target is per replica, so the HPA wants

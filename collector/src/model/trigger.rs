@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 
 use crate::model::selector::Selector;
 use crate::model::Named;
@@ -108,16 +109,7 @@ pub use vocab::Metric;
 /// How one series is summarised over the window (`timeAggregation`). The agent
 /// computes these; this module only names them.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::VariantArray,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, VariantArray,
 )]
 #[strum(serialize_all = "lowercase")]
 pub enum TimeAggregation {
@@ -136,16 +128,7 @@ pub enum TimeAggregation {
 /// How one replica's GPUs combine into the replica's value (`gpuAggregation`); see
 /// [`aggregate_gpus`].
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::VariantArray,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, VariantArray,
 )]
 #[strum(serialize_all = "lowercase")]
 pub enum GpuAggregation {
@@ -170,16 +153,7 @@ pub fn default_gpu_aggregation(metric: Metric) -> GpuAggregation {
 /// How the replicas' values combine into the one value KEDA gets (`aggregation`); see
 /// [`aggregate`].
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::VariantArray,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, VariantArray,
 )]
 #[strum(serialize_all = "lowercase")]
 pub enum Aggregation {

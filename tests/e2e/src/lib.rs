@@ -148,6 +148,22 @@ pub fn write_scenario(path: &Path, gpus: &[Value]) {
     std::fs::rename(&tmp, path).expect("renaming scenario");
 }
 
+/// A running pod on node `e2e-node`, as `kubectl get pods -o json` lists it.
+pub fn pod_item(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"namespace": namespace, "name": name, "uid": uid, "labels": labels},
+           "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}})
+}
+
+/// Writes `items` to `path` as a pods file (a `List`, as `kubectl get pods -A -o json` prints
+/// one), atomically (a collector polling it never reads half a file).
+pub fn write_pods(path: &Path, items: &[Value]) {
+    let tmp = path.with_extension("tmp");
+    let body = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&tmp, body.to_string()).expect("writing pods file");
+    std::fs::rename(&tmp, path).expect("renaming pods file");
+}
+
 /// Sends `signal` to `pid`.
 pub fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) on a pid we started; no memory is involved.

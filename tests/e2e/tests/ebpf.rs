@@ -285,15 +285,10 @@ fn a_pod_loading_its_model_stays_active_with_active_after_open() {
         &format!("exec 3< '{}' && exec sleep 600", device.display()),
     );
     let pods = dir.path("pods.json");
-    std::fs::write(
+    e2e::write_pods(
         &pods,
-        json!({"apiVersion": "v1", "kind": "List", "items": [{
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": "ml", "name": "llm-0", "uid": UID, "labels": {"app": "llm"}},
-            "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}}]})
-        .to_string(),
-    )
-    .unwrap();
+        &[e2e::pod_item("ml", "llm-0", UID, json!({"app": "llm"}))],
+    );
     let collector = e2e::Collector::start(&dir, &agent_addr, &pods);
     let mut keda = Keda::connect(&collector.addr);
     let meta = [

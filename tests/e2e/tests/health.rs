@@ -459,17 +459,8 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
 
     // A pods file that no longer parses (here: a UID listed twice): the last good list keeps
     // answering, /readyz fails naming the file and the pods, the refusal counts; fixed, ready.
-    let item = |name: &str| {
-        json!({"metadata": {"namespace": "ml", "name": name, "uid": POD_UID,
-                            "labels": {"app": "vllm"}},
-               "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}})
-    };
-    let rewrite = |items: Vec<serde_json::Value>| {
-        let tmp = dir.path("pods.json.tmp");
-        std::fs::write(&tmp, json!({"kind": "PodList", "items": items}).to_string()).unwrap();
-        std::fs::rename(&tmp, &pods).unwrap();
-    };
-    rewrite(vec![item("vllm-0"), item("vllm-copy")]);
+    let item = |name: &str| e2e::pod_item("ml", name, POD_UID, json!({"app": "vllm"}));
+    e2e::write_pods(&pods, &[item("vllm-0"), item("vllm-copy")]);
     let (_, why) = wait_for(
         "collector /readyz 503 after a bad reload",
         || http_get(&http, "/readyz"),
@@ -491,7 +482,7 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
         value(&m, "gpuscale_collector_pod_source_refused_total", &[]),
         Some(1.0)
     );
-    rewrite(vec![item("vllm-0")]);
+    e2e::write_pods(&pods, &[item("vllm-0")]);
     wait_for(
         "collector /readyz 200 once the file is fixed",
         || http_get(&http, "/readyz"),

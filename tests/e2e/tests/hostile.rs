@@ -34,15 +34,10 @@ fn an_impossible_utilization_reads_unavailable_never_a_number() {
     };
     write_scenario(&scenario, &gpus(37));
     let pods = dir.path("pods.json");
-    std::fs::write(
+    e2e::write_pods(
         &pods,
-        json!({"apiVersion": "v1", "kind": "List", "items": [{
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": "ml", "name": "llm-0", "uid": UID, "labels": {"app": "llm"}},
-            "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}}]})
-        .to_string(),
-    )
-    .unwrap();
+        &[e2e::pod_item("ml", "llm-0", UID, json!({"app": "llm"}))],
+    );
     let agent_addr = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
     let mut agent = Agent::start(
