@@ -11,7 +11,6 @@
 //! Run: `cargo bench -p agent --bench ring`. Under `cargo test` each bench runs once.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,24 +49,6 @@ fn heap_storage() -> (AtomicU64, Vec<AtomicU64>) {
     )
 }
 
-/// A fresh directory for one bench's ring file, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("gpuscale-bench-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating the bench's temp dir");
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn short(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group
         .warm_up_time(Duration::from_secs(1))
@@ -90,7 +71,10 @@ fn ring_write(c: &mut Criterion) {
         })
     });
 
-    let dir = TempDir::new("ring-write");
+    let dir = tempfile::Builder::new()
+        .prefix("gpuscale-bench-ring-write-")
+        .tempdir()
+        .expect("creating the bench's temp dir");
     let params = Params {
         capacity: CAPACITY as u32,
         interval_ns: 100_000_000,
@@ -105,7 +89,7 @@ fn ring_write(c: &mut Criterion) {
         gpm_supported: true,
         ..GpuInfo::default()
     };
-    let mut writer = ShmWriter::open(&dir.0.join("agent.ring"), &params, &[gpu])
+    let mut writer = ShmWriter::open(&dir.path().join("agent.ring"), &params, &[gpu])
         .expect("opening a ring file in the temp dir");
     let regions = writer.parts().regions;
     let mapped = regions[0].ring();

@@ -812,37 +812,28 @@ mod tests {
         assert_eq!(parse_stat_start_time("no parens at all"), None);
     }
 
-    /// A fake procfs under the system temp dir, removed on drop.
-    struct FakeProc(PathBuf);
+    /// A fake procfs in a temporary directory, removed on drop.
+    struct FakeProc(tempfile::TempDir);
 
     impl FakeProc {
         fn new(name: &str) -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            // Relaxed: the counter only has to hand out distinct numbers.
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("gpuscale-cgroup-{name}-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
+            let prefix = format!("gpuscale-cgroup-{name}-");
+            Self(tempfile::Builder::new().prefix(&prefix).tempdir().unwrap())
+        }
+
+        fn root(&self) -> &Path {
+            self.0.path()
         }
 
         fn process(&self, pid: u32, start: u64, cgroup: &str) {
-            let dir = self.0.join(pid.to_string());
+            let dir = self.root().join(pid.to_string());
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("stat"), stat_line(pid, "python3 (worker)", start)).unwrap();
             std::fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
         }
 
         fn kill(&self, pid: u32) {
-            std::fs::remove_dir_all(self.0.join(pid.to_string())).unwrap();
-        }
-    }
-
-    impl Drop for FakeProc {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            std::fs::remove_dir_all(self.root().join(pid.to_string())).unwrap();
         }
     }
 
@@ -859,7 +850,7 @@ mod tests {
         let proc = FakeProc::new("attr");
         proc.process(4242, 1000, &pod_a());
         proc.process(77, 50, "/system.slice/containerd.service");
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         assert_eq!(
             r.resolve(4242),
             Membership::Pod(pod(
@@ -881,10 +872,10 @@ mod tests {
     fn resolver_reuses_the_cached_answer_while_start_time_matches() {
         let proc = FakeProc::new("cache");
         proc.process(4242, 1000, &pod_a());
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         let first = r.resolve(4242);
         // Same process (same start time): the cgroup file is not read again.
-        std::fs::write(proc.0.join("4242/cgroup"), format!("0::{}\n", pod_b())).unwrap();
+        std::fs::write(proc.root().join("4242/cgroup"), format!("0::{}\n", pod_b())).unwrap();
         assert_eq!(r.resolve(4242), first);
     }
 
@@ -892,7 +883,7 @@ mod tests {
     fn reused_pid_with_new_start_time_is_resolved_again() {
         let proc = FakeProc::new("reuse");
         proc.process(4242, 1000, &pod_a());
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         assert!(matches!(r.resolve(4242), Membership::Pod(p) if p.pod_uid == UID));
         proc.kill(4242);
         proc.process(4242, 2000, &pod_b());
@@ -907,11 +898,11 @@ mod tests {
         let proc = FakeProc::new("evict");
         proc.process(4242, 1000, &pod_a());
         proc.process(4243, 1001, &pod_a());
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         r.resolve(4242);
         r.resolve(4243);
-        std::fs::write(proc.0.join("4242/cgroup"), format!("0::{}\n", pod_b())).unwrap();
-        std::fs::write(proc.0.join("4243/cgroup"), format!("0::{}\n", pod_b())).unwrap();
+        std::fs::write(proc.root().join("4242/cgroup"), format!("0::{}\n", pod_b())).unwrap();
+        std::fs::write(proc.root().join("4243/cgroup"), format!("0::{}\n", pod_b())).unwrap();
         r.evict_missing(&[4243]);
         // 4242 was dropped, so its (changed) file is read; 4243 was kept and still cached.
         assert!(matches!(r.resolve(4242), Membership::Pod(p) if p.pod_uid == UID2));
@@ -924,7 +915,7 @@ mod tests {
     fn vanished_pid_is_unknown_and_says_the_process_is_gone() {
         let proc = FakeProc::new("gone");
         proc.process(4242, 1000, &pod_a());
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         assert!(matches!(r.resolve(4242), Membership::Pod(_)));
         proc.kill(4242);
         match r.resolve(4242) {
@@ -944,7 +935,7 @@ mod tests {
         let proc = FakeProc::new("malformed");
         let bad = format!("/kubepods/burstable/pod{UID}/{}", &CID[..12]);
         proc.process(4242, 1000, &bad);
-        let mut r = ProcfsResolver::new(&proc.0);
+        let mut r = ProcfsResolver::new(proc.root());
         match r.resolve(4242) {
             Membership::Unknown { reason } => assert!(reason.contains(&bad), "{reason}"),
             other => panic!("expected Unknown, got {other:?}"),
@@ -955,8 +946,8 @@ mod tests {
     fn unreadable_stat_is_unknown_not_a_pod() {
         let proc = FakeProc::new("badstat");
         proc.process(4242, 1000, &pod_a());
-        std::fs::write(proc.0.join("4242/stat"), "4242 (x) S 1\n").unwrap();
-        let mut r = ProcfsResolver::new(&proc.0);
+        std::fs::write(proc.root().join("4242/stat"), "4242 (x) S 1\n").unwrap();
+        let mut r = ProcfsResolver::new(proc.root());
         assert!(
             matches!(r.resolve(4242), Membership::Unknown { reason } if reason.contains("field 22"))
         );

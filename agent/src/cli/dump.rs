@@ -442,8 +442,8 @@ mod tests {
 
     #[test]
     fn mig_instances_show_under_their_parent() {
-        let dir = std::env::temp_dir().join(format!("gpuscale-dump-mig-{}", std::process::id()));
-        let path = dir.join("agent.ring");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.ring");
         let params = Params {
             capacity: 1024,
             interval_ns: 100_000_000,
@@ -505,6 +505,5 @@ mod tests {
             "{table}"
         );
         drop(w);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -604,8 +604,8 @@ mod tests {
 
     #[test]
     fn cgroup_index_finds_directories_by_inode_and_forgets_removed_ones() {
-        let root = std::env::temp_dir().join(format!("gpuscale-cgindex-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
         let pod = root.join("kubepods.slice/pod-a.slice");
         std::fs::create_dir_all(&pod).unwrap();
         let pod_ino = std::fs::metadata(&pod).unwrap().ino();
@@ -630,7 +630,6 @@ mod tests {
         // Removed: the stale entry is dropped, not returned.
         std::fs::remove_dir(&pod).unwrap();
         assert_eq!(index.lookup(pod_ino), None);
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

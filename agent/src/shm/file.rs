@@ -487,8 +487,8 @@ mod tests {
 
     #[test]
     fn reader_sees_what_the_writer_wrote_and_a_restart_keeps_history() {
-        let dir = tempdir();
-        let path = dir.join("agent.ring");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.ring");
         let mut w = ShmWriter::open(&path, &params(), &[gpu(0), gpu(1)]).unwrap();
         assert!(!w.reused());
         let regions = w.parts().regions;
@@ -540,8 +540,8 @@ mod tests {
 
     #[test]
     fn mig_instances_keep_their_parent_and_instance_id_and_old_entries_read_as_plain_gpus() {
-        let dir = tempdir();
-        let path = dir.join("mig.ring");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mig.ring");
         let [p, a] = mig(0, 7);
         let [_, b] = mig(0, 9);
         let table = [gpu(1), p, a, b];
@@ -568,20 +568,20 @@ mod tests {
 
     #[test]
     fn dump_rejects_missing_foreign_and_other_version_files_clearly() {
-        let dir = tempdir();
-        let missing = ShmReader::open(&dir.join("nope"))
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ShmReader::open(&dir.path().join("nope"))
             .err()
             .unwrap()
             .to_string();
         assert!(missing.contains("does not exist"), "{missing}");
-        let junk = dir.join("junk");
+        let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
         let e = ShmReader::open(&junk).err().unwrap().to_string();
         assert!(e.contains("not a gpuscale ring file"), "{e}");
         std::fs::write(&junk, b"short").unwrap();
         assert!(ShmReader::open(&junk).is_err());
 
-        let path = dir.join("v.ring");
+        let path = dir.path().join("v.ring");
         drop(ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap());
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[8] = 99;
@@ -597,8 +597,8 @@ mod tests {
 
     #[test]
     fn agent_status_round_trips_and_keeps_the_newest_opens() {
-        let dir = tempdir();
-        let path = dir.join("a.ring");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ring");
         let mut w = ShmWriter::open(&path, &params(), &[gpu(0)]).unwrap();
         let st = AgentStatus {
             ebpf: EbpfState::Unavailable,
@@ -630,33 +630,5 @@ mod tests {
             (EbpfState::Unavailable, 7, 2)
         );
         assert_eq!(back.ebpf_reason, "tracefs is not mounted");
-    }
-
-    /// A scratch directory, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl std::ops::Deref for TempDir {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tempdir() -> TempDir {
-        use std::sync::atomic::AtomicU32;
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "gpuscale-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
     }
 }

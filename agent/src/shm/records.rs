@@ -225,18 +225,13 @@ pub struct StatusRecord {
 /// `text` as exactly `N` bytes of hex (dashes ignored), or `None`.
 fn hex_bytes<const N: usize>(text: Option<&str>) -> Option<[u8; N]> {
     let digits: Vec<u8> = text?.bytes().filter(|&b| b != b'-').collect();
-    if digits.len() != 2 * N {
-        return None;
-    }
     let mut out = [0u8; N];
-    for (o, pair) in out.iter_mut().zip(digits.chunks(2)) {
-        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut out).ok()?;
     Some(out)
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 fn uid_text(b: &[u8; 16]) -> String {

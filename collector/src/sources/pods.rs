@@ -553,8 +553,8 @@ mod tests {
 
     #[test]
     fn a_bad_reload_keeps_the_last_good_list() {
-        let dir = std::env::temp_dir().join(format!("gpuscale-pods-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("pods.json");
         let write = |text: &str| {
             let tmp = dir.join("tmp");
@@ -591,7 +591,6 @@ mod tests {
         assert_eq!(src.health().refused, None, "fixed");
         assert_eq!(src.health().refused_total, 1, "the count stays");
         assert!(PodsFile::load(&dir.join("missing.json")).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

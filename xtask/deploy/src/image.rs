@@ -495,8 +495,8 @@ mod tests {
 
     #[test]
     fn host_symlinks_on_the_way_to_a_library_are_kept_as_symlinks() {
-        let dir = std::env::temp_dir().join(format!("gpuscale-image-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("usr/lib")).unwrap();
         std::fs::write(dir.join("usr/lib/libx.so.1.2"), b"elf").unwrap();
         std::os::unix::fs::symlink("usr/lib", dir.join("lib")).unwrap();
@@ -514,6 +514,5 @@ mod tests {
         ));
         let link = dir.join("lib");
         assert!(!entries.keys().any(|p| p.starts_with(&link) && *p != link));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -31,11 +31,12 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gpuscale-manifests-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory, removed when the test is done with it.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("gpuscale-manifests-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Skips (printing why) or, under CI, fails.
@@ -120,7 +121,8 @@ fn every_overlay_passes_the_kubernetes_schemas_strictly_for_1_29_and_1_33() {
         );
         return;
     };
-    let dir = scratch("schemas");
+    let tmp = scratch("schemas");
+    let dir = tmp.path();
     for (name, path) in kustomizations() {
         for ns in [None, Some("gpu-ops")] {
             let objects = rendered(&path, ns);
@@ -160,7 +162,6 @@ fn every_overlay_passes_the_kubernetes_schemas_strictly_for_1_29_and_1_33() {
         !ok && text.contains("securityContex"),
         "a bad field must fail:\n{text}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -541,10 +542,11 @@ fn installer(args: &[&str], home: &Path) -> std::process::Output {
 
 #[test]
 fn dry_run_prints_pinned_manifests_without_a_cluster_or_a_registry() {
-    let home = scratch("dry-run");
+    let tmp = scratch("dry-run");
+    let home = tmp.path();
     let out = installer(
         &["--dry-run", "--image", PINNED, "--namespace", "gpu-ops"],
-        &home,
+        home,
     );
     assert!(
         out.status.success(),
@@ -557,13 +559,13 @@ fn dry_run_prints_pinned_manifests_without_a_cluster_or_a_registry() {
         objects,
         rendered(&root().join("deploy/base"), Some("gpu-ops"))
     );
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn without_a_kube_context_the_installer_says_so_and_what_to_do() {
-    let home = scratch("no-context");
-    let out = installer(&["--image", PINNED], &home);
+    let tmp = scratch("no-context");
+    let home = tmp.path();
+    let out = installer(&["--image", PINNED], home);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -572,18 +574,18 @@ fn without_a_kube_context_the_installer_says_so_and_what_to_do() {
             && err.contains("--context"),
         "{err}"
     );
-    let out = installer(&["--image", PINNED, "--context", "prod"], &home);
+    let out = installer(&["--image", PINNED, "--context", "prod"], home);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("\"prod\"") && err.contains("get-contexts"),
         "{err}"
     );
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn a_registry_that_is_not_there_is_named_with_what_to_do() {
-    let home = scratch("no-registry");
+    let tmp = scratch("no-registry");
+    let home = tmp.path();
     // A port nothing listens on: bind one, then free it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -591,22 +593,21 @@ fn a_registry_that_is_not_there_is_named_with_what_to_do() {
         .unwrap()
         .port();
     let image = format!("127.0.0.1:{port}/gpuscale:0.1.0");
-    let out = installer(&["--image", &image], &home);
+    let out = installer(&["--image", &image], home);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         err.contains(&format!("registry 127.0.0.1:{port}")) && err.contains("listening"),
         "{err}"
     );
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn an_unknown_overlay_lists_the_ones_there_are() {
-    let home = scratch("overlay");
-    let out = installer(&["--dry-run", "--overlay", "gke"], &home);
+    let tmp = scratch("overlay");
+    let home = tmp.path();
+    let out = installer(&["--dry-run", "--overlay", "gke"], home);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("cdi") && err.contains("old-kernel"), "{err}");
-    std::fs::remove_dir_all(&home).unwrap();
 }
