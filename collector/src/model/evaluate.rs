@@ -14,7 +14,8 @@
 //! - The replicas' values combine by `aggregation` into the value KEDA gets.
 //! - `sm_active` on a GPU without GPM falls back to that GPU's `gpu_util` (and says so in the
 //!   evaluation), because NVML has no SM-activity counter there.
-//! - A matched pod whose node has no agent, or whose agent has not reported within
+//! - A matched pod on a GPU that is `lost` or `error` (its windows still hold values from
+//!   before), or whose node has no agent, or whose agent has not reported within
 //!   `staleAfter`, or whose agent's newest snapshot was refused (NaN, a percentage over 100, a
 //!   GPU listed twice: `sources::validate`), or a value the agent could not measure, makes the
 //!   whole answer unavailable
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proto::agent::{MetricSummary, NodeSnapshot, PodSummary};
+use vocab::GpuState;
 
 use crate::model::trigger::{aggregate, aggregate_gpus, Metric, TimeAggregation, Trigger};
 use crate::sources::pods::PodMeta;
@@ -123,10 +125,26 @@ fn pod_gpu_value(
     trigger: &Trigger,
 ) -> Result<(f64, bool), String> {
     let name = trigger.metric.name();
+    let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
+    // A GPU that fell off the bus or fails: its windows still hold what it did before, which is
+    // not what it does now.
+    if let Some(g) = gpu {
+        let state = proto::agent::GpuState::vocab(g.state);
+        if matches!(state, Some(GpuState::Lost | GpuState::Error)) {
+            return Err(format!(
+                "{name} of pod {}/{} on GPU {} of node {} is not trusted: the GPU is {} (its \
+                 windows hold values from before)",
+                meta.namespace,
+                meta.name,
+                pod.gpu_uuid,
+                snap.node_name,
+                proto::agent::GpuState::name_of(g.state)
+            ));
+        }
+    }
     if let Some(v) = metric(&pod.metrics, trigger.metric).and_then(|m| statistic(m, trigger)) {
         return Ok((v, false));
     }
-    let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
     if trigger.metric == Metric::SmActive && gpu.is_some_and(|g| !g.gpm_supported) {
         if let Some(v) = metric(&pod.metrics, Metric::GpuUtil).and_then(|m| statistic(m, trigger)) {
             return Ok((v, true));
@@ -466,6 +484,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.value, 360.0);
+    }
+
+    #[test]
+    fn a_lost_gpu_makes_its_pods_unavailable_at_once_though_its_windows_hold_values() {
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.gpus[1].state = proto::agent::GpuState::Lost as i32;
+        view.update(0, snap, now);
+        let t = trigger(&[("metric", "sm_active")]);
+        let text = evaluate(&view, &pods, &t, now).unwrap_err().to_string();
+        assert!(
+            text.contains("on GPU GPU-01 of node node-0 is not trusted: the GPU is lost"),
+            "{text}"
+        );
+        assert_eq!(
+            evaluate(&view, &pods, &t, now).unwrap_err().total,
+            1,
+            "{text}"
+        );
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.gpus[1].state = proto::agent::GpuState::Ok as i32;
+        view.update(0, snap, now);
+        assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 360.0);
     }
 
     #[test]
