@@ -254,9 +254,11 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         }
         if let Some(m) = optional(d.memory_info())? {
             let total = self.agent.gpus[self.gpu].memory_total_bytes;
-            match checked::accept(Metric::VramUsedBytes, m.used as f64, total) {
-                Some(_) => s.set_vram_used(m.used),
-                None => self.out_of_range(Metric::VramUsedBytes, m.used as f64),
+            if self
+                .accept(Metric::VramUsedBytes, m.used as f64, total)
+                .is_some()
+            {
+                s.set_vram_used(m.used);
             }
         }
         if let Some(mw) = optional(d.power_usage())? {
@@ -283,18 +285,21 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
         Ok((s, processes))
     }
 
-    /// Sets `slot` of `s` to `raw` when NVML's value can be what it claims ([`checked`]);
+    /// Sets `slot` of `s` to `raw` when NVML's value can be what it claims ([`Self::accept`]);
     /// otherwise leaves it unmeasured for this sample.
     fn put(&mut self, s: &mut Sample, slot: Slot, raw: f64) {
-        let metric = slot.metric();
-        match checked::accept(metric, raw, 0) {
-            Some(v) => s.set(slot, v as f32),
-            None => self.out_of_range(metric, raw),
+        if let Some(v) = self.accept(slot.metric(), raw, 0) {
+            s.set(slot, v as f32);
         }
     }
 
-    /// NVML gave `raw` for `metric`, which it cannot be: counted, and logged once per metric.
-    fn out_of_range(&mut self, metric: Metric, raw: f64) {
+    /// [`checked::accept`]; a value NVML gave that `metric` cannot have is counted, and logged
+    /// once per metric.
+    fn accept(&mut self, metric: Metric, raw: f64, vram_total_bytes: u64) -> Option<f64> {
+        let accepted = checked::accept(metric, raw, vram_total_bytes);
+        if accepted.is_some() {
+            return accepted;
+        }
         self.agent.stats.gpus[self.gpu].out_of_range.inc();
         let bit = 1 << metric.index();
         if self.warned & bit == 0 {
@@ -307,6 +312,7 @@ impl<'a, 'n> DeviceLoop<'a, 'n> {
                  logged once)"
             );
         }
+        None
     }
 
     fn gpm_values(&mut self, now: Instant) -> Result<Option<[f32; 4]>, Failure> {

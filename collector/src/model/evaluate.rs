@@ -229,7 +229,7 @@ pub fn evaluate(
             replicas.len() - 1
         });
         replicas[r].pods.push(pod.clone());
-        let Some(&node) = view.by_node_name.get(&pod.node) else {
+        let Some(node) = view.node(&pod.node) else {
             problems.push(format!(
                 "pod {}/{} runs on node {} where no agent reports",
                 pod.namespace, pod.name, pod.node
@@ -331,7 +331,7 @@ pub fn opened_within(
         return false;
     }
     matched.iter().any(|pod| {
-        let Some(&node) = view.by_node_name.get(&pod.node) else {
+        let Some(node) = view.node(&pod.node) else {
             return false;
         };
         if view.conflict(&pod.node).is_some() {
@@ -556,7 +556,7 @@ mod tests {
         // The impostor leaves (its address is no longer followed): node-0 is its agent's again.
         view.retire_node(2);
         assert_eq!(evaluate(&view, &pods, &t, now).unwrap().value, 360.0);
-        assert_eq!(view.by_node_name["node-0"], 0);
+        assert_eq!(view.node("node-0"), Some(0));
     }
 
     #[test]

@@ -67,17 +67,7 @@ async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<()
                 let at = Instant::now();
                 match validate::check(&snap) {
                     Ok(()) => cluster.write(|v| v.update(node, snap, at)),
-                    Err(validate::Refused(why)) => {
-                        // Once per change of reason: a bad agent must not flood the log.
-                        let repeat = cluster.read(|v| v.nodes[node].refused.as_ref() == Some(&why));
-                        if !repeat {
-                            tracing::warn!(
-                                "snapshot refused: {why}; the node's pods read UNAVAILABLE \
-                                 until a good snapshot arrives"
-                            );
-                        }
-                        cluster.write(|v| v.refuse(node, why));
-                    }
+                    Err(validate::Refused(why)) => cluster.write(|v| v.refuse(node, why)),
                 }
             }
             Ok(None) => return Err("the agent closed the stream".into()),

@@ -63,12 +63,11 @@ pub struct PodEntry {
 pub struct View {
     /// One per `--agents` address, in that order.
     pub nodes: Vec<NodeState>,
-    /// Node name (as the agent reports it) → index into `nodes`.
-    pub by_node_name: HashMap<String, usize>,
     /// Pod UID → its per-GPU entries.
     pub pod_gpus: HashMap<String, Vec<PodEntry>>,
-    /// Node name → every slot whose newest snapshot names it: more than one is a conflict (two
-    /// agents claim one node), and that node's pods read `UNAVAILABLE` until only one does.
+    /// Node name (as agents report it) → every slot whose newest snapshot names it, the one that
+    /// reported last at the end ([`View::node`]). More than one is a conflict (two agents claim
+    /// one node): that node's pods read `UNAVAILABLE` until only one does ([`View::conflict`]).
     pub claims: HashMap<String, Vec<usize>>,
 }
 
@@ -87,19 +86,16 @@ impl View {
         }
         if let Some(c) = self.claims.get_mut(&old.node_name) {
             c.retain(|&n| n != node);
-            match c.first() {
-                None => {
-                    self.claims.remove(&old.node_name);
-                }
-                // The other claimant keeps the name.
-                Some(&other) => {
-                    self.by_node_name.insert(old.node_name.clone(), other);
-                }
+            if c.is_empty() {
+                self.claims.remove(&old.node_name);
             }
         }
-        if self.by_node_name.get(&old.node_name) == Some(&node) {
-            self.by_node_name.remove(&old.node_name);
-        }
+    }
+
+    /// The slot of the agent that reports node `name` (the one that reported last, if several
+    /// claim it).
+    pub fn node(&self, name: &str) -> Option<usize> {
+        self.claims.get(name)?.last().copied()
     }
 
     /// The addresses of the agents that claim node `name` when more than one does.
@@ -138,7 +134,10 @@ impl View {
             // A stream that outlived its agent's removal by a moment.
             return;
         }
-        let was_conflict = self.conflict(&snap.node_name).is_some();
+        let was_conflict = self
+            .claims
+            .get(&snap.node_name)
+            .is_some_and(|c| c.len() > 1);
         self.unindex(node);
         for (i, p) in snap.pods.iter().enumerate() {
             self.pod_gpus
@@ -157,7 +156,6 @@ impl View {
                 "two agents claim the same node; its pods read UNAVAILABLE until one stops"
             );
         }
-        self.by_node_name.insert(snap.node_name.clone(), node);
         let n = &mut self.nodes[node];
         n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
@@ -168,12 +166,20 @@ impl View {
 
     /// Node `node`'s agent sent a snapshot the collector refused, for `why`. What it reported
     /// before stays indexed (so its pods are still found on it) but reads `UNAVAILABLE` with
-    /// `why` until a good snapshot replaces it; its freshness is not renewed.
+    /// `why` until a good snapshot replaces it; its freshness is not renewed. Logged once per
+    /// change of reason: a bad agent must not flood the log.
     pub fn refuse(&mut self, node: usize, why: String) {
         let n = &mut self.nodes[node];
         n.refused_total += 1;
-        n.last_error = format!("snapshot refused: {why}");
-        n.refused = Some(why);
+        if n.refused.as_ref() != Some(&why) {
+            tracing::warn!(
+                address = %n.address,
+                "snapshot refused: {why}; the node's pods read UNAVAILABLE until a good \
+                 snapshot arrives"
+            );
+            n.last_error = format!("snapshot refused: {why}");
+            n.refused = Some(why);
+        }
     }
 }
 
@@ -239,7 +245,7 @@ mod tests {
         c.write(|v| v.update(1, snap("n1", &["p2"]), now));
         c.read(|v| {
             assert_eq!(v.pod_gpus["p2"].len(), 2);
-            assert_eq!(v.by_node_name["n1"], 1);
+            assert_eq!(v.node("n1"), Some(1));
         });
         c.write(|v| v.update(0, snap("n0", &["p3"]), now));
         c.read(|v| {
