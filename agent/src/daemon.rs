@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
+use gpuscale_health::tls::{ServerFiles, ServerTls, ALPN_GRPC, ALPN_HTTP};
+
 use crate::ebpf::{self, EbpfConfig};
 use crate::live::GpuLive;
 use crate::node::Node;
@@ -49,6 +51,9 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// Where to serve `/healthz`, `/readyz` and `/metrics` (`--http-listen`), if anywhere.
     pub http_listen: Option<String>,
+    /// TLS for both ports (`--tls-cert`, `--tls-key`; `--tls-client-ca` for the gRPC port only:
+    /// the kubelet's probes cannot present a client certificate).
+    pub tls: Option<ServerFiles>,
 }
 
 /// The node name to report when `--node-name` is not given: the host name.
@@ -68,6 +73,15 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
         .as_deref()
         .map(gpuscale_health::listen)
         .transpose()?;
+    // Certificates are read before NVML too: a wrong path fails the start, naming the flag.
+    let grpc_tls = match (&config.tls, &grpc) {
+        (Some(files), Some(_)) => Some(ServerTls::load(files, ALPN_GRPC)?),
+        _ => None,
+    };
+    let http_tls = match (&config.tls, &http) {
+        (Some(files), Some(_)) => Some(ServerTls::load(&files.without_client_ca(), ALPN_HTTP)?),
+        _ => None,
+    };
     let ebpf = ebpf::start(&config.ebpf)?;
     let nvml = sampler::load_nvml(&config.nvml_lib)?;
     let devices = sampler::devices::open(&nvml, &config.nvml_lib)?;
@@ -129,12 +143,14 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
         let grpc = grpc.map(|l| {
             let (node, stop2) = (node.clone(), stop.clone());
             spawn_server(s, "grpc-server", stop.clone(), move || {
-                crate::server::serve(l, node, stop2)
+                crate::server::serve(l, grpc_tls, node, stop2)
             })
         });
         let http = http.map(|l| {
             let (node, stop2) = (node.clone(), stop.clone());
-            spawn_server(s, "http", stop.clone(), move || serve_http(l, node, stop2))
+            spawn_server(s, "http", stop.clone(), move || {
+                serve_http(l, http_tls, node, stop2)
+            })
         });
         stop.wait();
         let grpc = grpc.map(join).transpose();
@@ -177,7 +193,12 @@ fn spawn_server<'scope>(
 }
 
 /// Serves `--http-listen` (/healthz, /readyz, /metrics) until `stop`, on a runtime of its own.
-fn serve_http(listener: TcpListener, node: Arc<Node>, stop: Arc<Stop>) -> Result<()> {
+fn serve_http(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    node: Arc<Node>,
+    stop: Arc<Stop>,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -186,7 +207,12 @@ fn serve_http(listener: TcpListener, node: Arc<Node>, stop: Arc<Stop>) -> Result
             error,
         })?;
     let endpoints = crate::metrics::endpoints(node, stop.clone());
-    Ok(rt.block_on(gpuscale_health::serve(listener, endpoints, stop.stopped()))?)
+    Ok(rt.block_on(gpuscale_health::serve(
+        listener,
+        tls,
+        endpoints,
+        stop.stopped(),
+    ))?)
 }
 
 /// Publishes the agent-wide status (eBPF counters, recent device opens) once a second, to the

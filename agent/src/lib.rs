@@ -119,6 +119,9 @@ pub enum Error {
     /// The health and metrics server (`--http-listen`) could not bind or failed.
     #[error(transparent)]
     Http(#[from] gpuscale_health::Error),
+    /// `--tls-cert`, `--tls-key` or `--tls-client-ca` is unusable.
+    #[error(transparent)]
+    Tls(#[from] gpuscale_health::tls::TlsError),
     /// The gRPC server stopped with an error.
     #[error("the agent API server failed: {why}")]
     Serve {

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Sample every GPU on this node until SIGTERM or Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what a running agent's ring holds (no network needed).
     Dump(DumpArgs),
     /// Print every new sample of a running agent's ring as it is written, one line each.
@@ -65,6 +65,18 @@ struct RunArgs {
     /// 0.0.0.0:7702 (off by default).
     #[arg(long, env = "GPUSCALE_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Serve both ports over TLS with this certificate (PEM, leaf first); it should name this
+    /// node (a DNS name equal to --node-name): the collector accepts data only for the node the
+    /// certificate names. Re-read when the file changes.
+    #[arg(long, env = "GPUSCALE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "GPUSCALE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS on --listen: only clients (the collector) with a certificate this CA signed
+    /// may connect. Not applied to --http-listen (the kubelet's probes have no certificate).
+    #[arg(long, env = "GPUSCALE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -101,6 +113,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         listen: args.listen,
         http_listen: args.http_listen,
+        tls: gpuscale_health::tls::ServerFiles::from_flags(
+            args.tls_cert,
+            args.tls_key,
+            args.tls_client_ca,
+        )?,
     };
     Ok(daemon::run(&config, &stop)?)
 }
@@ -109,7 +126,7 @@ fn main() {
     let cli = Cli::parse();
     gpuscale_health::ops::init_tracing();
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Dump(a) => cli::dump::run(&a.shm, a.json).map_err(Into::into),
         Command::Watch(a) => watch::run(&a).map_err(Into::into),
     };

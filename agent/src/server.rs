@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuscale_health::ops::serve_until_stopped;
+use gpuscale_health::tls::ServerTls;
 use proto::agent::agent_server::{Agent as AgentApi, AgentServer};
 use proto::agent::{
     DeviceOpen, GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
@@ -229,7 +230,13 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 
 /// Serves the agent API on `listener` until `stop` fires. Runs its own small tokio runtime;
 /// call it from a dedicated thread.
-pub fn serve(listener: std::net::TcpListener, agent: Arc<Node>, stop: Arc<Stop>) -> Result<()> {
+/// With `tls`, the port speaks TLS (mutual TLS when it has a client CA).
+pub fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    agent: Arc<Node>,
+    stop: Arc<Stop>,
+) -> Result<()> {
     let addr = listener.local_addr().ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -246,7 +253,14 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Node>, stop: Arc<Stop>)
                 what: "the gRPC listener",
                 error,
             })?;
-        tracing::info!(?addr, "serving the agent API");
+        tracing::info!(?addr, tls = tls.is_some(), "serving the agent API");
+        let incoming =
+            gpuscale_health::tls::incoming(listener, tls, "--listen").map_err(|error| {
+                Error::Runtime {
+                    what: "the gRPC listener",
+                    error,
+                }
+            })?;
         let (reporter, health) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::NotServing).await;
         tokio::spawn(report_health(reporter, agent.clone(), stop.clone()));
@@ -258,10 +272,7 @@ pub fn serve(listener: std::net::TcpListener, agent: Arc<Node>, stop: Arc<Stop>)
         let server = tonic::transport::Server::builder()
             .add_service(AgentServer::new(service))
             .add_service(health)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop.stopped(),
-            );
+            .serve_with_incoming_shutdown(incoming, stop.stopped());
         // Streams end on stop; a client that never hangs up gets the grace period only.
         serve_until_stopped("the agent API", server, stop.stopped(), async {})
             .await

@@ -95,10 +95,12 @@ pub fn endpoint(address: &str) -> std::result::Result<tonic::transport::Endpoint
         .map_err(|e| format!("{address:?} is not an address ({e}); write host:port"))
 }
 
-/// Connects to the collector at `addr` for a command-line client (`dump`, `query`), with an
+/// Connects to the collector at `addr` for a command-line client (`dump`, `query`), over TLS
+/// when `tls` is given (the collector's certificate must name the host of `addr`), with an
 /// optional deadline on every request.
 pub async fn connect_collector(
     addr: &str,
+    tls: Option<&gpuscale_health::tls::ClientFiles>,
     request_timeout: Option<std::time::Duration>,
 ) -> Result<tonic::transport::Channel> {
     let fail = |why: String| Error::Connect {
@@ -111,5 +113,16 @@ pub async fn connect_collector(
     if let Some(t) = request_timeout {
         ep = ep.timeout(t);
     }
-    ep.connect().await.map_err(|e| fail(e.to_string()))
+    match tls {
+        None => ep.connect().await.map_err(|e| fail(e.to_string())),
+        Some(files) => {
+            let config = files
+                .config(gpuscale_health::tls::ServerNames::Checked)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let (channel, _) = gpuscale_health::tls::channel(&ep, std::sync::Arc::new(config))
+                .await
+                .map_err(fail)?;
+            Ok(channel)
+        }
+    }
 }

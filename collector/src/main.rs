@@ -23,11 +23,59 @@ enum Command {
     Query(QueryArgs),
 }
 
+/// TLS to a collector that serves it (`serve --tls-cert`).
+#[derive(clap::Args)]
+struct CollectorTls {
+    /// Talk TLS to the collector: its certificate must chain to this CA and name the host of
+    /// --collector.
+    #[arg(long = "ca", env = "GPUSCALE_COLLECTOR_CA")]
+    ca: Option<PathBuf>,
+    /// Mutual TLS: this client certificate (PEM; needs --ca), for a collector with
+    /// --tls-client-ca.
+    #[arg(long = "client-cert", env = "GPUSCALE_COLLECTOR_CLIENT_CERT", requires_all = ["ca", "client_key"])]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(
+        long = "client-key",
+        env = "GPUSCALE_COLLECTOR_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+}
+
+impl CollectorTls {
+    fn files(self) -> Option<gpuscale_health::tls::ClientFiles> {
+        client_files(
+            ("--ca", self.ca),
+            ("--client-cert", self.client_cert),
+            ("--client-key", self.client_key),
+        )
+    }
+}
+
+/// TLS client files from a CA flag and an optional certificate and key flag.
+fn client_files(
+    ca: (&'static str, Option<PathBuf>),
+    cert: (&'static str, Option<PathBuf>),
+    key: (&'static str, Option<PathBuf>),
+) -> Option<gpuscale_health::tls::ClientFiles> {
+    use gpuscale_health::tls::{ClientFiles, PemFile};
+    Some(ClientFiles {
+        ca: PemFile::new(ca.0, ca.1?),
+        identity: cert
+            .1
+            .zip(key.1)
+            .map(|(c, k)| (PemFile::new(cert.0, c), PemFile::new(key.0, k))),
+    })
+}
+
 #[derive(clap::Args)]
 struct QueryArgs {
     /// The collector's address (its --listen).
     #[arg(long, env = "GPUSCALE_COLLECTOR", default_value = "127.0.0.1:7700")]
     collector: String,
+    #[command(flatten)]
+    tls: CollectorTls,
     /// The ScaledObject's namespace (podSelector matches pods there).
     #[arg(long, default_value = "default")]
     namespace: String,
@@ -85,6 +133,32 @@ struct ServeArgs {
     /// 0.0.0.0:7703 (off by default).
     #[arg(long, env = "GPUSCALE_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Serve --listen and --http-listen over TLS with this certificate (PEM, leaf first). For
+    /// KEDA (enableTLS) it must name the host of the trigger's scalerAddress. Re-read when the
+    /// file changes.
+    #[arg(long, env = "GPUSCALE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "GPUSCALE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS on --listen: only clients (KEDA with tlsClientCert/tlsClientKey, dump, query)
+    /// with a certificate this CA signed may connect. Not applied to --http-listen.
+    #[arg(long, env = "GPUSCALE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Dial the agents over TLS: their certificates must chain to this CA and name the node
+    /// they report.
+    #[arg(long, env = "GPUSCALE_AGENT_CA")]
+    agent_ca: Option<PathBuf>,
+    /// Mutual TLS to the agents: the collector's client certificate (PEM; needs --agent-ca).
+    #[arg(long, env = "GPUSCALE_AGENT_CLIENT_CERT", requires_all = ["agent_ca", "agent_client_key"])]
+    agent_client_cert: Option<PathBuf>,
+    /// The private key of --agent-client-cert (PEM).
+    #[arg(
+        long,
+        env = "GPUSCALE_AGENT_CLIENT_KEY",
+        requires = "agent_client_cert"
+    )]
+    agent_client_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -92,6 +166,8 @@ struct DumpArgs {
     /// The collector's address (its --listen).
     #[arg(long, env = "GPUSCALE_COLLECTOR", default_value = "127.0.0.1:7700")]
     collector: String,
+    #[command(flatten)]
+    tls: CollectorTls,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -113,12 +189,24 @@ async fn run(cli: Cli) -> collector::Result<()> {
                     None => collector::serve::PodsFrom::Kube,
                 },
                 http_listen: a.http_listen,
+                tls: gpuscale_health::tls::ServerFiles::from_flags(
+                    a.tls_cert,
+                    a.tls_key,
+                    a.tls_client_ca,
+                )
+                .map_err(|e| collector::Error::Config(e.to_string()))?,
+                agent_tls: client_files(
+                    ("--agent-ca", a.agent_ca),
+                    ("--agent-client-cert", a.agent_client_cert),
+                    ("--agent-client-key", a.agent_client_key),
+                ),
             };
             collector::serve::run_until_signalled(config).await
         }
         Command::Query(a) => {
             let q = collector::cli::query::Query {
                 collector: a.collector,
+                tls: a.tls.files(),
                 namespace: a.namespace,
                 name: a.name,
                 metadata: a.meta.into_iter().collect(),
@@ -132,7 +220,10 @@ async fn run(cli: Cli) -> collector::Result<()> {
             };
             collector::cli::query::print(&q, print).await
         }
-        Command::Dump(a) => collector::cli::dump::print(&a.collector, a.json).await,
+        Command::Dump(a) => {
+            let tls = a.tls.files();
+            collector::cli::dump::print(&a.collector, tls.as_ref(), a.json).await
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuscale_health::ops::serve_until_stopped;
+use gpuscale_health::tls::{self, ClientFiles, ServerFiles, ServerNames, ServerTls};
 use proto::collector::collector_server::CollectorServer;
 use proto::externalscaler::external_scaler_server::ExternalScalerServer;
 
@@ -34,6 +35,11 @@ pub struct Config {
     pub pods: PodsFrom,
     /// Where to serve /healthz, /readyz and /metrics over HTTP (`--http-listen`), if anywhere.
     pub http_listen: Option<String>,
+    /// TLS for both ports (`--tls-cert`, `--tls-key`; `--tls-client-ca` for the gRPC port only:
+    /// the kubelet's probes cannot present a client certificate).
+    pub tls: Option<ServerFiles>,
+    /// TLS to the agents (`--agent-ca`, `--agent-client-cert`, `--agent-client-key`).
+    pub agent_tls: Option<ClientFiles>,
 }
 
 /// Where pod metadata comes from.
@@ -96,15 +102,41 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         PodsFrom::File(path) => Some(Arc::new(PodsFile::load(path)?)),
         PodsFrom::Kube => None,
     };
+    // Certificates are read at start: a wrong path or a key that is not the certificate's fails
+    // here, naming the flag and the file.
+    let tls_err = |e: tls::TlsError| Error::Config(e.to_string());
+    let grpc_tls = config
+        .tls
+        .as_ref()
+        .map(|f| ServerTls::load(f, tls::ALPN_GRPC))
+        .transpose()
+        .map_err(tls_err)?;
+    let http_tls = match (&config.tls, &config.http_listen) {
+        (Some(f), Some(_)) => Some(ServerTls::load(&f.without_client_ca(), tls::ALPN_HTTP)),
+        _ => None,
+    }
+    .transpose()
+    .map_err(tls_err)?;
+    let agent_tls = config
+        .agent_tls
+        .as_ref()
+        .map(|f| f.load(ServerNames::CheckedByCaller))
+        .transpose()
+        .map_err(tls_err)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| Error::Listen {
             addr: config.listen,
             error,
         })?;
+    let incoming =
+        tls::incoming(listener, grpc_tls.clone(), "--listen").map_err(|error| Error::Listen {
+            addr: config.listen,
+            error,
+        })?;
     let cluster = Arc::new(Cluster::new(&[]));
-    let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref())?;
-    let fleet = Arc::new(agents::Fleet::new(cluster.clone()));
+    let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref(), http_tls)?;
+    let fleet = Arc::new(agents::Fleet::new(cluster.clone(), agent_tls.clone()));
     fleet.set(&config.agents);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -153,6 +185,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             None => config.agents.len().to_string(),
         },
         pods = %pods.describe(),
+        tls = match (&config.tls, &config.tls.as_ref().and_then(|t| t.client_ca.as_ref())) {
+            (None, _) => "off",
+            (Some(_), None) => "on",
+            (Some(_), Some(_)) => "mutual",
+        },
+        agent_tls = match &config.agent_tls {
+            None => "off",
+            Some(ClientFiles { identity: None, .. }) => "on",
+            Some(_) => "mutual",
+        },
         "serving KEDA's external scaler and the collector API"
     );
     start_observability(&mut obs, &mut tasks, pods.clone()).await;
@@ -165,12 +207,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             scaler,
         }))
         .add_service(obs.grpc_health())
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = drain_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = drain_rx.await;
+        });
     // On the signal: end the long-lived streams and stop accepting, then give in-flight
     // requests the grace period; a client that never hangs up does not keep the collector alive.
     let on_stop = async {

@@ -14,10 +14,14 @@
 //! callbacks (which must answer from memory).
 //!
 //! [`ops`] holds the rest of the operations code both binaries share (logging set-up, shutdown
-//! signals, the wall clock in ns, poison-tolerant locks).
+//! signals, the wall clock in ns, poison-tolerant locks); [`tls`] the TLS of every port and of
+//! the collector's connections; `pki` (feature `pki`) the certificate generator.
 #![deny(missing_docs)]
 
 pub mod ops;
+#[cfg(any(test, feature = "pki"))]
+pub mod pki;
+pub mod tls;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -235,10 +239,11 @@ pub fn listen(given: &str) -> Result<std::net::TcpListener> {
     bind(parse_listen(given)?)
 }
 
-/// Serves `endpoints` on `listener` until `shutdown` resolves; open requests then get
-/// [`ops::GRACE`] to finish. Call it on a tokio runtime.
+/// Serves `endpoints` on `listener` (over TLS when `tls` is given) until `shutdown` resolves;
+/// open requests then get [`ops::GRACE`] to finish. Call it on a tokio runtime.
 pub async fn serve(
     listener: std::net::TcpListener,
+    tls: Option<Arc<tls::ServerTls>>,
     endpoints: Endpoints,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -247,7 +252,8 @@ pub async fn serve(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let fail = |error| Error::Serve { addr, error };
     let listener = tokio::net::TcpListener::from_std(listener).map_err(fail)?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    tracing::info!(%addr, tls = tls.is_some(), "serving /healthz, /readyz and /metrics");
+    let listener = tls::incoming(listener, tls, "--http-listen").map_err(fail)?;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(endpoints)).with_graceful_shutdown(async move {
         shutdown.await;
@@ -360,7 +366,7 @@ mod tests {
             .build()
             .unwrap();
         let server = std::thread::spawn(move || {
-            rt.block_on(serve(listener, endpoints, async {
+            rt.block_on(serve(listener, None, endpoints, async {
                 let _ = stop_rx.await;
             }))
         });

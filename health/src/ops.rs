@@ -82,6 +82,19 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(listener)
 }
 
+/// An error with its sources, `: ` between them (tonic's transport error alone says only
+/// "transport error"; aya's load errors hide the verifier's reason in a source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Wall-clock time now, nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()

@@ -8,17 +8,7 @@ pub(super) fn ebpf_err(why: impl Into<String>) -> Error {
     Error::Ebpf { why: why.into() }
 }
 
-/// `e` and its sources, `: `-joined.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
+pub(super) use gpuscale_health::ops::error_chain as chain;
 
 /// Attaches the open hook `wanted` says: fentry on `do_sys_openat2` when the kernel allows it
 /// (`Auto` falls back to the syscall tracepoints, logging why), or the

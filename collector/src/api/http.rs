@@ -173,12 +173,17 @@ pub struct Observability {
     /// `grpc.health.v1` service names besides the whole server's `""`.
     grpc_services: Vec<&'static str>,
     http: Option<std::net::TcpListener>,
+    http_tls: Option<Arc<gpuscale_health::tls::ServerTls>>,
 }
 
 impl Observability {
-    /// State for a collector over `cluster`; binds `--http-listen` now when given, so a bad
-    /// address or a taken port fails the collector at start.
-    pub fn new(cluster: Arc<Cluster>, http_listen: Option<&str>) -> Result<Observability> {
+    /// State for a collector over `cluster`; binds `--http-listen` now when given (serving it
+    /// over `http_tls` if given), so a bad address or a taken port fails the collector at start.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        http_listen: Option<&str>,
+        http_tls: Option<Arc<gpuscale_health::tls::ServerTls>>,
+    ) -> Result<Observability> {
         let http = http_listen
             .map(gpuscale_health::listen)
             .transpose()
@@ -189,6 +194,7 @@ impl Observability {
             reporter: HealthReporter::new(),
             grpc_services: Vec::new(),
             http,
+            http_tls,
         })
     }
 
@@ -221,11 +227,12 @@ impl Observability {
         );
         if let Some(listener) = self.http.take() {
             let endpoints = endpoints(self.health.clone(), self.metrics.clone(), pods);
+            let tls = self.http_tls.clone();
             // Runs until the task set is aborted at exit, so /readyz says "shutting down" during
             // the grace period.
             tasks.spawn(async move {
                 let forever = std::future::pending::<()>();
-                if let Err(e) = gpuscale_health::serve(listener, endpoints, forever).await {
+                if let Err(e) = gpuscale_health::serve(listener, tls, endpoints, forever).await {
                     tracing::error!("{e}");
                 }
             });

@@ -10,10 +10,12 @@ use serde::Serialize;
 use vocab::Metric;
 
 use crate::{Error, Result};
+use gpuscale_health::tls::ClientFiles;
 
-/// Fetches the view from the collector at `addr` (`host:port`).
-pub async fn fetch(addr: &str) -> Result<ClusterView> {
-    let channel = crate::connect_collector(addr, Some(std::time::Duration::from_secs(5))).await?;
+/// Fetches the view from the collector at `addr` (`host:port`), over TLS with `tls`.
+pub async fn fetch(addr: &str, tls: Option<&ClientFiles>) -> Result<ClusterView> {
+    let timeout = Some(std::time::Duration::from_secs(5));
+    let channel = crate::connect_collector(addr, tls, timeout).await?;
     CollectorClient::new(channel)
         .get_cluster_view(ClusterViewRequest {})
         .await
@@ -26,8 +28,8 @@ pub async fn fetch(addr: &str) -> Result<ClusterView> {
 
 /// `gpuscale-collector dump`: fetches the view from the collector at `addr` and prints it to
 /// stdout, as a table or (`json`) as [`to_json`].
-pub async fn print(addr: &str, json: bool) -> Result<()> {
-    let view = fetch(addr).await?;
+pub async fn print(addr: &str, tls: Option<&ClientFiles>, json: bool) -> Result<()> {
+    let view = fetch(addr, tls).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&to_json(addr, &view))?);
     } else {

@@ -23,6 +23,8 @@ use crate::Result;
 pub struct Query {
     /// The collector's address.
     pub collector: String,
+    /// TLS to the collector, if it serves TLS.
+    pub tls: Option<gpuscale_health::tls::ClientFiles>,
     /// The ScaledObject's namespace.
     pub namespace: String,
     /// The ScaledObject's name.
@@ -243,7 +245,7 @@ pub fn parse_meta(s: &str) -> std::result::Result<(String, String), String> {
 
 async fn connect(q: &Query) -> Result<tonic::transport::Channel> {
     // No channel-wide deadline: GetMetrics carries KEDA's own 3 s one below.
-    crate::connect_collector(&q.collector, None).await
+    crate::connect_collector(&q.collector, q.tls.as_ref(), None).await
 }
 
 use gpuscale_health::ops::unix_now_ns;
@@ -517,6 +519,7 @@ mod tests {
         use proto::collector::{GpuValue, ReplicaValue};
         let q = |metric_type| Query {
             collector: "127.0.0.1:7700".into(),
+            tls: None,
             namespace: "ml".into(),
             name: "vllm".into(),
             metadata: HashMap::new(),

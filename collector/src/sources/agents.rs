@@ -3,14 +3,23 @@
 //! to 5 s) when the agent is unreachable or restarts. One agent's trouble never delays another.
 //! The set of addresses is fixed (`--agents`) or follows discovery (`--agent-service`):
 //! [`Fleet::set`] starts streams for new addresses and stops and retires the ones that left.
+//!
+//! With TLS (`--agent-ca`, and `--agent-client-cert`/`--agent-client-key` for mutual TLS) an
+//! agent's certificate must chain to the agent CA, and it is the agent's identity: agents are
+//! dialed by pod IP, so the certificate is not checked against the address but must name (as a
+//! DNS name) the node every snapshot reports. A snapshot for another node is refused, so one
+//! agent cannot take over another node's pods. The files are re-read for each new connection
+//! when they changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gpuscale_health::tls::{self, ClientTls};
 use proto::agent::agent_client::AgentClient;
 use proto::agent::WatchRequest;
-use tonic::transport::Endpoint;
+use rustls::pki_types::CertificateDer;
+use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::sources::validate;
@@ -40,8 +49,45 @@ pub fn validate(addresses: &[String]) -> Result<(), String> {
 /// attributions as strings in fields revision 2 reserved, so its metrics would all read as absent.
 pub const MIN_AGENT_API: u32 = 2;
 
-async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<(), String> {
-    let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+/// A channel to the agent at `ep`, over TLS when `tls` is given: then also the agent's
+/// certificate.
+async fn connect(
+    ep: &Endpoint,
+    tls: Option<&ClientTls>,
+) -> Result<(Channel, Option<CertificateDer<'static>>), String> {
+    let Some(tls) = tls else {
+        let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+        return Ok((channel, None));
+    };
+    let (channel, cert) = tls::channel(ep, tls.get())
+        .await
+        .map_err(|e| format!("connect over TLS: {e}"))?;
+    Ok((channel, Some(cert)))
+}
+
+/// Whether the agent's certificate (if any) lets it report `node_name`; `Err` says why not.
+fn check_identity(cert: Option<&CertificateDer<'_>>, node_name: &str) -> Result<(), String> {
+    match cert {
+        None => Ok(()),
+        Some(cert) if tls::names_identity(cert, node_name) => Ok(()),
+        Some(cert) => Err(format!(
+            "the agent reported node {}, but its certificate names {} (a certificate must name \
+             the node its agent runs on)",
+            crate::quote(node_name),
+            crate::quote(&tls::dns_names(cert))
+        )),
+    }
+}
+
+async fn stream_once(
+    cluster: &Cluster,
+    node: usize,
+    ep: &Endpoint,
+    tls: Option<&ClientTls>,
+) -> Result<(), String> {
+    let (channel, cert) = connect(ep, tls).await?;
+    // The node name last found in the certificate, so it is checked once, not per snapshot.
+    let mut allowed: Option<String> = None;
     let mut client = AgentClient::new(channel);
     let mut stream = client
         .watch_snapshots(WatchRequest { min_interval_ms: 0 })
@@ -65,6 +111,13 @@ async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<()
             }
             Ok(Some(snap)) => {
                 let at = Instant::now();
+                if allowed.as_deref() != Some(snap.node_name.as_str()) {
+                    if let Err(why) = check_identity(cert.as_ref(), &snap.node_name) {
+                        cluster.write(|v| v.refuse(node, why));
+                        continue;
+                    }
+                    allowed = Some(snap.node_name.clone());
+                }
                 match validate::check(&snap) {
                     Ok(()) => cluster.write(|v| v.update(node, snap, at)),
                     Err(validate::Refused(why)) => cluster.write(|v| v.refuse(node, why)),
@@ -77,7 +130,12 @@ async fn stream_once(cluster: &Cluster, node: usize, ep: &Endpoint) -> Result<()
 }
 
 /// Runs the stream of agent `node` forever (until the task is dropped).
-pub async fn follow(cluster: Arc<Cluster>, node: usize, address: String) {
+pub async fn follow(
+    cluster: Arc<Cluster>,
+    node: usize,
+    address: String,
+    tls: Option<Arc<ClientTls>>,
+) {
     let span = tracing::info_span!("agent", %address);
     async move {
         let ep = match endpoint(&address) {
@@ -90,7 +148,9 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, address: String) {
         let mut backoff = BACKOFF_START;
         loop {
             let started = Instant::now();
-            let err = stream_once(&cluster, node, &ep).await.unwrap_err();
+            let err = stream_once(&cluster, node, &ep, tls.as_deref())
+                .await
+                .unwrap_err();
             // A stream that ran a while was healthy: start the backoff afresh.
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_START;
@@ -113,14 +173,16 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, address: String) {
 /// The agents being followed, by address.
 pub struct Fleet {
     cluster: Arc<Cluster>,
+    tls: Option<Arc<ClientTls>>,
     streams: Mutex<HashMap<String, (usize, tokio::task::AbortHandle)>>,
 }
 
 impl Fleet {
-    /// Follows no agent yet.
-    pub fn new(cluster: Arc<Cluster>) -> Fleet {
+    /// Follows no agent yet; will dial agents over TLS with `tls`.
+    pub fn new(cluster: Arc<Cluster>, tls: Option<Arc<ClientTls>>) -> Fleet {
         Fleet {
             cluster,
+            tls,
             streams: Mutex::new(HashMap::new()),
         }
     }
@@ -152,7 +214,12 @@ impl Fleet {
             }
             let mut node = 0;
             self.cluster.write(|v| node = v.add_node(address));
-            let task = tokio::spawn(follow(self.cluster.clone(), node, address.clone()));
+            let task = tokio::spawn(follow(
+                self.cluster.clone(),
+                node,
+                address.clone(),
+                self.tls.clone(),
+            ));
             streams.insert(address.clone(), (node, task.abort_handle()));
             tracing::info!(%address, "following agent");
         }

@@ -3,6 +3,7 @@
 //! `scalerMetadata`, a deadline of 3 s on `GetMetrics`).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use proto::externalscaler::external_scaler_client::ExternalScalerClient;
@@ -52,6 +53,55 @@ impl Keda {
             panic!("collector at {addr} never accepted a connection");
         });
         Keda { rt, client }
+    }
+
+    /// Connects over TLS as KEDA's `external_scaler.go` does with `enableTLS: "true"`: a
+    /// `tls.Config` with the trigger authentication's `caCert` as the roots and, for mutual TLS,
+    /// `tlsClientCert`/`tlsClientKey` as the certificate; grpc-go checks the certificate against
+    /// the host of `scalerAddress` and needs ALPN `h2`. `Err` when the handshake fails.
+    pub fn connect_tls(
+        addr: &str,
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Keda, String> {
+        use gpuscale_health::tls::{ClientFiles, PemFile, ServerNames};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let files = ClientFiles {
+            ca: PemFile::new("caCert", ca),
+            identity: identity.map(|(c, k)| {
+                (
+                    PemFile::new("tlsClientCert", c),
+                    PemFile::new("tlsClientKey", k),
+                )
+            }),
+        };
+        let config = std::sync::Arc::new(
+            files
+                .config(ServerNames::Checked)
+                .map_err(|e| e.to_string())?,
+        );
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?;
+        let channel = rt.block_on(async {
+            let mut last = String::new();
+            for _ in 0..100 {
+                match gpuscale_health::tls::channel(&ep, config.clone()).await {
+                    Ok((c, _)) => return Ok(c),
+                    // Not listening yet: the collector is starting.
+                    Err(e) if e.contains("onnection refused") => last = e,
+                    Err(e) => return Err(e),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(last)
+        })?;
+        Ok(Keda {
+            rt,
+            client: ExternalScalerClient::new(channel),
+        })
     }
 
     /// `GetMetricSpec`: (metric name, target).

@@ -57,6 +57,7 @@ fn per_process_utilization_is_read_only_for_shared_gpus_and_off_the_sample_path(
         },
         listen: None,
         http_listen: None,
+        tls: None,
     };
     let stop = Arc::new(Stop::default());
     let s2 = stop.clone();
