@@ -113,16 +113,12 @@ pub async fn connect_collector(
     if let Some(t) = request_timeout {
         ep = ep.timeout(t);
     }
-    match tls {
-        None => ep.connect().await.map_err(|e| fail(e.to_string())),
-        Some(files) => {
-            let config = files
-                .config(gpuscale_health::tls::ServerNames::Checked)
-                .map_err(|e| Error::Config(e.to_string()))?;
-            let (channel, _) = gpuscale_health::tls::channel(&ep, std::sync::Arc::new(config))
-                .await
-                .map_err(fail)?;
-            Ok(channel)
-        }
-    }
+    let config = tls
+        .map(|files| files.config(gpuscale_health::tls::ServerNames::Checked))
+        .transpose()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    gpuscale_health::tls::channel_to(&ep, config.map(std::sync::Arc::new))
+        .await
+        .map(|(channel, _)| channel)
+        .map_err(fail)
 }

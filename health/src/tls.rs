@@ -637,6 +637,22 @@ pub async fn channel(
     Ok((channel, cert))
 }
 
+/// A gRPC channel to `ep`: plain text without `config`, else over TLS ([`channel`]), then also
+/// the server's leaf certificate.
+pub async fn channel_to(
+    ep: &tonic::transport::Endpoint,
+    config: Option<Arc<ClientConfig>>,
+) -> Result<(tonic::transport::Channel, Option<CertificateDer<'static>>), String> {
+    match config {
+        None => ep
+            .connect()
+            .await
+            .map(|c| (c, None))
+            .map_err(|e| e.to_string()),
+        Some(config) => channel(ep, config).await.map(|(c, cert)| (c, Some(cert))),
+    }
+}
+
 /// The server name to send and check for `addr` (`host:port`): the host, an IP or a DNS name.
 pub fn server_name_of(addr: &str) -> Result<ServerName<'static>, String> {
     let host = match addr.rsplit_once(':') {

@@ -55,14 +55,14 @@ async fn connect(
     ep: &Endpoint,
     tls: Option<&ClientTls>,
 ) -> Result<(Channel, Option<CertificateDer<'static>>), String> {
-    let Some(tls) = tls else {
-        let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
-        return Ok((channel, None));
+    let how = if tls.is_some() {
+        "connect over TLS"
+    } else {
+        "connect"
     };
-    let (channel, cert) = tls::channel(ep, tls.get())
+    tls::channel_to(ep, tls.map(|t| t.get()))
         .await
-        .map_err(|e| format!("connect over TLS: {e}"))?;
-    Ok((channel, Some(cert)))
+        .map_err(|e| format!("{how}: {e}"))
 }
 
 /// Whether the agent's certificate (if any) lets it report `node_name`; `Err` says why not.
