@@ -146,9 +146,15 @@ struct ServeArgs {
     #[arg(long, env = "GPUSCALE_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Dial the agents over TLS: their certificates must chain to this CA and name the node
-    /// they report.
+    /// they report (or --agent-tls-server-name).
     #[arg(long, env = "GPUSCALE_AGENT_CA")]
     agent_ca: Option<PathBuf>,
+    /// The name every agent's certificate carries, when one certificate serves all agents (as
+    /// `cargo xtask deploy` and deploy/overlays/cert-manager issue it); the node an agent may
+    /// report then comes from its EndpointSlice (--agent-service). Without it each agent's
+    /// certificate must name its node.
+    #[arg(long, env = "GPUSCALE_AGENT_TLS_SERVER_NAME", requires = "agent_ca", value_parser = dns_name)]
+    agent_tls_server_name: Option<String>,
     /// Mutual TLS to the agents: the collector's client certificate (PEM; needs --agent-ca).
     #[arg(long, env = "GPUSCALE_AGENT_CLIENT_CERT", requires_all = ["agent_ca", "agent_client_key"])]
     agent_client_cert: Option<PathBuf>,
@@ -159,6 +165,15 @@ struct ServeArgs {
         requires = "agent_client_cert"
     )]
     agent_client_key: Option<PathBuf>,
+}
+
+/// A DNS name a certificate can carry (`--agent-tls-server-name`).
+fn dns_name(s: &str) -> Result<String, String> {
+    rustls::pki_types::DnsName::try_from(s)
+        .map(|_| s.to_owned())
+        .map_err(|_| {
+            format!("{s:?} is not a DNS name; write the name in the agents' certificate, such as gpuscale-agent.gpuscale-system.svc")
+        })
 }
 
 #[derive(clap::Args)]
@@ -200,6 +215,7 @@ async fn run(cli: Cli) -> collector::Result<()> {
                     ("--agent-client-cert", a.agent_client_cert),
                     ("--agent-client-key", a.agent_client_key),
                 ),
+                agent_tls_name: a.agent_tls_server_name,
             };
             collector::serve::run_until_signalled(config).await
         }

@@ -40,6 +40,9 @@ pub struct Config {
     pub tls: Option<ServerFiles>,
     /// TLS to the agents (`--agent-ca`, `--agent-client-cert`, `--agent-client-key`).
     pub agent_tls: Option<ClientFiles>,
+    /// The name every agent's certificate carries (`--agent-tls-server-name`), when one
+    /// certificate serves all agents; `None`: each agent's certificate names its node.
+    pub agent_tls_name: Option<String>,
 }
 
 /// Where pod metadata comes from.
@@ -122,7 +125,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .as_ref()
         .map(|f| f.load(ServerNames::CheckedByCaller))
         .transpose()
-        .map_err(tls_err)?;
+        .map_err(tls_err)?
+        .map(|tls| agents::AgentTls {
+            tls,
+            shared_name: config.agent_tls_name.clone(),
+        });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| Error::Listen {
@@ -137,7 +144,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let cluster = Arc::new(Cluster::new(&[]));
     let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref(), http_tls)?;
     let fleet = Arc::new(agents::Fleet::new(cluster.clone(), agent_tls.clone()));
-    fleet.set(&config.agents);
+    fleet.set(
+        &config
+            .agents
+            .iter()
+            .map(agents::Agent::at)
+            .collect::<Vec<_>>(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let (pods, targets): (Arc<dyn PodSource>, Option<Arc<dyn Targets>>) =

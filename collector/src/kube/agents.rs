@@ -10,7 +10,7 @@ use kube::api::Api;
 use kube::runtime::watcher;
 
 use super::watch::{follow, Change, Contact};
-use crate::sources::agents::Fleet;
+use crate::sources::agents::{Agent, Fleet};
 use crate::sources::pods::SourceHealth;
 
 /// `NAMESPACE/NAME` of `--agent-service`.
@@ -26,9 +26,9 @@ pub fn parse_service(s: &str) -> std::result::Result<(String, String), String> {
     }
 }
 
-/// The agent addresses an EndpointSlice lists: ready endpoints on its port named `grpc` (or
-/// its only port).
-pub fn slice_addresses(slice: &EndpointSlice) -> Vec<String> {
+/// The agents an EndpointSlice lists: ready endpoints on its port named `grpc` (or its only
+/// port), each with the node it runs on (`nodeName`), which the agent must then report.
+pub fn slice_agents(slice: &EndpointSlice) -> Vec<Agent> {
     let ports = slice.ports.as_deref().unwrap_or_default();
     let port = ports
         .iter()
@@ -46,13 +46,14 @@ pub fn slice_addresses(slice: &EndpointSlice) -> Vec<String> {
         .endpoints
         .iter()
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .flat_map(|e| e.addresses.iter())
-        .map(|a| {
-            if a.contains(':') {
+        .flat_map(|e| e.addresses.iter().map(move |a| (a, e.node_name.as_ref())))
+        .map(|(a, node)| Agent {
+            address: if a.contains(':') {
                 format!("[{a}]:{port}")
             } else {
                 format!("{a}:{port}")
-            }
+            },
+            node: node.cloned(),
         })
         .collect()
 }
@@ -71,7 +72,7 @@ pub async fn discover_agents(
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let scope = format!("in namespace {namespace} (Service {service})");
-    let mut slices: HashMap<String, Vec<String>> = HashMap::new();
+    let mut slices: HashMap<String, Vec<Agent>> = HashMap::new();
     follow(
         api,
         config,
@@ -82,19 +83,19 @@ pub async fn discover_agents(
             let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
             match change {
                 Change::Reset(all) => {
-                    slices = all.iter().map(|s| (name(s), slice_addresses(s))).collect();
+                    slices = all.iter().map(|s| (name(s), slice_agents(s))).collect();
                 }
                 Change::Apply(s) => {
-                    slices.insert(name(&s), slice_addresses(&s));
+                    slices.insert(name(&s), slice_agents(&s));
                 }
                 Change::Delete(s) => {
                     slices.remove(&name(&s));
                 }
             }
-            let mut addresses: Vec<String> = slices.values().flatten().cloned().collect();
-            addresses.sort();
-            addresses.dedup();
-            fleet.set(&addresses);
+            let mut agents: Vec<Agent> = slices.values().flatten().cloned().collect();
+            agents.sort();
+            agents.dedup();
+            fleet.set(&agents);
         },
     )
     .await;
@@ -119,12 +120,14 @@ mod tests {
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
     fn slice(ports: Vec<(&str, i32)>, endpoints: Vec<(&str, Option<bool>)>) -> EndpointSlice {
+        let node = |a: &str| (a == "10.0.0.1").then(|| "gpu-node-1".to_owned());
         EndpointSlice {
             address_type: "IPv4".into(),
             endpoints: endpoints
                 .into_iter()
                 .map(|(a, ready)| Endpoint {
                     addresses: vec![a.to_owned()],
+                    node_name: node(a),
                     conditions: Some(EndpointConditions {
                         ready,
                         ..Default::default()
@@ -156,12 +159,21 @@ mod tests {
                 ("fd00::3", None),
             ],
         );
-        assert_eq!(slice_addresses(&s), ["10.0.0.1:7701", "[fd00::3]:7701"]);
+        assert_eq!(
+            slice_agents(&s),
+            [
+                Agent {
+                    address: "10.0.0.1:7701".into(),
+                    node: Some("gpu-node-1".into())
+                },
+                Agent::at("[fd00::3]:7701")
+            ]
+        );
         // One unnamed port is the port; several without `grpc` give nothing rather than a guess.
         let one = slice(vec![("", 9000)], vec![("10.0.0.4", None)]);
-        assert_eq!(slice_addresses(&one), ["10.0.0.4:9000"]);
+        assert_eq!(slice_agents(&one), [Agent::at("10.0.0.4:9000")]);
         let ambiguous = slice(vec![("a", 1), ("b", 2)], vec![("10.0.0.5", None)]);
-        assert!(slice_addresses(&ambiguous).is_empty());
+        assert!(slice_agents(&ambiguous).is_empty());
     }
 
     #[test]

@@ -4,12 +4,19 @@
 //! The set of addresses is fixed (`--agents`) or follows discovery (`--agent-service`):
 //! [`Fleet::set`] starts streams for new addresses and stops and retires the ones that left.
 //!
-//! With TLS (`--agent-ca`, and `--agent-client-cert`/`--agent-client-key` for mutual TLS) an
-//! agent's certificate must chain to the agent CA, and it is the agent's identity: agents are
-//! dialed by pod IP, so the certificate is not checked against the address but must name (as a
-//! DNS name) the node every snapshot reports. A snapshot for another node is refused, so one
-//! agent cannot take over another node's pods. The files are re-read for each new connection
-//! when they changed.
+//! Which node an agent may report (so that one agent cannot take over another node's pods):
+//! - discovered agents (`--agent-service`) run on the node their EndpointSlice names
+//!   (`endpoints[].nodeName`, which the API server's endpoint controller copies from the pod): a
+//!   snapshot for any other node is refused, TLS or not;
+//! - with TLS (`--agent-ca`, and `--agent-client-cert`/`--agent-client-key` for mutual TLS) an
+//!   agent's certificate must chain to the agent CA. Agents are dialed by pod IP, so the
+//!   certificate is not checked against the address: it must name (as a DNS name) the node every
+//!   snapshot reports, or, with `--agent-tls-server-name NAME` (one certificate shared by every
+//!   agent, as `cargo xtask deploy` and cert-manager issue it), it must name NAME, and the node
+//!   then comes from the EndpointSlice alone.
+//!
+//! A snapshot for another node is refused with the reason in `dump` and the node's pods read
+//! `UNAVAILABLE`. The TLS files are re-read for each new connection when they changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,28 +72,95 @@ async fn connect(
         .map_err(|e| format!("{how}: {e}"))
 }
 
-/// Whether the agent's certificate (if any) lets it report `node_name`; `Err` says why not.
-fn check_identity(cert: Option<&CertificateDer<'_>>, node_name: &str) -> Result<(), String> {
+/// An agent to follow: its address and, when discovery knows it, the node it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Agent {
+    /// `host:port` of the agent's `--listen`.
+    pub address: String,
+    /// The node the agent's pod runs on (its EndpointSlice's `nodeName`); `None` for
+    /// `--agents` addresses.
+    pub node: Option<String>,
+}
+
+impl Agent {
+    /// An agent at `address` on a node nobody vouched for (`--agents`).
+    pub fn at(address: impl Into<String>) -> Agent {
+        Agent {
+            address: address.into(),
+            node: None,
+        }
+    }
+}
+
+/// How agents are dialed over TLS, and what their certificates must name.
+#[derive(Clone)]
+pub struct AgentTls {
+    /// The client configuration (`--agent-ca`, and the client certificate for mutual TLS).
+    pub tls: Arc<ClientTls>,
+    /// `--agent-tls-server-name`: the name every agent's certificate carries (one certificate
+    /// for all agents); `None`: each certificate names its node.
+    pub shared_name: Option<String>,
+}
+
+/// Whether `agent` may report `node_name`: the node its EndpointSlice names, if known, and the
+/// node its certificate names, when certificates are per node. `Err` says why not.
+fn check_node(
+    agent: &Agent,
+    cert: Option<&CertificateDer<'_>>,
+    per_node_certificates: bool,
+    node_name: &str,
+) -> Result<(), String> {
+    if let Some(node) = &agent.node {
+        if node != node_name {
+            return Err(format!(
+                "the agent at {} reported node {}, but it runs on node {} (its EndpointSlice): \
+                 an agent may only report its own node",
+                agent.address,
+                crate::quote(node_name),
+                crate::quote(node)
+            ));
+        }
+    }
     match cert {
-        None => Ok(()),
-        Some(cert) if tls::names_identity(cert, node_name) => Ok(()),
-        Some(cert) => Err(format!(
-            "the agent reported node {}, but its certificate names {} (a certificate must name \
-             the node its agent runs on)",
-            crate::quote(node_name),
-            crate::quote(&tls::dns_names(cert))
+        Some(cert) if per_node_certificates && !tls::names_identity(cert, node_name) => {
+            Err(format!(
+                "the agent reported node {}, but its certificate names {} (a certificate must \
+                 name the node its agent runs on, or give every agent's shared name with \
+                 --agent-tls-server-name)",
+                crate::quote(node_name),
+                crate::quote(&tls::dns_names(cert))
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// With a shared agent certificate (`--agent-tls-server-name`), whether `cert` carries that name.
+fn check_shared_name(cert: Option<&CertificateDer<'_>>, tls: &AgentTls) -> Result<(), String> {
+    match (cert, &tls.shared_name) {
+        (Some(cert), Some(name)) if !tls::names_identity(cert, name) => Err(format!(
+            "the agent's certificate names {}, not {} (--agent-tls-server-name): it is not a \
+             certificate issued to gpuscale's agents",
+            crate::quote(&tls::dns_names(cert)),
+            crate::quote(name)
         )),
+        _ => Ok(()),
     }
 }
 
 async fn stream_once(
     cluster: &Cluster,
     node: usize,
+    agent: &Agent,
     ep: &Endpoint,
-    tls: Option<&ClientTls>,
+    tls: Option<&AgentTls>,
 ) -> Result<(), String> {
-    let (channel, cert) = connect(ep, tls).await?;
-    // The node name last found in the certificate, so it is checked once, not per snapshot.
+    let (channel, cert) = connect(ep, tls.map(|t| &*t.tls)).await?;
+    if let Some(tls) = tls {
+        check_shared_name(cert.as_ref(), tls)?;
+    }
+    let per_node_certificates = tls.is_some_and(|t| t.shared_name.is_none());
+    // The node name last allowed, so it is checked once, not per snapshot.
     let mut allowed: Option<String> = None;
     let mut client = AgentClient::new(channel);
     let mut stream = client
@@ -112,7 +186,9 @@ async fn stream_once(
             Ok(Some(snap)) => {
                 let at = Instant::now();
                 if allowed.as_deref() != Some(snap.node_name.as_str()) {
-                    if let Err(why) = check_identity(cert.as_ref(), &snap.node_name) {
+                    if let Err(why) =
+                        check_node(agent, cert.as_ref(), per_node_certificates, &snap.node_name)
+                    {
                         cluster.write(|v| v.refuse(node, why));
                         continue;
                     }
@@ -129,16 +205,11 @@ async fn stream_once(
     }
 }
 
-/// Runs the stream of agent `node` forever (until the task is dropped).
-pub async fn follow(
-    cluster: Arc<Cluster>,
-    node: usize,
-    address: String,
-    tls: Option<Arc<ClientTls>>,
-) {
-    let span = tracing::info_span!("agent", %address);
+/// Runs the stream of `agent` (view slot `node`) forever (until the task is dropped).
+pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Option<AgentTls>) {
+    let span = tracing::info_span!("agent", address = %agent.address);
     async move {
-        let ep = match endpoint(&address) {
+        let ep = match endpoint(&agent.address) {
             Ok(ep) => ep,
             Err(e) => {
                 tracing::error!("{e}");
@@ -148,7 +219,7 @@ pub async fn follow(
         let mut backoff = BACKOFF_START;
         loop {
             let started = Instant::now();
-            let err = stream_once(&cluster, node, &ep, tls.as_deref())
+            let err = stream_once(&cluster, node, &agent, &ep, tls.as_ref())
                 .await
                 .unwrap_err();
             // A stream that ran a while was healthy: start the backoff afresh.
@@ -170,16 +241,16 @@ pub async fn follow(
     .await
 }
 
-/// The agents being followed, by address.
+/// The agents being followed.
 pub struct Fleet {
     cluster: Arc<Cluster>,
-    tls: Option<Arc<ClientTls>>,
-    streams: Mutex<HashMap<String, (usize, tokio::task::AbortHandle)>>,
+    tls: Option<AgentTls>,
+    streams: Mutex<HashMap<Agent, (usize, tokio::task::AbortHandle)>>,
 }
 
 impl Fleet {
     /// Follows no agent yet; will dial agents over TLS with `tls`.
-    pub fn new(cluster: Arc<Cluster>, tls: Option<Arc<ClientTls>>) -> Fleet {
+    pub fn new(cluster: Arc<Cluster>, tls: Option<AgentTls>) -> Fleet {
         Fleet {
             cluster,
             tls,
@@ -187,41 +258,42 @@ impl Fleet {
         }
     }
 
-    /// Makes `addresses` the followed set: starts a stream for each new address, and stops
-    /// the streams of addresses that left (their nodes leave the view at once). Must run on a
-    /// tokio runtime. Invalid addresses are skipped with a warning.
-    pub fn set(&self, addresses: &[String]) {
+    /// Makes `agents` the followed set: starts a stream for each new agent, and stops the
+    /// streams of agents that left (their nodes leave the view at once); an address now on
+    /// another node is a new agent. Must run on a tokio runtime. Invalid addresses are skipped
+    /// with a warning.
+    pub fn set(&self, agents: &[Agent]) {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<String> = streams
+        let gone: Vec<Agent> = streams
             .keys()
-            .filter(|a| !addresses.contains(a))
+            .filter(|a| !agents.contains(a))
             .cloned()
             .collect();
-        for address in gone {
-            if let Some((node, task)) = streams.remove(&address) {
+        for agent in gone {
+            if let Some((node, task)) = streams.remove(&agent) {
                 task.abort();
                 self.cluster.write(|v| v.retire_node(node));
-                tracing::info!(%address, "agent left; stopped following it");
+                tracing::info!(address = %agent.address, "agent left; stopped following it");
             }
         }
-        for address in addresses {
-            if streams.contains_key(address) {
+        for agent in agents {
+            if streams.contains_key(agent) {
                 continue;
             }
-            if let Err(e) = endpoint(address) {
+            if let Err(e) = endpoint(&agent.address) {
                 tracing::warn!("skipping agent: {e}");
                 continue;
             }
             let mut node = 0;
-            self.cluster.write(|v| node = v.add_node(address));
+            self.cluster.write(|v| node = v.add_node(&agent.address));
             let task = tokio::spawn(follow(
                 self.cluster.clone(),
                 node,
-                address.clone(),
+                agent.clone(),
                 self.tls.clone(),
             ));
-            streams.insert(address.clone(), (node, task.abort_handle()));
-            tracing::info!(%address, "following agent");
+            streams.insert(agent.clone(), (node, task.abort_handle()));
+            tracing::info!(address = %agent.address, node = ?agent.node, "following agent");
         }
     }
 
@@ -241,5 +313,77 @@ impl Fleet {
         for (_, (_, task)) in streams.drain() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuscale_health::pki::Ca;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_discovered_agent_may_report_only_the_node_its_endpoint_slice_names() {
+        let agent = Agent {
+            address: "10.0.0.7:7701".into(),
+            node: Some("gpu-node-7".into()),
+        };
+        assert_eq!(check_node(&agent, None, false, "gpu-node-7"), Ok(()));
+        let why = check_node(&agent, None, false, "gpu-node-1").unwrap_err();
+        assert!(
+            why.contains("10.0.0.7:7701")
+                && why.contains("reported node \"gpu-node-1\"")
+                && why.contains("runs on node \"gpu-node-7\""),
+            "{why}"
+        );
+        // A shared certificate does not lift the EndpointSlice's binding.
+        let ca = Ca::new("test CA", 1).unwrap();
+        let shared = der(&ca.issue(&["gpuscale-agent.ns.svc"], 1).unwrap().cert_pem);
+        assert!(check_node(&agent, Some(&shared), false, "gpu-node-1").is_err());
+        assert_eq!(
+            check_node(&agent, Some(&shared), false, "gpu-node-7"),
+            Ok(())
+        );
+        // `--agents` addresses have no EndpointSlice: nothing to hold the node against.
+        assert_eq!(
+            check_node(&Agent::at("10.0.0.7:7701"), None, false, "any"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn per_node_certificates_must_name_the_node_and_a_shared_one_the_shared_name() {
+        let ca = Ca::new("test CA", 1).unwrap();
+        let node7 = der(&ca.issue(&["gpu-node-7"], 1).unwrap().cert_pem);
+        let agent = Agent::at("10.0.0.7:7701");
+        assert_eq!(check_node(&agent, Some(&node7), true, "gpu-node-7"), Ok(()));
+        let why = check_node(&agent, Some(&node7), true, "gpu-node-1").unwrap_err();
+        assert!(
+            why.contains("\"gpu-node-7\"") && why.contains("--agent-tls-server-name"),
+            "{why}"
+        );
+
+        let files = tempfile::tempdir().unwrap();
+        let ca_file = files.path().join("ca.crt");
+        std::fs::write(&ca_file, &ca.pem().cert_pem).unwrap();
+        let tls = AgentTls {
+            tls: tls::ClientFiles {
+                ca: tls::PemFile::new("--agent-ca", &ca_file),
+                identity: None,
+            }
+            .load(tls::ServerNames::CheckedByCaller)
+            .unwrap(),
+            shared_name: Some("gpuscale-agent.ns.svc".into()),
+        };
+        let shared = der(&ca.issue(&["gpuscale-agent.ns.svc"], 1).unwrap().cert_pem);
+        assert_eq!(check_shared_name(Some(&shared), &tls), Ok(()));
+        let why = check_shared_name(Some(&node7), &tls).unwrap_err();
+        assert!(
+            why.contains("\"gpu-node-7\"") && why.contains("not \"gpuscale-agent.ns.svc\""),
+            "{why}"
+        );
     }
 }

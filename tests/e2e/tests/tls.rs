@@ -84,6 +84,18 @@ fn trigger() -> proto::externalscaler::ScaledObjectRef {
     )
 }
 
+/// The collector's flags for dialing agents over mutual TLS.
+fn agent_tls_flags<'a>(ca: &'a Path, cert: &'a Path, key: &'a Path) -> [&'a str; 6] {
+    [
+        "--agent-ca",
+        s(ca),
+        "--agent-client-cert",
+        s(cert),
+        "--agent-client-key",
+        s(key),
+    ]
+}
+
 /// `gpuscale-collector dump --json` with extra flags (TLS ones).
 fn dump(addr: &str, extra: &[&str]) -> Result<Value, String> {
     let out = Command::new(collector_bin())
@@ -176,29 +188,24 @@ fn with_mutual_tls_everywhere_keda_reads_the_value_and_clients_without_a_certifi
             s(&srv_key),
             "--tls-client-ca",
             s(&ca_file),
-            "--agent-ca",
-            s(&ca_file),
-            "--agent-client-cert",
-            s(&cli_crt),
-            "--agent-client-key",
-            s(&cli_key),
-        ],
+        ]
+        .into_iter()
+        .chain(agent_tls_flags(&ca_file, &cli_crt, &cli_key))
+        .collect::<Vec<_>>(),
         &[],
     );
 
     // KEDA with caCert, tlsClientCert and tlsClientKey: the value, through two TLS hops.
     let mut keda = Keda::connect_tls(&collector.addr, &ca_file, Some((&keda_crt, &keda_key)))
         .unwrap_or_else(|e| panic!("{e}\n{}", collector.daemon.log()));
+    reads_the_value(&mut keda, &|| {
+        format!(
+            "collector log:\n{}\nagent log:\n{}",
+            collector.daemon.log(),
+            agent.log()
+        )
+    });
     let so = trigger();
-    let (name, _, _) = keda.metric_spec(&so).unwrap();
-    let got = keda.wait_metrics(&so, &name, WAIT, |r| matches!(r, Ok((v, _)) if *v == 37.0));
-    assert_eq!(
-        got.map(|v| v.0).map_err(|e| e.to_string()),
-        Ok(37.0),
-        "collector log:\n{}\nagent log:\n{}",
-        collector.daemon.log(),
-        agent.log()
-    );
 
     // dump with the same kind of client certificate sees the node connected over TLS.
     let view = dump(
@@ -287,38 +294,104 @@ fn an_agent_whose_certificate_names_another_node_cannot_report_this_one() {
     } = setup(&dir, &["gpu-node-7"]);
     let mut collector = Collector::spawn(
         &dir,
-        &[
-            "--agents",
-            &agent_addr,
-            "--pods-file",
-            s(&pods),
-            "--agent-ca",
-            s(&ca_file),
-            "--agent-client-cert",
-            s(&cli_crt),
-            "--agent-client-key",
-            s(&cli_key),
-        ],
+        &["--agents", &agent_addr, "--pods-file", s(&pods)]
+            .into_iter()
+            .chain(agent_tls_flags(&ca_file, &cli_crt, &cli_key))
+            .collect::<Vec<_>>(),
         &[],
     );
-    let view = collector
-        .wait_dump(WAIT, |v| {
-            v["nodes"][0]["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("certificate names"))
-        })
-        .unwrap();
-    let why = view["nodes"][0]["last_error"].as_str().unwrap();
+    let why = refused(&mut collector, "certificate names");
     assert!(
         why.contains("reported node \"e2e-node\"") && why.contains("\"gpu-node-7\""),
         "the refusal names the node reported and the node of the certificate: {why}"
     );
-    // KEDA never gets a value for the pods of the node it claimed.
+    assert!(agent.terminate().success());
+}
+
+/// Waits until KEDA reads the fake GPU's 37 % through `keda`; fails showing `logs()` otherwise.
+fn reads_the_value(keda: &mut Keda, logs: &dyn Fn() -> String) {
+    let so = trigger();
+    let (name, _, _) = keda.metric_spec(&so).unwrap();
+    let got = keda.wait_metrics(&so, &name, WAIT, |r| matches!(r, Ok((v, _)) if *v == 37.0));
+    assert_eq!(
+        got.map(|v| v.0).map_err(|e| e.to_string()),
+        Ok(37.0),
+        "{}",
+        logs()
+    );
+}
+
+/// Waits until `dump` shows the collector's one agent refused with an error containing
+/// `marker`, checks that KEDA then reads `UNAVAILABLE` for that node's pods (never the data of
+/// the refused agent), and returns the error.
+fn refused(collector: &mut Collector, marker: &str) -> String {
+    let view = collector
+        .wait_dump(WAIT, |v| {
+            v["nodes"][0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(marker))
+        })
+        .unwrap();
     let mut keda = Keda::connect(&collector.addr);
     let so = trigger();
     let (name, _, _) = keda.metric_spec(&so).unwrap();
     let got = keda.metrics(&so, &name);
     assert!(is_code(&got, Code::Unavailable), "{got:?}");
+    view["nodes"][0]["last_error"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn with_one_certificate_for_every_agent_the_collector_checks_the_shared_name_instead_of_the_node() {
+    let dir = Scratch::new("tls-shared");
+    // The certificate `cargo xtask deploy` gives every agent: the Service's name, no node.
+    let shared = "gpuscale-agent.gpuscale-system.svc";
+    let Setup {
+        ca_file,
+        client: (cli_crt, cli_key),
+        mut agent,
+        agent_addr,
+        pods,
+        ..
+    } = setup(&dir, &[shared]);
+    let collector_with = |name: &str| {
+        Collector::spawn(
+            &dir,
+            &["--agents", &agent_addr, "--pods-file", s(&pods)]
+                .into_iter()
+                .chain(agent_tls_flags(&ca_file, &cli_crt, &cli_key))
+                .chain(["--agent-tls-server-name", name])
+                .collect::<Vec<_>>(),
+            &[],
+        )
+    };
+
+    // The shared name: the agent's snapshots are read, though its certificate names no node.
+    let collector = collector_with(shared);
+    reads_the_value(&mut Keda::connect(&collector.addr), &|| {
+        format!("collector log:\n{}", collector.daemon.log())
+    });
+    drop(collector);
+
+    // Another name: a certificate of the same CA issued for something else is not an agent's.
+    let mut collector = collector_with("gpuscale-agent.other-namespace.svc");
+    let why = refused(&mut collector, "--agent-tls-server-name");
+    assert!(
+        why.contains(shared) && why.contains("gpuscale-agent.other-namespace.svc"),
+        "the refusal names what the certificate carries and the name wanted: {why}"
+    );
+
+    // Not a DNS name: refused at start, naming the flag's value.
+    let out = Command::new(collector_bin())
+        .args(["serve", "--agents", &agent_addr, "--pods-file", s(&pods)])
+        .args(agent_tls_flags(&ca_file, &cli_crt, &cli_key))
+        .args(["--agent-tls-server-name", "not a name"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"not a name\" is not a DNS name"),
+        "{err}"
+    );
     assert!(agent.terminate().success());
 }
 

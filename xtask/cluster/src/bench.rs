@@ -161,11 +161,16 @@ fn start_prometheus(
     std::fs::create_dir_all(&prom_dir)?;
     let config = prom_dir.join("prometheus.yml");
     let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    // The agents' /metrics is served over TLS, as in a real install: the install's CA and the
+    // agents' shared name.
     std::fs::write(
         &config,
         format!(
             "global: {{scrape_interval: 15s, evaluation_interval: 15s}}\nscrape_configs:\n  - \
-             job_name: gpuscale-agents\n    static_configs:\n      - targets: [{}]\n",
+             job_name: gpuscale-agents\n    scheme: https\n    tls_config: {{ca_file: \"{}\", \
+             server_name: \"{}\"}}\n    static_configs:\n      - targets: [{}]\n",
+            info.tls_dir.join("collector").join("ca.crt").display(),
+            gpuscale_deploy::certificates::agent_name(gpuscale_deploy::DEFAULT_NAMESPACE),
             targets.join(", ")
         ),
     )?;

@@ -49,6 +49,9 @@ pub struct Config {
     pub cgroup_parent: PathBuf,
     /// The cluster folder.
     pub dir: PathBuf,
+    /// The agents' TLS files (`tls.crt`, `tls.key`, `ca.crt` of the installer's Secret), served
+    /// as the DaemonSet's agents serve them.
+    pub tls: PathBuf,
 }
 
 /// The annotation on a Node that stops its agent (`stopped`), for tests of a lost agent.
@@ -685,6 +688,12 @@ fn spawn_agent(cfg: &Config, node: &NodeInfo, uid: &str, ip: &str, logs: &Path) 
         .args(["--interval", "100ms"])
         .args(["--listen", &format!("{ip}:7701")])
         .args(["--http-listen", &format!("{ip}:7702")])
+        .arg("--tls-cert")
+        .arg(cfg.tls.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(cfg.tls.join("tls.key"))
+        .arg("--tls-client-ca")
+        .arg(cfg.tls.join("ca.crt"))
         // One kernel runs every simulated node: eBPF would see every node's opens.
         .args(["--ebpf", "off"])
         .env("FAKE_NVML_SCENARIO", &node.scenario)

@@ -48,6 +48,10 @@ pub struct ClusterInfo {
     pub logs: PathBuf,
     /// The pod network namespace (`ip netns exec` it to reach a pod IP as a pod would).
     pub netns: String,
+    /// The TLS files of the install's Secrets, for the processes that run here rather than in
+    /// pods: `agent/` and `collector/`, each with `tls.crt`, `tls.key` and `ca.crt`.
+    #[serde(default)]
+    pub tls_dir: PathBuf,
 }
 
 /// `state.json`.

@@ -564,7 +564,26 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
         &format!("gpuscale:{}", env!("CARGO_PKG_VERSION")),
     );
     let mut say = |s: String| eprintln!("{s}");
-    gpuscale_deploy::cluster::apply(&client, &objects, &mut say).await?;
+    let warnings = gpuscale_deploy::install(
+        &client,
+        &objects,
+        ns,
+        gpuscale_deploy::certificates::DEFAULT_KEDA_NAMESPACE,
+        Duration::from_secs(60),
+        &mut say,
+    )
+    .await?;
+    if let Some(w) = warnings.first() {
+        bail!("the installer warned, with KEDA installed: {w}");
+    }
+    // The agents and the collector run here, not in pods: they get the Secrets' files.
+    let tls_dir = paths.p("tls");
+    for (secret, dir) in [
+        (gpuscale_deploy::certificates::AGENT_SECRET, "agent"),
+        (gpuscale_deploy::certificates::COLLECTOR_SECRET, "collector"),
+    ] {
+        write_secret_files(&client, ns, secret, &tls_dir.join(dir)).await?;
+    }
 
     // The simulator: agents for agent pods, processes for GPU pods.
     let cgroup_parent = crate::sim::cgroup_parent(&paths.dir)?;
@@ -580,6 +599,7 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
         versions: versions(),
         logs: logs.clone(),
         netns: net::NETNS.into(),
+        tls_dir: tls_dir.clone(),
     };
     let sim_config = crate::sim::Config {
         kubeconfig: admin_kubeconfig.clone(),
@@ -588,6 +608,7 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
         fake_nvml: bins.fake_nvml.clone(),
         cgroup_parent,
         dir: paths.dir.clone(),
+        tls: tls_dir.join("agent"),
     };
     let sim_json = paths.p("sim.json");
     state::write(&sim_json, &sim_config)?;
@@ -645,6 +666,7 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
                 "--http-listen",
                 &collector_http_addr,
             ])
+            .args(agent_tls_flags(&info))
             .env("KUBECONFIG", &info.collector_kubeconfig)
             .env("RUST_LOG", "info"),
     )?;
@@ -678,6 +700,51 @@ async fn start(o: &Options, paths: &Paths, bins: &Bins, state: &mut State) -> Re
     state::write(&paths.state_json(), state)?;
     state::write(&paths.cluster_json(), &info)?;
     Ok(info)
+}
+
+/// The collector's flags for dialing the agents as the installed one does: mutual TLS with the
+/// collector's certificate, the agents' shared name, and the node of each agent from its
+/// EndpointSlice.
+pub fn agent_tls_flags(info: &ClusterInfo) -> Vec<String> {
+    let dir = info.tls_dir.join("collector");
+    let file = |f: &str| dir.join(f).display().to_string();
+    vec![
+        "--agent-ca".into(),
+        file("ca.crt"),
+        "--agent-client-cert".into(),
+        file("tls.crt"),
+        "--agent-client-key".into(),
+        file("tls.key"),
+        "--agent-tls-server-name".into(),
+        gpuscale_deploy::certificates::agent_name(gpuscale_deploy::DEFAULT_NAMESPACE),
+    ]
+}
+
+/// Writes the `tls.crt`, `tls.key` and `ca.crt` of Secret `ns/name` into `dir` (mode 0600).
+async fn write_secret_files(client: &Client, ns: &str, name: &str, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading Secret {ns}/{name}, which the installer makes"))?;
+    std::fs::create_dir_all(dir)?;
+    let data = secret.data.unwrap_or_default();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let bytes = data
+            .get(key)
+            .with_context(|| format!("Secret {ns}/{name} has no {key}"))?;
+        let path = dir.join(key);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut f, &bytes.0)?;
+    }
+    Ok(())
 }
 
 /// Fails when `p` exits (for racing a wait against a process that must stay up).

@@ -41,6 +41,7 @@ const TESTS: &[(&str, Test)] = tests![
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
     a_custom_kinds_selector_comes_from_its_scale_subresource_once_rbac_grants_it,
     an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recovers,
+    keda_reaches_the_collector_over_mutual_tls_with_the_installers_cluster_trigger_authentication,
     // Last: it uninstalls gpuscale.
     cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server,
 ];
@@ -633,19 +634,7 @@ async fn the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named(
             gpuscale_cluster::process::free_port("127.0.0.1")?
         );
         let log = ctx.info.logs.join("collector-rbac.log");
-        let mut child = std::process::Command::new(&ctx.info.collector_bin)
-            .args([
-                "serve",
-                "--kube",
-                "--agent-service",
-                up::AGENT_SERVICE,
-                "--listen",
-                &addr,
-            ])
-            .env("KUBECONFIG", &ctx.info.collector_kubeconfig)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
+        let child = spawn_collector(ctx, &addr, &log, &up::agent_tls_flags(&ctx.info))?;
         let want = "forbidden by RBAC: the collector may not list deployments.apps cluster-wide; \
                     grant its ServiceAccount get, list and watch on deployments.apps";
         let seen = eventually(
@@ -676,20 +665,131 @@ async fn the_collectors_cluster_role_is_enough_and_a_missing_rule_is_named(
             },
         )
         .await;
-        let _ = child.kill();
-        let _ = child.wait();
-        seen.map_err(|e| {
-            e.context(format!(
-                "collector log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ))
-        })
+        stop_collector(child, &log, seen)
     }
     .await;
     roles
         .patch("gpuscale-collector", &PatchParams::default(), &patch(rules))
         .await?;
     result
+}
+
+/// What a user gets from `cargo xtask deploy` with KEDA installed, through the real KEDA
+/// operator: the installer made KEDA's client certificate in namespace `keda` and the
+/// ClusterTriggerAuthentication `gpuscale`; a collector serving mutual TLS with the installer's
+/// certificate (it names 127.0.0.1, this collector's address) gets KEDA's calls from a
+/// ScaledObject with `enableTLS` and that `authenticationRef`, and a load step scales the
+/// Deployment. A ScaledObject with `enableTLS` but no authentication cannot verify the collector:
+/// the handshake fails (the collector logs it) and its Deployment is not scaled by the same load.
+async fn keda_reaches_the_collector_over_mutual_tls_with_the_installers_cluster_trigger_authentication(
+    ctx: &Ctx,
+) -> Result<()> {
+    let ns = "t-tls";
+    namespace(ctx, ns).await?;
+    let tls = ctx.info.tls_dir.join("collector");
+    let file = |f: &str| tls.join(f).display().to_string();
+    let addr = format!(
+        "127.0.0.1:{}",
+        gpuscale_cluster::process::free_port("127.0.0.1")?
+    );
+    let log = ctx.info.logs.join("collector-tls.log");
+    let mut tls_flags = vec![
+        "--tls-cert".to_owned(),
+        file("tls.crt"),
+        "--tls-key".to_owned(),
+        file("tls.key"),
+        "--tls-client-ca".to_owned(),
+        file("ca.crt"),
+    ];
+    tls_flags.extend(up::agent_tls_flags(&ctx.info));
+    let child = spawn_collector(ctx, &addr, &log, &tls_flags)?;
+    let result = async {
+        run_deployment(ctx, ns, "tls", (2, 1), None).await?;
+        run_deployment(ctx, ns, "noauth", (1, 1), None).await?;
+        let tls_trigger = |so: &mut Value, auth: bool| {
+            let t = &mut so["spec"]["triggers"][0];
+            t["metadata"]["scalerAddress"] = json!(addr);
+            t["metadata"]["enableTLS"] = json!("true");
+            if auth {
+                t["authenticationRef"] = json!({
+                    "name": gpuscale_deploy::certificates::TRIGGER_AUTHENTICATION,
+                    "kind": "ClusterTriggerAuthentication",
+                });
+            }
+        };
+        let mut so = scaled_object(ctx, ns, "noauth", json!({}), json!({"minReplicaCount": 1}));
+        tls_trigger(&mut so, false);
+        apply(ctx, so).await?;
+        let mut so = scaled_object(ctx, ns, "tls", json!({}), json!({}));
+        tls_trigger(&mut so, true);
+        apply(ctx, so).await?;
+
+        // The HPA carries the metric KEDA asked for over TLS.
+        let h = hpa(ctx, ns, "tls").await?;
+        let (metric, _, target) = external_metric(&h)?;
+        if !metric.ends_with("gpuscale-sm-active-avg-10s-sum") || target != 80.0 {
+            bail!("the HPA of the TLS ScaledObject: metric {metric:?}, target {target}");
+        }
+        // Both loaded to 90: the authenticated one goes to ceil(2 × 90 / 80) = 3.
+        set_load(ctx, ns, "tls", "sm_active=90").await?;
+        set_load(ctx, ns, "noauth", "sm_active=90").await?;
+        replicas_reach(
+            ctx,
+            ns,
+            "tls",
+            "t-tls/tls scaled to 3 over mutual TLS",
+            Duration::from_secs(150),
+            |r| r == 3,
+        )
+        .await?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !text.contains("TLS handshake failed") {
+            bail!("KEDA without the CA was never refused a handshake:\n{text}");
+        }
+        let r = replicas(ctx, ns, "noauth").await?;
+        if r != 1 {
+            bail!("the ScaledObject without authentication got values: noauth has {r} replicas");
+        }
+        Ok(())
+    }
+    .await;
+    stop_collector(child, &log, result)
+}
+
+/// A second collector as the cluster's (`--kube`, its ServiceAccount, agents from their
+/// EndpointSlices) on `addr`, with `extra` flags, logging to `log`.
+fn spawn_collector(
+    ctx: &Ctx,
+    addr: &str,
+    log: &std::path::Path,
+    extra: &[String],
+) -> Result<std::process::Child> {
+    Ok(std::process::Command::new(&ctx.info.collector_bin)
+        .args(["serve", "--kube", "--agent-service", up::AGENT_SERVICE])
+        .args(["--listen", addr])
+        .args(extra)
+        .env("KUBECONFIG", &ctx.info.collector_kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?)
+}
+
+/// Stops a collector of [`spawn_collector`]; a failed `result` gets the collector's log.
+fn stop_collector<T>(
+    mut child: std::process::Child,
+    log: &std::path::Path,
+    result: Result<T>,
+) -> Result<T> {
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map_err(|e| {
+        e.context(format!(
+            "collector log ({}):\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        ))
+    })
 }
 
 /// Runs `cmd`; fails with its output unless it succeeds and prints `expect`.
@@ -767,10 +867,33 @@ async fn cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_a
                 "after deploy the agent DaemonSet runs {image:?}, not the pushed image by digest"
             );
         }
+        // KEDA's authentication is there (the cluster's `up` made it; this deploy kept it).
+        let gvk = kube::core::GroupVersionKind::gvk(
+            "keda.sh",
+            "v1alpha1",
+            "ClusterTriggerAuthentication",
+        );
+        let auths: Api<kube::api::DynamicObject> = Api::all_with(
+            ctx.client.clone(),
+            &kube::core::ApiResource::from_gvk_with_plural(&gvk, "clustertriggerauthentications"),
+        );
+        let auth = gpuscale_deploy::certificates::TRIGGER_AUTHENTICATION;
+        if auths.get_opt(auth).await?.is_none() {
+            bail!("no ClusterTriggerAuthentication {auth} after deploy");
+        }
         run_expecting(
             deploy(&["--uninstall", "--timeout", "180s"]),
             "gpuscale is uninstalled",
         )?;
+        if auths.get_opt(auth).await?.is_some() {
+            bail!("ClusterTriggerAuthentication {auth} is still there after --uninstall");
+        }
+        let keda_secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(ctx.client.clone(), "keda");
+        let secret = gpuscale_deploy::certificates::KEDA_SECRET;
+        if keda_secrets.get_opt(secret).await?.is_some() {
+            bail!("Secret keda/{secret} is still there after --uninstall");
+        }
         let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
         if nss.get_opt("gpuscale-system").await?.is_some() {
             bail!("namespace gpuscale-system is still there after --uninstall");

@@ -82,7 +82,18 @@ pub const KINDS: &[Kind] = &[
         true,
     ),
     k("", "v1", "ConfigMap", "configmaps", true),
+    k("", "v1", "Secret", "secrets", true),
+    // cert-manager (deploy/overlays/cert-manager): the Issuers before the Certificates they sign.
+    k("cert-manager.io", "v1", "Issuer", "issuers", true),
+    k("cert-manager.io", "v1", "Certificate", "certificates", true),
     k("", "v1", "Service", "services", true),
+    k(
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+    ),
     k("apps", "v1", "DaemonSet", "daemonsets", true),
     k("apps", "v1", "Deployment", "deployments", true),
     k(
@@ -92,7 +103,21 @@ pub const KINDS: &[Kind] = &[
         "poddisruptionbudgets",
         true,
     ),
+    // KEDA's, made by the installer where KEDA runs ([`crate::certificates`]).
+    k(
+        "keda.sh",
+        "v1alpha1",
+        "ClusterTriggerAuthentication",
+        "clustertriggerauthentications",
+        false,
+    ),
 ];
+
+/// Whether `kind` is defined by a CustomResourceDefinition (cert-manager's, KEDA's) rather than
+/// by Kubernetes itself: Kubernetes' schemas do not know it, and a cluster may not have it.
+pub fn is_custom(kind: &Kind) -> bool {
+    matches!(kind.group, "cert-manager.io" | "keda.sh")
+}
 
 /// The kind of an object's `apiVersion` and `kind`, if it is in [`KINDS`].
 pub fn lookup(api_version: &str, kind: &str) -> Option<(usize, &'static Kind)> {

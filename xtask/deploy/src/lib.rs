@@ -8,10 +8,12 @@
 //! Modules: [`kinds`] (the Kubernetes kinds `deploy/` may hold), [`render`] (a kustomize
 //! subset: `deploy/` → objects), [`checks`] (the least-privilege rules every render must pass),
 //! [`image`] (binaries + the libraries they load → OCI layers), [`registry`] (push and pull
-//! through the OCI distribution API), [`cluster`] (apply, rollout, uninstall), [`snippet`]
-//! (the ScaledObject printed at the end).
+//! through the OCI distribution API), [`cluster`] (apply, rollout, uninstall), [`certificates`]
+//! (the CA, the TLS Secrets and KEDA's authentication), [`snippet`] (the ScaledObject printed at
+//! the end).
 #![deny(missing_docs)]
 
+pub mod certificates;
 pub mod checks;
 pub mod cluster;
 pub mod image;
@@ -63,6 +65,40 @@ pub const DEFAULT_NAMESPACE: &str = "gpuscale-system";
 
 /// The image name the manifests use before it is pinned (`image: gpuscale`).
 pub const IMAGE_NAME: &str = "gpuscale";
+
+/// Installs rendered `objects` into `namespace`: everything up to the workloads, then the TLS
+/// Secrets and KEDA's authentication ([`certificates::ensure`]), then the workloads, so their
+/// pods find their Secrets at once. Returns warnings to print. What `cargo xtask deploy` does
+/// after its preflight, and what the local cluster's `up` does.
+pub async fn install(
+    client: &kube::Client,
+    objects: &[serde_json::Value],
+    namespace: &str,
+    keda_namespace: &str,
+    timeout: std::time::Duration,
+    progress: &mut dyn FnMut(String),
+) -> Result<Vec<String>> {
+    let issuance = certificates::Issuance::of(objects);
+    certificates::preflight(client, issuance).await?;
+    let is_workload = |o: &serde_json::Value| o["kind"] == "DaemonSet" || o["kind"] == "Deployment";
+    let first_workload = objects
+        .iter()
+        .position(is_workload)
+        .unwrap_or(objects.len());
+    let (early, late) = objects.split_at(first_workload);
+    cluster::apply(client, early, progress).await?;
+    let warnings = certificates::ensure(
+        client,
+        namespace,
+        keda_namespace,
+        issuance,
+        timeout,
+        progress,
+    )
+    .await?;
+    cluster::apply(client, late, progress).await?;
+    Ok(warnings)
+}
 
 /// Builds the image from `binaries` and pushes it to `registry` (`host[:port][/path]`) as
 /// `<registry>/gpuscale:<version>`. Returns the image and its pinned reference

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 
+use gpuscale_deploy::certificates::{self, DEFAULT_KEDA_NAMESPACE};
 use gpuscale_deploy::{checks, cluster, render, snippet, DEFAULT_NAMESPACE};
 
 /// Build the gpuscale image (no Docker daemon needed), push it, apply the manifests in deploy/
@@ -21,6 +22,10 @@ struct Cli {
     /// Namespace for gpuscale's objects.
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
+    /// The namespace KEDA runs in: its client certificate and the ClusterTriggerAuthentication
+    /// `gpuscale` are made there, and only its pods may reach the collector.
+    #[arg(long, default_value = DEFAULT_KEDA_NAMESPACE)]
+    keda_namespace: String,
     /// Registry the cluster pulls from (host[:port][/path]): the image is built from release
     /// binaries, pushed there as gpuscale:<version>, and the manifests pinned to its digest.
     /// Loopback registries are spoken to over plain HTTP.
@@ -37,7 +42,8 @@ struct Cli {
     #[arg(long, conflicts_with_all = ["registry", "image", "dry_run"])]
     uninstall: bool,
     /// A variant from deploy/overlays/ (old-kernel: CAP_SYS_RESOURCE for kernels 5.8–5.10;
-    /// cdi: GPU nodes without the NVIDIA container runtime).
+    /// cdi: GPU nodes without the NVIDIA container runtime; cert-manager: cert-manager issues
+    /// and renews the certificates instead of the installer).
     #[arg(long)]
     overlay: Option<String>,
     /// Speak plain HTTP to a registry that is not on loopback.
@@ -140,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &render::Options {
             namespace: Some(cli.namespace.clone()),
             image: None,
+            keda_namespace: Some(cli.keda_namespace.clone()),
         },
     )?;
     checks::check(&objects)?;
@@ -152,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (client, name) = cluster::connect(cli.context.as_deref()).await?;
         say(format!("cluster: {name}"));
         cluster::delete(&client, &objects, cli.timeout, &mut say).await?;
+        certificates::remove(&client, &cli.keda_namespace, &mut say).await?;
         eprintln!(
             "\ngpuscale is uninstalled (ScaledObjects that point at it now fail; delete them too)"
         );
@@ -207,6 +215,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if cli.dry_run {
         print!("{}", render::to_yaml(&objects)?);
+        if certificates::Issuance::of(&objects) == certificates::Issuance::Installer {
+            eprintln!(
+                "note: the TLS Secrets ({}, {}, {}) are not printed: a deploy makes them (or \
+                 use --overlay cert-manager)",
+                certificates::CA_SECRET,
+                certificates::COLLECTOR_SECRET,
+                certificates::AGENT_SECRET
+            );
+        }
         return Ok(());
     }
 
@@ -217,21 +234,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("warning: {note}");
     }
     step(&format!(
-        "applying {} objects (server-side apply, field manager {})",
+        "applying {} objects and the TLS certificates (server-side apply, field manager {})",
         objects.len(),
         cluster::FIELD_MANAGER
     ));
-    cluster::apply(&client, &objects, &mut say).await?;
-    step("waiting for the rollout");
-    let warnings = cluster::wait_rollout(
+    let mut warnings = gpuscale_deploy::install(
         &client,
+        &objects,
         &cli.namespace,
-        "gpuscale-agent",
-        "gpuscale-collector",
+        &cli.keda_namespace,
         cli.timeout,
         &mut say,
     )
     .await?;
+    step("waiting for the rollout");
+    warnings.extend(
+        cluster::wait_rollout(
+            &client,
+            &cli.namespace,
+            "gpuscale-agent",
+            "gpuscale-collector",
+            cli.timeout,
+            &mut say,
+        )
+        .await?,
+    );
     for w in warnings {
         eprintln!("warning: {w}");
     }

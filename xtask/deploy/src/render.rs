@@ -24,6 +24,9 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Run this image reference (`registry/gpuscale@sha256:…`) instead of the kustomization's.
     pub image: Option<String>,
+    /// KEDA runs in this namespace instead of `keda`: the only one the collector's
+    /// NetworkPolicy lets in.
+    pub keda_namespace: Option<String>,
 }
 
 const KUSTOMIZATION_KEYS: [&str; 6] = [
@@ -53,6 +56,11 @@ pub fn render(dir: &Path, options: &Options) -> Result<Vec<Value>> {
     }
     if let Some(image) = &options.image {
         set_image(&mut objects, crate::IMAGE_NAME, image);
+    }
+    if let Some(keda) = &options.keda_namespace {
+        check_dns_label(keda)
+            .map_err(|why| manifest_err(dir, format!("--keda-namespace {keda:?}: {why}")))?;
+        set_keda_namespace(&mut objects, keda);
     }
     objects.sort_by_key(|o| kind_index(o).unwrap_or(usize::MAX));
     Ok(objects)
@@ -292,6 +300,8 @@ fn check_dns_label(s: &str) -> std::result::Result<(), String> {
 
 /// Moves every namespaced object into `ns`, renames the Namespace object, and points
 /// ServiceAccount subjects of (Cluster)RoleBindings at `ns`, as kustomize's `namespace` does.
+/// Also, unlike kustomize, renames the namespace inside a cert-manager Certificate's DNS names
+/// (`gpuscale-collector.<ns>.svc`), which must follow the Services' namespace.
 pub fn set_namespace(objects: &mut [Value], ns: &str) {
     for obj in objects.iter_mut() {
         let Some((_, kind)) = kinds::lookup(
@@ -300,6 +310,23 @@ pub fn set_namespace(objects: &mut [Value], ns: &str) {
         ) else {
             continue;
         };
+        if kind.kind == "Certificate" {
+            let old = str_at(obj, &["metadata", "namespace"]).map(str::to_owned);
+            let names = obj
+                .pointer_mut("/spec/dnsNames")
+                .and_then(Value::as_array_mut);
+            if let (Some(old), Some(names)) = (old, names) {
+                for name in names {
+                    if let Some(n) = name.as_str() {
+                        let labels: Vec<&str> = n
+                            .split('.')
+                            .map(|l| if l == old { ns } else { l })
+                            .collect();
+                        *name = labels.join(".").into();
+                    }
+                }
+            }
+        }
         if kind.kind == "Namespace" {
             obj["metadata"]["name"] = ns.into();
         } else if kind.namespaced {
@@ -310,6 +337,30 @@ pub fn set_namespace(objects: &mut [Value], ns: &str) {
                 for s in subjects {
                     if s.get("kind").and_then(Value::as_str) == Some("ServiceAccount") {
                         s["namespace"] = ns.into();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lets pods of namespace `keda` instead of [`crate::certificates::DEFAULT_KEDA_NAMESPACE`] through
+/// the NetworkPolicies (`namespaceSelector` on `kubernetes.io/metadata.name`).
+pub fn set_keda_namespace(objects: &mut [Value], keda: &str) {
+    const LABEL: &str = "kubernetes.io/metadata.name";
+    for obj in objects.iter_mut().filter(|o| o["kind"] == "NetworkPolicy") {
+        let rules = obj
+            .pointer_mut("/spec/ingress")
+            .and_then(Value::as_array_mut);
+        for rule in rules.into_iter().flatten() {
+            let peers = rule.get_mut("from").and_then(Value::as_array_mut);
+            for peer in peers.into_iter().flatten() {
+                let label = peer
+                    .pointer_mut("/namespaceSelector/matchLabels")
+                    .and_then(|l| l.get_mut(LABEL));
+                if let Some(v) = label {
+                    if v == crate::certificates::DEFAULT_KEDA_NAMESPACE {
+                        *v = keda.into();
                     }
                 }
             }
@@ -427,13 +478,13 @@ mod tests {
     #[test]
     fn an_unknown_kind_is_refused_naming_the_file_and_the_table() {
         let e = parse_objects(
-            "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\n",
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: a}\n",
             Path::new("x.yaml"),
         )
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("x.yaml") && e.contains("Secret") && e.contains("kinds.rs"),
+            e.contains("x.yaml") && e.contains("Ingress") && e.contains("kinds.rs"),
             "{e}"
         );
     }

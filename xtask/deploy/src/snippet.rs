@@ -25,13 +25,18 @@ spec:
     replicas: 2
   triggers:
     - type: external-push
+      authenticationRef:         # KEDA's client certificate and the CA, made by the install
+        name: {auth}
+        kind: ClusterTriggerAuthentication
       metadata:
         scalerAddress: {address}
+        enableTLS: "true"
         metric: sm_active        # or gpu_util, vram_used_pct, … (docs/TRIGGERS.md)
         targetValue: "70"        # % SM activity per replica
         window: 30s
         activeAfterOpen: 2m
 "#,
-        address = scaler_address(namespace)
+        address = scaler_address(namespace),
+        auth = crate::certificates::TRIGGER_AUTHENTICATION,
     )
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gpuscale_deploy::{checks, render, snippet};
+use gpuscale_deploy::{certificates, checks, kinds, render, snippet};
 use serde_json::Value;
 
 const PINNED: &str =
@@ -59,8 +59,8 @@ fn kustomizations() -> Vec<(String, PathBuf)> {
         out.push((o.file_name().unwrap().to_string_lossy().into_owned(), o));
     }
     assert!(
-        out.len() >= 3,
-        "expected the base and the old-kernel and cdi overlays"
+        out.len() >= 4,
+        "expected the base and the old-kernel, cdi and cert-manager overlays"
     );
     out
 }
@@ -71,6 +71,7 @@ fn rendered(dir: &Path, namespace: Option<&str>) -> Vec<Value> {
         &render::Options {
             namespace: namespace.map(str::to_owned),
             image: Some(PINNED.to_owned()),
+            keda_namespace: None,
         },
     )
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -125,7 +126,20 @@ fn every_overlay_passes_the_kubernetes_schemas_strictly_for_1_29_and_1_33() {
     let dir = tmp.path();
     for (name, path) in kustomizations() {
         for ns in [None, Some("gpu-ops")] {
-            let objects = rendered(&path, ns);
+            // cert-manager's kinds have no Kubernetes schema; everything else must pass.
+            let (objects, custom): (Vec<Value>, Vec<Value>) =
+                rendered(&path, ns).into_iter().partition(|o| {
+                    let (_, kind) = kinds::lookup(
+                        o["apiVersion"].as_str().unwrap(),
+                        o["kind"].as_str().unwrap(),
+                    )
+                    .unwrap();
+                    !kinds::is_custom(kind)
+                });
+            assert!(
+                custom.is_empty() || name == "cert-manager",
+                "{name}: custom kinds outside the cert-manager overlay: {custom:?}"
+            );
             let file = dir.join(format!("{name}-{}.yaml", ns.unwrap_or("default")));
             std::fs::write(&file, render::to_yaml(&objects).unwrap()).unwrap();
             for version in ["1.29.0", "1.33.0"] {
@@ -373,13 +387,293 @@ fn the_overlays_change_only_what_they_are_for() {
         };
         assert_eq!(others(overlay), others(&base));
     }
+    // cert-manager: only its own objects are added; the workloads mount the same Secrets.
+    let cm = rendered(&root().join("deploy/overlays/cert-manager"), None);
+    let not_cert_manager = |o: &[Value]| -> Vec<Value> {
+        o.iter()
+            .filter(|x| {
+                !x["apiVersion"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("cert-manager.io/")
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(not_cert_manager(&cm), base);
+    assert_eq!(cm.len() - base.len(), 5, "2 Issuers and 3 Certificates");
+}
+
+/// The args of the first container of `kind` `name`.
+fn args_of(o: &[Value], kind: &str, name: &str) -> Vec<String> {
+    find(o, kind, name)["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The value of `--flag=value` in `args`.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .find_map(|a| a.strip_prefix(&format!("{name}=")))
+}
+
+/// The Secret mounted at the folder of `path` in the first container of `workload`.
+fn secret_at(workload: &Value, path: &str) -> String {
+    let spec = &workload["spec"]["template"]["spec"];
+    let folder = Path::new(path).parent().unwrap().to_str().unwrap();
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == folder)
+        .unwrap_or_else(|| panic!("nothing is mounted at {folder} for {path}"));
+    assert_eq!(mount["readOnly"], true, "{mount}");
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    // Keys readable by the owner (and the group), by nobody else, writable by nobody. (A YAML
+    // `0400` is octal to kubectl's YAML 1.1 but decimal 400 = 0o620 to a YAML 1.2 reader.)
+    let mode = volume["secret"]["defaultMode"].as_u64().unwrap_or(0o644);
+    assert_eq!(
+        mode & 0o227,
+        0,
+        "{folder}: defaultMode {mode:#o} in {volume}"
+    );
+    volume["secret"]["secretName"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{folder} is not a Secret volume: {volume}"))
+        .to_owned()
+}
+
+#[test]
+fn every_port_is_tls_with_files_from_the_secrets_the_installer_or_cert_manager_makes() {
+    for (name, path) in kustomizations() {
+        for ns in ["gpuscale-system", "gpu-ops"] {
+            let o = rendered(&path, Some(ns));
+            let what = format!("{name} in {ns}");
+            let collector = find(&o, "Deployment", "gpuscale-collector");
+            let agent = find(&o, "DaemonSet", "gpuscale-agent");
+            let c = args_of(&o, "Deployment", "gpuscale-collector");
+            let a = args_of(&o, "DaemonSet", "gpuscale-agent");
+            for (workload, args, secret, flags) in [
+                (
+                    collector,
+                    &c,
+                    certificates::COLLECTOR_SECRET,
+                    &[
+                        "--tls-cert",
+                        "--tls-key",
+                        "--tls-client-ca",
+                        "--agent-ca",
+                        "--agent-client-cert",
+                        "--agent-client-key",
+                    ][..],
+                ),
+                (
+                    agent,
+                    &a,
+                    certificates::AGENT_SECRET,
+                    &["--tls-cert", "--tls-key", "--tls-client-ca"][..],
+                ),
+            ] {
+                for f in flags {
+                    let file = flag(args, f).unwrap_or_else(|| panic!("{what}: no {f}: {args:?}"));
+                    assert_eq!(secret_at(workload, file), secret, "{what}: {f}={file}");
+                    let key = Path::new(file).file_name().unwrap().to_str().unwrap();
+                    assert!(
+                        ["tls.crt", "tls.key", "ca.crt"].contains(&key),
+                        "{what}: {f} reads {key}, which a kubernetes.io/tls Secret does not hold"
+                    );
+                }
+                // The kubelet's probes speak TLS to the TLS port.
+                let container = &workload["spec"]["template"]["spec"]["containers"][0];
+                for probe in ["livenessProbe", "readinessProbe"] {
+                    assert_eq!(
+                        container[probe]["httpGet"]["scheme"], "HTTPS",
+                        "{what}: {probe}"
+                    );
+                }
+            }
+            // The agents' shared name, as the collector expands it, is the name issued.
+            let wanted = flag(&c, "--agent-tls-server-name")
+                .unwrap()
+                .replace("$(POD_NAMESPACE)", ns);
+            assert_eq!(wanted, certificates::agent_name(ns), "{what}");
+            // The collector (uid 65532) can read its 0440 Secret files.
+            let pod = &collector["spec"]["template"]["spec"];
+            assert_eq!(
+                pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"],
+                "{what}"
+            );
+            // `kubectl exec … dump` in the collector's container finds its certificates.
+            let env = pod["containers"][0]["env"].as_array().unwrap();
+            for var in [
+                "GPUSCALE_COLLECTOR_CA",
+                "GPUSCALE_COLLECTOR_CLIENT_CERT",
+                "GPUSCALE_COLLECTOR_CLIENT_KEY",
+            ] {
+                let value = env
+                    .iter()
+                    .find(|e| e["name"] == var)
+                    .and_then(|e| e["value"].as_str())
+                    .unwrap_or_else(|| panic!("{what}: no {var}"));
+                assert_eq!(secret_at(collector, value), certificates::COLLECTOR_SECRET);
+            }
+
+            // cert-manager issues exactly the names the installer would, in this namespace.
+            if name == "cert-manager" {
+                for (cert, secret, names) in [
+                    (
+                        "gpuscale-collector",
+                        certificates::COLLECTOR_SECRET,
+                        certificates::collector_names(ns),
+                    ),
+                    (
+                        "gpuscale-agent",
+                        certificates::AGENT_SECRET,
+                        vec![certificates::agent_name(ns)],
+                    ),
+                ] {
+                    let spec = &find(&o, "Certificate", cert)["spec"];
+                    assert_eq!(spec["secretName"], secret, "{what}");
+                    let mut got: Vec<String> = ["dnsNames", "ipAddresses"]
+                        .iter()
+                        .flat_map(|k| spec[k].as_array().cloned().unwrap_or_default())
+                        .map(|v| v.as_str().unwrap().to_owned())
+                        .collect();
+                    let mut want = names.clone();
+                    got.sort();
+                    want.sort();
+                    assert_eq!(got, want, "{what}: Certificate {cert}");
+                    let usages = spec["usages"].as_array().unwrap();
+                    for u in ["server auth", "client auth"] {
+                        assert!(usages.iter().any(|x| x == u), "{what}: {cert} lacks {u}");
+                    }
+                }
+                assert_eq!(
+                    find(&o, "Certificate", "gpuscale-ca")["spec"]["secretName"],
+                    certificates::CA_SECRET
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn network_policies_let_only_the_collector_reach_agents_and_only_keda_reach_the_collector() {
+    let o = rendered(&root().join("deploy/base"), None);
+    let labels = |kind: &str, name: &str| {
+        find(&o, kind, name)["spec"]["template"]["metadata"]["labels"].clone()
+    };
+    let only_rule = |name: &str| {
+        let p = find(&o, "NetworkPolicy", name);
+        assert_eq!(p["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+        let rules = p["spec"]["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 1, "{name}: one rule");
+        (
+            p["spec"]["podSelector"]["matchLabels"].clone(),
+            rules[0].clone(),
+        )
+    };
+    let subset = |selector: &Value, labels: &Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v)
+    };
+
+    let (selects, rule) = only_rule("gpuscale-agent");
+    assert!(subset(&selects, &labels("DaemonSet", "gpuscale-agent")));
+    let from = rule["from"].as_array().unwrap();
+    assert_eq!(from.len(), 1);
+    assert!(
+        from[0].get("namespaceSelector").is_none(),
+        "same namespace only"
+    );
+    assert!(subset(
+        &from[0]["podSelector"]["matchLabels"],
+        &labels("Deployment", "gpuscale-collector")
+    ));
+    assert!(!subset(
+        &from[0]["podSelector"]["matchLabels"],
+        &labels("DaemonSet", "gpuscale-agent")
+    ));
+    assert_eq!(
+        rule["ports"],
+        serde_json::json!([{"port": "grpc", "protocol": "TCP"}])
+    );
+
+    let (selects, rule) = only_rule("gpuscale-collector");
+    assert!(subset(
+        &selects,
+        &labels("Deployment", "gpuscale-collector")
+    ));
+    let keda_only = |objects: &[Value]| {
+        find(objects, "NetworkPolicy", "gpuscale-collector")["spec"]["ingress"][0]["from"].clone()
+    };
+    assert_eq!(
+        keda_only(&o),
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}])
+    );
+    assert_eq!(
+        rule["ports"],
+        serde_json::json!([{"port": "grpc", "protocol": "TCP"}])
+    );
+    // Both named ports exist on the containers the policies select.
+    for (kind, name) in [
+        ("DaemonSet", "gpuscale-agent"),
+        ("Deployment", "gpuscale-collector"),
+    ] {
+        let ports = &find(&o, kind, name)["spec"]["template"]["spec"]["containers"][0]["ports"];
+        assert!(ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "grpc"));
+    }
+
+    // --keda-namespace moves the one namespace let in.
+    let moved = render::render(
+        &root().join("deploy/base"),
+        &render::Options {
+            keda_namespace: Some("autoscaling".into()),
+            ..render::Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        keda_only(&moved)[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "autoscaling"
+    );
+    let bad = render::render(
+        &root().join("deploy/base"),
+        &render::Options {
+            keda_namespace: Some("Not_A_Namespace".into()),
+            ..render::Options::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("--keda-namespace") && bad.contains("Not_A_Namespace"),
+        "{bad}"
+    );
 }
 
 #[test]
 fn a_namespace_override_leaves_no_trace_of_the_default_namespace() {
+    for (name, path) in kustomizations() {
+        let yaml = render::to_yaml(&rendered(&path, Some("gpu-ops"))).unwrap();
+        assert!(!yaml.contains("gpuscale-system"), "{name}:\n{yaml}");
+    }
     let o = rendered(&root().join("deploy/base"), Some("gpu-ops"));
-    let yaml = render::to_yaml(&o).unwrap();
-    assert!(!yaml.contains("gpuscale-system"), "{yaml}");
     assert_eq!(find(&o, "Namespace", "gpu-ops")["kind"], "Namespace");
     let crb = find(&o, "ClusterRoleBinding", "gpuscale-collector");
     assert_eq!(crb["subjects"][0]["namespace"], "gpu-ops");
@@ -466,6 +760,19 @@ fn the_examples_parse_and_every_gpuscale_trigger_names_a_real_metric() {
                 metrics.push(t.metric.name());
             }
             let triggers = obj["spec"]["triggers"].as_array().unwrap();
+            // Each speaks mutual TLS to the collector, as the default install requires.
+            for t in triggers
+                .iter()
+                .filter(|t| t["metadata"]["scalerAddress"].is_string())
+            {
+                assert_eq!(t["metadata"]["enableTLS"], "true", "{}", f.display());
+                assert_eq!(
+                    t["authenticationRef"],
+                    serde_json::json!({"name": certificates::TRIGGER_AUTHENTICATION, "kind": "ClusterTriggerAuthentication"}),
+                    "{}",
+                    f.display()
+                );
+            }
             push |= triggers.iter().any(|t| t["type"] == "external-push");
             other_trigger |= triggers
                 .iter()
@@ -516,11 +823,20 @@ fn the_snippet_printed_after_deploy_parses_and_points_at_the_installed_collector
         let obj = &render::parse_documents(&text, Path::new("snippet")).unwrap()[0];
         let t = parse_with_the_collector(obj);
         assert_eq!(t[0].metric.name(), "sm_active");
-        let addr = &checks::gpuscale_triggers(obj).unwrap()[0]["scalerAddress"];
+        let meta = &checks::gpuscale_triggers(obj).unwrap()[0];
+        let addr = &meta["scalerAddress"];
         assert_eq!(
             addr,
             &format!("gpuscale-collector.{ns}.svc.cluster.local:7700")
         );
+        // Over mutual TLS: KEDA checks the host against the collector's certificate, and takes
+        // its own certificate from the ClusterTriggerAuthentication the install makes.
+        assert_eq!(meta["enableTLS"], "true");
+        let host = addr.rsplit_once(':').unwrap().0;
+        assert!(certificates::collector_names(ns).iter().any(|n| n == host));
+        let auth = &obj["spec"]["triggers"][0]["authenticationRef"];
+        assert_eq!(auth["kind"], "ClusterTriggerAuthentication");
+        assert_eq!(auth["name"], certificates::TRIGGER_AUTHENTICATION);
     }
     // The same address the collector's headless Service answers on.
     let o = rendered(&root().join("deploy/base"), None);
