@@ -93,6 +93,7 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
     };
     let mut writer = ShmWriter::open(&config.shm, &params, &devices.gpus)?;
     let (reused, capacity) = (writer.reused(), writer.capacity());
+    let watch = writer.watch()?;
     let shm::WriterParts {
         regions,
         agent_area: area,
@@ -136,9 +137,13 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
     let served = std::thread::scope(|s| {
         sampler::spawn(s, &nvml, &devices, &regions, &node, &config.proc_root, stop);
         let node_ref = &*node;
-        std::thread::Builder::new()
+        let status = std::thread::Builder::new()
             .name("status".into())
-            .spawn_scoped(s, move || status_loop(node_ref, &area, stop))
+            .spawn_scoped(s, move || {
+                let result = status_loop(node_ref, &area, &watch, stop);
+                stop.trigger();
+                result
+            })
             .expect("spawning the status thread");
         let grpc = grpc.map(|l| {
             let (node, stop2) = (node.clone(), stop.clone());
@@ -153,9 +158,10 @@ pub fn run(config: &Config, stop: &Arc<Stop>) -> Result<()> {
             })
         });
         stop.wait();
+        let status = join(status);
         let grpc = grpc.map(join).transpose();
         let http = http.map(join).transpose();
-        grpc.and(http)
+        status.and(grpc).and(http.map(drop))
     });
     if let Some(t) = &node.tracker {
         t.stop();
@@ -216,10 +222,20 @@ fn serve_http(
 }
 
 /// Publishes the agent-wide status (eBPF counters, recent device opens) once a second, to the
-/// ring file for `dump` and to memory for the gRPC API.
-fn status_loop(node: &Node, area: &AgentAreaWriter<'_>, stop: &Stop) {
+/// ring file for `dump` and to memory for the gRPC API; and checks the ring file is still whole
+/// and in place, returning [`Error::RingFileLost`] (the agent stops) when it is not.
+fn status_loop(
+    node: &Node,
+    area: &AgentAreaWriter<'_>,
+    watch: &shm::RingWatch,
+    stop: &Stop,
+) -> Result<()> {
     let mut version = 0;
     loop {
+        if let Err(e) = watch.check() {
+            tracing::error!("{e}");
+            return Err(e);
+        }
         let mut status = node.status();
         if let Some(t) = &node.tracker {
             let stats = t.stats();
@@ -247,7 +263,7 @@ fn status_loop(node: &Node, area: &AgentAreaWriter<'_>, stop: &Stop) {
         area.write(version, &status);
         node.stats.status.beat();
         if stop.wait_until(Instant::now() + STATUS_PERIOD) {
-            return;
+            return Ok(());
         }
     }
 }

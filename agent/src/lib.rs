@@ -94,6 +94,23 @@ pub enum Error {
         /// The ring file path.
         path: PathBuf,
     },
+    /// The ring file's directory (or the lock file in it) is not safe for a root daemon's
+    /// files: another user could plant links or files there.
+    #[error("the ring file's directory {path:?} is not safe: {why}. Give --shm / GPUSCALE_SHM a path in a directory only this user owns and writes (the agent makes a missing one with mode 0700)")]
+    UnsafeRingDir {
+        /// The directory (or the file in it).
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The ring file was truncated or replaced while the agent wrote it.
+    #[error("the ring file {path:?} {why} while the agent was writing it; stopping so that a restart writes a new one (something else writes to --shm: give each agent its own path)")]
+    RingFileLost {
+        /// The ring file path.
+        path: PathBuf,
+        /// What happened to it.
+        why: String,
+    },
     /// The ring file does not exist.
     #[error("the ring file {path:?} does not exist: is the agent running, and is --shm the same path it was started with?")]
     ShmMissing {

@@ -17,6 +17,14 @@ use crate::Result;
 pub fn run(shm: &Path, json: bool) -> Result<()> {
     let reader = ShmReader::open(shm)?;
     let report = collect(&reader, crate::unix_now_ns());
+    if reader.truncated() {
+        return Err(crate::Error::BadRingFile {
+            path: shm.to_owned(),
+            why: "it was truncated while dump read it (an agent writing it stops and its restart \
+                  writes a new one); run dump again"
+                .into(),
+        });
+    }
     if json {
         let text = serde_json::to_string_pretty(&report)
             .expect("a report serializes: its maps have string keys");

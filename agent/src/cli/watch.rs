@@ -162,6 +162,11 @@ pub fn follow(args: &Args, out: &mut impl Write) -> Result<()> {
                     *pos += 1;
                 }
             }
+            if reader.truncated() {
+                // What was read since may be zeros: open the file again (an agent writing it
+                // stops and its restart writes a new one; a file still truncated is an error).
+                continue 'reopen;
+            }
             if checked.elapsed() >= REOPEN_CHECK {
                 checked = Instant::now();
                 if identity(&args.shm) != id && identity(&args.shm).is_some() {

@@ -7,9 +7,19 @@
 //! layout written to a temp name and renamed over the old file (a reader's mapping of the old
 //! one stays valid). It never touches the live words itself: it hands out the writer or reader
 //! types of [`super::region`] over its mapping.
+//!
+//! And the agent runs as root, so nothing another user controls is followed or trusted: the
+//! directory is made with mode 0700 and refused when it (or a link to it) belongs to another
+//! user or others may write to it; the lock file is opened without following links, mode 0600,
+//! and must be this user's; the new file is written under a random name created exclusively
+//! (`tempfile`, `O_EXCL`, 0600) and renamed into place; an existing file is reused only when it
+//! is a regular file of this user, opened without following links. A file truncated or replaced
+//! while the agent writes it is caught ([`RingWatch`], and the SIGBUS guard of `super::guard`)
+//! and the agent stops with [`Error::RingFileLost`] instead of dying of SIGBUS.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
@@ -133,9 +143,148 @@ pub struct ShmWriter {
     path: PathBuf,
     header: FileHeader,
     gpus: Vec<GpuInfo>,
+    // Released in `Drop`, before the mapping goes.
+    guard: std::sync::Arc<super::guard::Guard>,
     map: MmapMut,
+    file: File,
     reused: bool,
     _lock: File,
+}
+
+impl Drop for ShmWriter {
+    fn drop(&mut self) {
+        self.guard.release();
+    }
+}
+
+/// Watches an open ring file for what would otherwise go unnoticed or kill the agent: the file
+/// truncated (a SIGBUS caught in the mapping, or the file now shorter than its layout) or
+/// replaced (the path now names another file, or none). Independent of the writer's borrows, so
+/// the agent's status thread can check it once a second; meaningful while its writer lives.
+#[derive(Debug)]
+pub struct RingWatch {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    dev_ino: (u64, u64),
+    guard: std::sync::Arc<super::guard::Guard>,
+}
+
+impl RingWatch {
+    /// `Ok` while the file is whole and still at its path; else [`Error::RingFileLost`].
+    pub fn check(&self) -> Result<()> {
+        let lost = |why: String| Error::RingFileLost {
+            path: self.path.clone(),
+            why,
+        };
+        if self.guard.hit() {
+            return Err(lost(
+                "was truncated (a write past its new end was caught)".into(),
+            ));
+        }
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| lost(format!("could not be examined ({e})")))?;
+        if now.len() < self.len {
+            return Err(lost(format!(
+                "was truncated to {} bytes (its layout needs {})",
+                now.len(),
+                self.len
+            )));
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.dev_ino => Ok(()),
+            Ok(_) => Err(lost("was replaced by another file".into())),
+            Err(e) => Err(lost(format!("was removed ({e})"))),
+        }
+    }
+}
+
+/// This process's effective user.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes `dir`, the directory of ring file `path` (mode 0700, parents too) if missing, then checks nobody else controls it: it
+/// must be a directory owned by this user that group and others may not write to, and if the
+/// path is a link, the link must be this user's or root's (a link in a shared directory such as
+/// `/dev/shm` planted by another user would send the files elsewhere).
+fn secure_dir(path: &Path, dir: &Path) -> Result<()> {
+    let unsafe_dir = |why: String| Error::UnsafeRingDir {
+        path: dir.to_owned(),
+        why,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|error| Error::Shm {
+            path: path.to_owned(),
+            what: "create its directory",
+            error,
+        })?;
+    let me = euid();
+    let link = std::fs::symlink_metadata(dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+        return Err(unsafe_dir(format!(
+            "it is a link owned by uid {}, not by this user (uid {me}) or root",
+            link.uid()
+        )));
+    }
+    let m = std::fs::metadata(dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if !m.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    if m.uid() != me {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by this user (uid {me})",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "group or others may write to it (mode {:o})",
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Opens (or makes, mode 0600) the lock file without following a link, and checks it is a
+/// regular file of this user; an older one readable by others is made 0600.
+fn open_lock(path: &Path) -> Result<File> {
+    let lock_path = lock_path(path);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(|error| Error::Shm {
+            path: path.to_owned(),
+            what: "create its lock file",
+            error,
+        })?;
+    let unsafe_lock = |why: String| Error::UnsafeRingDir {
+        path: lock_path.clone(),
+        why,
+    };
+    let m = lock.metadata().map_err(|e| unsafe_lock(e.to_string()))?;
+    if !m.is_file() || m.uid() != euid() {
+        return Err(unsafe_lock(format!(
+            "the lock file is not a regular file of this user (uid {})",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        lock.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| unsafe_lock(format!("cannot make it 0600: {e}")))?;
+    }
+    Ok(lock)
 }
 
 impl std::fmt::Debug for ShmWriter {
@@ -176,16 +325,12 @@ impl ShmWriter {
             let path = path.to_owned();
             move |error| Error::Shm { path, what, error }
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io("create its directory"))?;
-        }
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(lock_path(path))
-            .map_err(io("create its lock file"))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        secure_dir(path, dir)?;
+        let lock = open_lock(path)?;
         if !flock(&lock, libc::LOCK_EX).map_err(io("lock"))? {
             return Err(Error::ShmBusy {
                 path: path.to_owned(),
@@ -211,28 +356,33 @@ impl ShmWriter {
         put_str(&mut header.driver_version, &params.driver_version);
         let total = file_bytes(&header);
 
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
+        // A random name, created exclusively (O_EXCL, so never through a planted link), 0600.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(dir)
             .map_err(io("create"))?;
-        file.set_len(total).map_err(io("size"))?;
-        // SAFETY: the file is ours (a fresh temp name, under the writer lock) and nothing else
-        // truncates it while mapped.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io("map"))?;
+        tmp.as_file().set_len(total).map_err(io("size"))?;
+        // SAFETY: the file is ours (a fresh random name, under the writer lock); a truncation
+        // while mapped is caught by the SIGBUS guard the writer registers below.
+        let mut map = unsafe { MmapMut::map_mut(tmp.as_file()) }.map_err(io("map"))?;
         write_gpu_table(&mut map, gpus);
         map[..HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&header));
-        std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
+        let file = tmp
+            .persist(path)
+            .map_err(|e| e.error)
+            .map_err(io("rename into place"))?;
         Ok(ShmWriter {
             path: path.to_owned(),
             header,
             gpus: gpus.to_vec(),
+            guard: std::sync::Arc::new(super::guard::Guard::new(map.as_ptr(), map.len())),
             map,
+            file,
             reused: false,
             _lock: lock,
         })
@@ -245,10 +395,24 @@ impl ShmWriter {
         gpus: &[GpuInfo],
         lock: &File,
     ) -> Result<Option<ShmWriter>> {
-        let Ok(file) = OpenOptions::new().read(true).write(true).open(path) else {
+        // Not through a link, and only a regular file of this user: anything else is replaced.
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        else {
             return Ok(None);
         };
-        // SAFETY: we hold the writer lock, so no other agent resizes the file; readers only map.
+        match file.metadata() {
+            Ok(m) if m.is_file() && m.uid() == euid() => {}
+            _ => {
+                tracing::warn!(path = %path.display(), "existing ring file is not a regular file of this user; writing a new one");
+                return Ok(None);
+            }
+        }
+        // SAFETY: we hold the writer lock, so no other agent resizes the file; readers only map;
+        // a truncation by anything else is caught by the SIGBUS guard registered below.
         let Ok(map) = (unsafe { MmapMut::map_mut(&file) }) else {
             return Ok(None);
         };
@@ -280,7 +444,9 @@ impl ShmWriter {
             path: path.to_owned(),
             header,
             gpus: gpus.to_vec(),
+            guard: std::sync::Arc::new(super::guard::Guard::new(map.as_ptr(), map.len())),
             map,
+            file,
             reused: true,
             _lock: lock,
         };
@@ -292,6 +458,27 @@ impl ShmWriter {
     /// Whether an existing file's history was kept.
     pub fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// A [`RingWatch`] over this file, for checking it from another thread.
+    pub fn watch(&self) -> Result<RingWatch> {
+        let file = self.file.try_clone().map_err(|error| Error::Shm {
+            path: self.path.clone(),
+            what: "watch",
+            error,
+        })?;
+        let m = file.metadata().map_err(|error| Error::Shm {
+            path: self.path.clone(),
+            what: "examine",
+            error,
+        })?;
+        Ok(RingWatch {
+            path: self.path.clone(),
+            file,
+            len: self.map.len() as u64,
+            dev_ino: (m.dev(), m.ino()),
+            guard: self.guard.clone(),
+        })
     }
 
     /// The GPUs in the file, in region order.
@@ -338,6 +525,8 @@ pub struct WriterParts<'a> {
 pub struct ShmReader {
     header: FileHeader,
     gpus: Vec<GpuInfo>,
+    // Before `map`: released before the mapping goes.
+    guard: super::guard::Guard,
     map: Mmap,
     writer_alive: bool,
 }
@@ -359,12 +548,14 @@ impl ShmReader {
             }
         })?;
         // SAFETY: a read-only shared mapping; the writer never shrinks a file in place (new
-        // layouts are renamed over it), so the mapping stays valid while we hold it.
+        // layouts are renamed over it); anything else truncating it is caught by the guard
+        // (reads past the new end then see zeros, and `truncated` says so).
         let map = unsafe { Mmap::map(&file) }.map_err(|error| Error::Shm {
             path: path.to_owned(),
             what: "map",
             error,
         })?;
+        let guard = super::guard::Guard::new(map.as_ptr(), map.len());
         let layout = parse_layout(path, &map)?;
         let writer_alive = match File::open(lock_path(path)) {
             Ok(lock) => !flock(&lock, libc::LOCK_SH).unwrap_or(false),
@@ -373,9 +564,15 @@ impl ShmReader {
         Ok(ShmReader {
             header: layout.header,
             gpus: layout.gpus,
+            guard,
             map,
             writer_alive,
         })
+    }
+
+    /// Whether the file was truncated under this view (what was read since may be zeros).
+    pub fn truncated(&self) -> bool {
+        self.guard.hit()
     }
 
     /// The regions, one per GPU, for reading.
@@ -630,5 +827,222 @@ mod tests {
             (EbpfState::Unavailable, 7, 2)
         );
         assert_eq!(back.ebpf_reason, "tracefs is not mounted");
+    }
+}
+
+/// The ring file as a root daemon must treat it: nothing another user controls is followed.
+#[cfg(test)]
+mod safety_tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::sample::{GpuState, Sample, Slot};
+
+    fn gpus() -> Vec<GpuInfo> {
+        vec![GpuInfo {
+            index: 0,
+            uuid: "GPU-00000000".into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            ..GpuInfo::default()
+        }]
+    }
+
+    fn params() -> Params {
+        Params {
+            capacity: 1024,
+            interval_ns: 100_000_000,
+            node_name: "node-a".into(),
+            driver_version: "580.159.04".into(),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_missing_directory_is_made_0700_and_the_lock_and_ring_are_0600() {
+        let top = tempfile::tempdir().unwrap();
+        let path = top.path().join("made/by/agent/agent.ring");
+        let w = ShmWriter::open(&path, &params(), &gpus()).unwrap();
+        for d in ["made", "made/by", "made/by/agent"] {
+            assert_eq!(mode(&top.path().join(d)), 0o700, "{d}");
+        }
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&lock_path(&path)), 0o600);
+        drop(w);
+        // A lock file an older agent left readable by others is made 0600.
+        std::fs::set_permissions(lock_path(&path), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(ShmWriter::open(&path, &params(), &gpus()).unwrap());
+        assert_eq!(mode(&lock_path(&path)), 0o600);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_to_is_refused_naming_it_and_the_fix() {
+        let top = tempfile::tempdir().unwrap();
+        let shared = top.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        for m in [0o777, 0o1777, 0o770] {
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(m)).unwrap();
+            let e = ShmWriter::open(&shared.join("agent.ring"), &params(), &gpus()).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, Error::UnsafeRingDir { .. })
+                    && msg.contains("shared")
+                    && msg.contains("group or others may write")
+                    && msg.contains("--shm"),
+                "{msg}"
+            );
+            assert!(!shared.join("agent.ring.lock").exists(), "nothing written");
+        }
+    }
+
+    #[test]
+    fn links_planted_at_the_lock_the_ring_and_the_old_temp_name_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.ring");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "root's file").unwrap();
+
+        // At the lock: refused, the link's target untouched.
+        symlink(&victim, lock_path(&path)).unwrap();
+        let e = ShmWriter::open(&path, &params(), &gpus()).unwrap_err();
+        assert!(e.to_string().contains("lock file"), "{e}");
+        std::fs::remove_file(lock_path(&path)).unwrap();
+
+        // At the ring and at the temp name older agents used: replaced, never written through.
+        symlink(&victim, &path).unwrap();
+        let old_tmp = dir
+            .path()
+            .join(format!("agent.ring.tmp-{}", std::process::id()));
+        symlink(&victim, &old_tmp).unwrap();
+        let w = ShmWriter::open(&path, &params(), &gpus()).unwrap();
+        assert!(!w.reused());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+        let ring = std::fs::symlink_metadata(&path).unwrap();
+        assert!(ring.file_type().is_file() && ring.len() > 0);
+        // And no temp file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_truncated_ring_is_caught_without_a_sigbus_and_a_replaced_one_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.ring");
+        let mut w = ShmWriter::open(&path, &params(), &gpus()).unwrap();
+        let watch = w.watch().unwrap();
+        assert_eq!(watch.check().ok(), Some(()));
+        // Truncated to nothing under the writer: every access to the mapping is past the end.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let regions = w.parts().regions;
+        let mut s = Sample::empty(42, GpuState::Ok);
+        s.set(Slot::GpuUtil, 37.0);
+        regions[0].ring().push(&s); // would be SIGBUS without the guard
+        let lost = watch.check().unwrap_err().to_string();
+        assert!(
+            lost.contains("was truncated") && lost.contains("agent.ring"),
+            "{lost}"
+        );
+        drop(regions);
+        drop(w);
+
+        // Replaced (another file renamed over the path): noticed too.
+        let w = ShmWriter::open(&path, &params(), &gpus()).unwrap();
+        let watch = w.watch().unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, "x").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let lost = watch.check().unwrap_err().to_string();
+        assert!(lost.contains("was replaced"), "{lost}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(watch
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("was removed"));
+    }
+
+    #[test]
+    fn as_root_a_directory_or_a_link_of_another_user_is_refused() {
+        if euid() != 0 {
+            if std::env::var("GPUSCALE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!("needs root; GPUSCALE_REQUIRE_PRIVILEGED=1 forbids skipping it");
+            }
+            eprintln!("skipped: as_root_a_directory_or_a_link_of_another_user_is_refused: needs root (chown)");
+            return;
+        }
+        let nobody = 65534;
+        let top = tempfile::tempdir().unwrap();
+        // A directory another user made (say, in /dev/shm before the agent first ran).
+        let theirs = top.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(nobody), Some(nobody)).unwrap();
+        let e = ShmWriter::open(&theirs.join("agent.ring"), &params(), &gpus())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        // A link another user planted where the agent's directory should be, to a directory
+        // root owns: refused, though the target looks safe.
+        let target = top.path().join("etc-like");
+        std::fs::create_dir(&target).unwrap();
+        let link = top.path().join("gpuscale");
+        symlink(&target, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(nobody), Some(nobody)).unwrap();
+        let e = ShmWriter::open(&link.join("agent.ring"), &params(), &gpus())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a link owned by uid 65534"), "{e}");
+        assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+        // A link root made (as /var/run → /run) is fine.
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        drop(ShmWriter::open(&link.join("agent.ring"), &params(), &gpus()).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod reader_safety_tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_of_a_truncated_file_is_told_not_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.ring");
+        let gpus = [GpuInfo {
+            index: 0,
+            uuid: "GPU-00000000".into(),
+            memory_total_bytes: 80 << 30,
+            ..GpuInfo::default()
+        }];
+        let params = Params {
+            capacity: 1024,
+            interval_ns: 100_000_000,
+            node_name: "node-a".into(),
+            driver_version: "580.159.04".into(),
+        };
+        let w = ShmWriter::open(&path, &params, &gpus).unwrap();
+        let r = ShmReader::open(&path).unwrap();
+        assert!(!r.truncated());
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        // Would be SIGBUS: the whole mapping is past the file's end now.
+        assert_eq!(r.regions()[0].ring().latest(), None);
+        assert!(r.truncated());
+        drop(r);
+        drop(w);
     }
 }

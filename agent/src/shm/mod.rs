@@ -4,8 +4,9 @@
 //! By concept:
 //! - [`layout`]: the bytes of the file (its module doc draws them), the header, the GPU table,
 //!   every offset and size, and [`LAYOUT_VERSION`];
-//! - [`file`](mod@file): [`ShmWriter`] (writer lock, create or reuse, map writable) and
-//!   [`ShmReader`] (map read-only, validate, is a writer alive);
+//! - [`file`](mod@file): [`ShmWriter`] (a safe directory, writer lock, create or reuse, map
+//!   writable, [`RingWatch`] for a file truncated or replaced under it) and [`ShmReader`] (map
+//!   read-only, validate, is a writer alive); `guard`: no SIGBUS from a truncated file;
 //! - [`region`]: the per-GPU regions and the agent area, a writer type ([`WriterRegion`],
 //!   [`AgentAreaWriter`]) and a reader type ([`ReaderRegion`], [`AgentAreaReader`]) of each;
 //! - [`records`]: the process snapshot and the agent status, and the `Pod` records their seqlock
@@ -17,11 +18,12 @@
 //! stored codes) are the vocabulary's (`vocab`), re-exported here.
 
 pub mod file;
+mod guard;
 pub mod layout;
 pub mod records;
 pub mod region;
 
-pub use file::{capacity_for, lock_path, Params, ShmReader, ShmWriter, WriterParts};
+pub use file::{capacity_for, lock_path, Params, RingWatch, ShmReader, ShmWriter, WriterParts};
 pub use layout::{
     FileHeader, GpuEntry, GpuInfo, LAYOUT_VERSION, MAGIC, MAX_OPENS, MAX_PROCESSES, REASON_BYTES,
 };

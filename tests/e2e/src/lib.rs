@@ -88,7 +88,10 @@ impl Scratch {
     pub fn new(name: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("gpuscale-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating a scratch dir");
+        // 0700 whatever the umask: the agent refuses a ring directory others may write to.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&d)
+            .expect("creating a scratch dir");
         Scratch(d)
     }
 
@@ -234,6 +237,21 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None` if it
+    /// still runs (it is then left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(s) = child.try_wait().expect("waiting for the process") {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.

@@ -263,6 +263,43 @@ fn a_missing_nvml_library_fails_at_once_naming_the_flag() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// The SIGBUS: the ring file truncated under a running agent. The agent notices, names
+/// the file and what happened, and exits with status 1 (not killed by a signal); started again,
+/// it writes a new file that `dump` reads.
+#[test]
+fn a_ring_file_truncated_under_the_agent_stops_it_with_an_error_not_a_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Scratch::new("truncated");
+    let scenario = dir.path("scenario.json");
+    write_scenario(&scenario, &[gpu(0)]);
+    let shm = dir.path("agent.ring");
+    let mut a = Agent::start(&dir, &scenario, &shm, &["--interval", "50ms"]);
+    a.wait_dump(WAIT, |d| last(d, 0, "gpu_util").is_some())
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shm)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let status = a
+        .daemon
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the agent kept running on a truncated file:\n{}", a.log()));
+    assert_eq!(status.signal(), None, "{status:?}; log:\n{}", a.log());
+    assert_eq!(status.code(), Some(1), "log:\n{}", a.log());
+    let log = a.log();
+    assert!(
+        log.contains("was truncated") && log.contains("agent.ring") && log.contains("restart"),
+        "{log}"
+    );
+    let mut again = Agent::start(&dir, &scenario, &shm, &["--interval", "50ms"]);
+    again
+        .wait_dump(WAIT, |d| last(d, 0, "gpu_util").is_some())
+        .unwrap();
+    assert!(again.terminate().success());
+}
+
 #[test]
 fn an_unwritable_shm_path_fails_clearly() {
     let dir = Scratch::new("unwritable");

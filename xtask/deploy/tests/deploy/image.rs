@@ -147,7 +147,7 @@ fn the_image_pushed_to_a_registry_runs_the_agent_from_its_own_layers_under_chroo
             "--ebpf",
             "off",
             "--shm",
-            "/tmp/x.ring",
+            "/tmp/gpuscale/x.ring",
             "--node-name",
             "chroot-node",
             "--interval",
@@ -171,7 +171,7 @@ fn the_image_pushed_to_a_registry_runs_the_agent_from_its_own_layers_under_chroo
                     "/usr/bin/gpuscale-agent",
                     "dump",
                     "--shm",
-                    "/tmp/x.ring",
+                    "/tmp/gpuscale/x.ring",
                     "--json",
                 ],
             )
