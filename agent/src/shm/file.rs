@@ -662,7 +662,7 @@ mod tests {
         [parent, instance]
     }
 
-    fn params() -> Params {
+    pub(super) fn params() -> Params {
         Params {
             capacity: 1024,
             interval_ns: 100_000_000,
@@ -848,13 +848,16 @@ mod safety_tests {
         }]
     }
 
-    fn params() -> Params {
-        Params {
-            capacity: 1024,
-            interval_ns: 100_000_000,
-            node_name: "node-a".into(),
-            driver_version: "580.159.04".into(),
-        }
+    use super::tests::params;
+
+    /// Truncates `path` to 0 bytes, as another process would under the agent.
+    fn truncate_to_nothing(path: &Path) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
     }
 
     fn mode(p: &Path) -> u32 {
@@ -939,12 +942,7 @@ mod safety_tests {
         let watch = w.watch().unwrap();
         assert_eq!(watch.check().ok(), Some(()));
         // Truncated to nothing under the writer: every access to the mapping is past the end.
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        truncate_to_nothing(&path);
         let regions = w.parts().regions;
         let mut s = Sample::empty(42, GpuState::Ok);
         s.set(Slot::GpuUtil, 37.0);
@@ -1008,37 +1006,15 @@ mod safety_tests {
         std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
         drop(ShmWriter::open(&link.join("agent.ring"), &params(), &gpus()).unwrap());
     }
-}
-
-#[cfg(test)]
-mod reader_safety_tests {
-    use super::*;
 
     #[test]
     fn a_reader_of_a_truncated_file_is_told_not_killed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.ring");
-        let gpus = [GpuInfo {
-            index: 0,
-            uuid: "GPU-00000000".into(),
-            memory_total_bytes: 80 << 30,
-            ..GpuInfo::default()
-        }];
-        let params = Params {
-            capacity: 1024,
-            interval_ns: 100_000_000,
-            node_name: "node-a".into(),
-            driver_version: "580.159.04".into(),
-        };
-        let w = ShmWriter::open(&path, &params, &gpus).unwrap();
+        let w = ShmWriter::open(&path, &params(), &gpus()).unwrap();
         let r = ShmReader::open(&path).unwrap();
         assert!(!r.truncated());
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        truncate_to_nothing(&path);
         // Would be SIGBUS: the whole mapping is past the file's end now.
         assert_eq!(r.regions()[0].ring().latest(), None);
         assert!(r.truncated());
