@@ -65,9 +65,10 @@ struct RunArgs {
     /// 0.0.0.0:7702 (off by default).
     #[arg(long, env = "GPUSCALE_HTTP_LISTEN")]
     http_listen: Option<String>,
-    /// Serve both ports over TLS with this certificate (PEM, leaf first); it should name this
-    /// node (a DNS name equal to --node-name): the collector accepts data only for the node the
-    /// certificate names. Re-read when the file changes.
+    /// Serve both ports over TLS with this certificate (PEM, leaf first); it names this node
+    /// (a DNS name equal to --node-name), or the name every agent's certificate shares (the
+    /// collector's --agent-tls-server-name, as the install issues it). Re-read when the file
+    /// changes.
     #[arg(long, env = "GPUSCALE_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).

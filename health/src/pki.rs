@@ -189,17 +189,12 @@ pub fn chains_to(cert_pem: &str, ca_pem: &str) -> bool {
     if roots.add(ca).is_err() {
         return false;
     }
-    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(&leaf) else {
-        return false;
-    };
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
+    crate::tls::verify_chain(
+        &leaf,
         &roots,
         &[],
         UnixTime::now(),
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .all,
+        &rustls::crypto::ring::default_provider(),
     )
     .is_ok()
 }

@@ -501,14 +501,7 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        verify_chain(end_entity, &self.roots, intermediates, now, &self.provider)?;
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
@@ -545,6 +538,25 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// Whether `leaf` (with `intermediates`) chains to one of `roots`, is valid at `now` and may
+/// serve TLS: the check [`ServerNames::CheckedByCaller`] makes, without the server name.
+pub(crate) fn verify_chain(
+    leaf: &CertificateDer<'_>,
+    roots: &RootCertStore,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    provider: &rustls::crypto::CryptoProvider,
+) -> std::result::Result<(), rustls::Error> {
+    let cert = rustls::server::ParsedCertificate::try_from(leaf)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &cert,
+        roots,
+        intermediates,
+        now,
+        provider.signature_verification_algorithms.all,
+    )
 }
 
 /// Whether the certificate `leaf` (verified already) names `name` (a DNS name, as a node name
