@@ -269,8 +269,11 @@ pub fn serve(
             seq: AtomicU64::new(0),
             stop: stop.clone(),
         };
-        let server = tonic::transport::Server::builder()
-            .add_service(AgentServer::new(service))
+        let server = gpuscale_health::ops::grpc_server(MAX_STREAMS_PER_CONNECTION)
+            .add_service(
+                AgentServer::new(service)
+                    .max_decoding_message_size(gpuscale_health::ops::MAX_REQUEST_BYTES),
+            )
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.stopped());
         // Streams end on stop; a client that never hangs up gets the grace period only.
@@ -280,6 +283,10 @@ pub fn serve(
             .map_err(|e| Error::Serve { why: e.to_string() })
     })
 }
+
+/// Concurrent streams one connection may hold open on the agent's port: a collector holds one
+/// snapshot stream per connection, `dump` and health checks a few more.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// How often `grpc.health.v1` re-reads readiness.
 const HEALTH_PERIOD: Duration = Duration::from_millis(250);

@@ -27,7 +27,6 @@
 //! Run: `cargo bench -p collector --bench get_metrics`. Under `cargo test` (no `--bench`) only
 //! N = 10 is built, each criterion bench runs once and the custom loop is short.
 
-use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,199 +37,12 @@ use collector::model::trigger::Trigger;
 use collector::sources::pods::{PodIndex, PodMeta, PodSource};
 use collector::sources::view::Cluster;
 use criterion::{BatchSize, BenchmarkId, Criterion};
-use proto::agent::{
-    GpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary, ProcessUsage, WindowStats,
-};
 use proto::externalscaler::ScaledObjectRef;
 
-const GPUS_PER_NODE: usize = 8;
-const PODS_PER_GPU: usize = 2;
-const PODS_PER_NODE: usize = GPUS_PER_NODE * PODS_PER_GPU;
-const NAMESPACES: usize = 20;
+mod fixture;
+use fixture::*;
+
 const SCALED_OBJECTS: usize = 200;
-
-const TIME_AGGREGATIONS: [&str; 5] = ["avg", "max", "p95", "last", "min"];
-/// Window spellings as users write them (`1m` and `60s` name the same window).
-const WINDOWS: [&str; 4] = ["30s", "1m", "10s", "5m"];
-
-/// Pod metadata that never changes (the bench's `PodSource`).
-struct StaticPods(Arc<PodIndex>);
-
-impl PodSource for StaticPods {
-    fn index(&self) -> Arc<PodIndex> {
-        self.0.clone()
-    }
-
-    fn describe(&self) -> String {
-        "bench pods".into()
-    }
-}
-
-fn node_name(node: usize) -> String {
-    format!("gpu-node-{node:04}")
-}
-
-fn gpu_uuid(node: usize, gpu: usize) -> String {
-    format!("GPU-{node:08x}-0000-4000-8000-{gpu:012x}")
-}
-
-fn pod_uid(pod: usize) -> String {
-    format!("{pod:08x}-1111-4222-8333-444444444444")
-}
-
-/// Pod `i` runs app `i mod 200`, in that app's namespace, on node `i / 16`, GPU `(i mod 16) / 2`.
-fn app_of(pod: usize) -> usize {
-    pod % SCALED_OBJECTS
-}
-
-fn namespace_of_app(app: usize) -> String {
-    format!("ns-{:02}", app % NAMESPACES)
-}
-
-/// One metric with `last` and the 4 windows, as the agent fills them.
-fn metric(m: vocab::Metric, v: f64) -> MetricSummary {
-    MetricSummary {
-        metric: proto::agent::Metric::from(m) as i32,
-        last: Some(v),
-        windows: vocab::Window::ALL
-            .map(|w| w.secs())
-            .into_iter()
-            .map(|w| WindowStats {
-                window_s: w,
-                avg: v,
-                min: v * 0.5,
-                max: (v * 1.5).min(100.0),
-                p95: (v * 1.4).min(100.0),
-                count: w * 10,
-            })
-            .collect(),
-    }
-}
-
-fn metrics(base: f64) -> Vec<MetricSummary> {
-    // Every metric an agent reports, in its order.
-    vocab::Metric::ALL
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| metric(m, base + i as f64))
-        .collect()
-}
-
-fn snapshot(node: usize) -> NodeSnapshot {
-    let now_ns = 1_800_000_000_000_000_000u64;
-    let first_pod = node * PODS_PER_NODE;
-    let gpus = (0..GPUS_PER_NODE)
-        .map(|g| GpuSummary {
-            index: g as u32,
-            uuid: gpu_uuid(node, g),
-            name: "NVIDIA H100 80GB HBM3".into(),
-            state: GpuState::Ok as i32,
-            gpm_supported: true,
-            memory_total_bytes: 81_559 << 20,
-            newest_sample_unix_ns: now_ns,
-            metrics: metrics(40.0 + g as f64),
-            processes: (0..PODS_PER_GPU)
-                .map(|p| ProcessUsage {
-                    pid: (10_000 + g * PODS_PER_GPU + p) as u32,
-                    used_memory_bytes: Some(18_000 << 20),
-                    sm_util: Some(20.0),
-                    pod_uid: pod_uid(first_pod + g * PODS_PER_GPU + p),
-                    container_id: format!("{:064x}", first_pod + g * PODS_PER_GPU + p),
-                    attribution: proto::agent::Attribution::Procfs as i32,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .collect();
-    let pods = (0..PODS_PER_NODE)
-        .map(|p| {
-            let i = first_pod + p;
-            PodSummary {
-                pod_uid: pod_uid(i),
-                gpu_uuid: gpu_uuid(node, p / PODS_PER_GPU),
-                container_ids: vec![format!("{i:064x}")],
-                pids: vec![(10_000 + p) as u32],
-                shared: true,
-                newest_sample_unix_ns: now_ns,
-                metrics: metrics(10.0 + (i % 50) as f64),
-                attribution: proto::agent::Attribution::Procfs as i32,
-            }
-        })
-        .collect();
-    NodeSnapshot {
-        api_version: 2,
-        node_name: node_name(node),
-        agent_version: "0.1.0".into(),
-        driver_version: "580.159.04".into(),
-        taken_unix_ns: now_ns,
-        interval_ns: 100_000_000,
-        seq: 1,
-        gpus,
-        pods,
-        opens: Vec::new(),
-        ebpf: "on".into(),
-        ebpf_state: proto::agent::EbpfState::On as i32,
-        ebpf_detail: String::new(),
-    }
-}
-
-fn pod_meta(i: usize) -> PodMeta {
-    let app = app_of(i);
-    let labels = BTreeMap::from([
-        ("app".to_owned(), format!("svc-{app}")),
-        (
-            "app.kubernetes.io/part-of".to_owned(),
-            format!("team-{}", app % 7),
-        ),
-        ("pod-template-hash".to_owned(), "5d9c7f8b4".to_owned()),
-        ("version".to_owned(), "v1".to_owned()),
-    ]);
-    PodMeta {
-        namespace: namespace_of_app(app),
-        name: format!("svc-{app}-5d9c7f8b4-{i:05x}"),
-        uid: pod_uid(i),
-        labels,
-        node: node_name(i / PODS_PER_NODE),
-        phase: "Running".into(),
-        owner: format!("Deployment/svc-{app}"),
-        container_ids: Vec::new(),
-    }
-}
-
-fn scaled_object(k: usize) -> ScaledObjectRef {
-    let meta: HashMap<String, String> = [
-        (
-            "scalerAddress",
-            "gpuscale-collector.gpuscale-system:7700".to_owned(),
-        ),
-        (
-            "metric",
-            vocab::Metric::TRIGGER[k % vocab::Metric::TRIGGER.len()]
-                .name()
-                .to_owned(),
-        ),
-        ("podSelector", format!("app=svc-{k}")),
-        (
-            "timeAggregation",
-            TIME_AGGREGATIONS[k % TIME_AGGREGATIONS.len()].to_owned(),
-        ),
-        ("window", WINDOWS[k % WINDOWS.len()].to_owned()),
-        (
-            "aggregation",
-            if k.is_multiple_of(2) { "sum" } else { "avg" }.to_owned(),
-        ),
-        ("targetValue", "80".to_owned()),
-        ("staleAfter", "10m".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    ScaledObjectRef {
-        name: format!("svc-{k}"),
-        namespace: namespace_of_app(k),
-        scaler_metadata: meta,
-    }
-}
 
 /// A cluster of `nodes` nodes with its pods and the 200 ScaledObjects.
 struct Fixture {
@@ -257,7 +69,9 @@ impl Fixture {
                 v.update(n, snap, now);
             });
         }
-        let pods = (0..nodes * PODS_PER_NODE).map(pod_meta).collect();
+        let pods = (0..nodes * PODS_PER_NODE)
+            .map(|i| pod_meta(i, SCALED_OBJECTS))
+            .collect();
         let pods = Arc::new(StaticPods(Arc::new(PodIndex::new(1, pods))));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let f = Fixture {

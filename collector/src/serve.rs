@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuscale_health::ops::serve_until_stopped;
+use gpuscale_health::ops::{serve_until_stopped, MAX_REQUEST_BYTES};
 use gpuscale_health::tls::{self, ClientFiles, ServerFiles, ServerNames, ServerTls};
 use proto::collector::collector_server::CollectorServer;
 use proto::externalscaler::external_scaler_server::ExternalScalerServer;
@@ -21,6 +21,14 @@ use crate::sources::agents;
 use crate::sources::pods::{PodSource, PodsFile};
 use crate::sources::view::Cluster;
 use crate::{Error, Result};
+
+/// Concurrent streams one connection may hold open on the collector's gRPC port. KEDA shares one
+/// connection per scaler address among all its ScaledObjects, and holds one `StreamIsActive`
+/// stream open for each that uses `external-push`: past this many such ScaledObjects on one
+/// collector, the next one's stream waits for a free slot (use `external` for the rest, or a
+/// second collector). With [`MAX_REQUEST_BYTES`] per request, one connection can make the
+/// collector buffer at most 128 MiB of requests.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
 
 /// What `serve` needs.
 #[derive(Clone, Debug)]
@@ -212,13 +220,21 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     );
     start_observability(&mut obs, &mut tasks, pods.clone()).await;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(obs.keda(ExternalScalerServer::new(ScalerService(scaler.clone()))))
-        .add_service(CollectorServer::new(Debug {
-            cluster,
-            pods,
-            scaler,
-        }))
+    let server = gpuscale_health::ops::grpc_server(MAX_STREAMS_PER_CONNECTION)
+        .add_service(
+            obs.keda(
+                ExternalScalerServer::new(ScalerService(scaler.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            ),
+        )
+        .add_service(
+            CollectorServer::new(Debug {
+                cluster,
+                pods,
+                scaler,
+            })
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .add_service(obs.grpc_health())
         .serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;

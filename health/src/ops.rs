@@ -9,6 +9,29 @@ use std::time::Duration;
 /// How long a server asked to stop waits for open requests and connections before closing them.
 pub const GRACE: Duration = Duration::from_secs(3);
 
+/// How long a gRPC connection may be idle before the server pings it.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long the server waits for the answer to that ping before it closes the connection: a
+/// client that vanished (a half-open connection, a partitioned node) frees its streams after at
+/// most the interval plus this.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request message a gRPC port decodes; a larger one is refused with
+/// `OUT_OF_RANGE` before it is buffered whole. Every request of gpuscale's APIs is far smaller:
+/// KEDA's largest (a ScaledObject reference with trigger metadata) is refused above 16 KiB of
+/// metadata anyway (`collector::api::limits`).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The gRPC server builder both programs use: HTTP/2 keep-alive pings
+/// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]) and at most `max_streams`
+/// concurrent streams per connection (without it, one connection could open streams without
+/// bound). The first bytes of a connection are bounded in time by [`crate::tls::incoming`].
+pub fn grpc_server(max_streams: u32) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(max_streams)
+}
+
 /// Runs `server` until it ends, or until `stop` resolves; then runs `on_stop` (to end long-lived
 /// streams, say) and gives the server [`GRACE`] to finish before dropping it, which closes what it
 /// still has open (a client that never hangs up must not keep the process alive). `None` when the

@@ -7,7 +7,9 @@
 //! (`--tls-client-ca`). [`incoming`] accepts TCP connections and completes each TLS handshake on
 //! a task of its own, bounded in time ([`HANDSHAKE_TIMEOUT`]) and in number
 //! ([`MAX_PENDING_HANDSHAKES`]), so a client that connects and says nothing holds neither the
-//! accept loop nor memory; plain TCP (no TLS configured) goes through the same loop.
+//! accept loop nor memory; plain TCP (no TLS configured) goes through the same loop. Either way
+//! a connection that has not sent its first [`FIRST_BYTES`] (an HTTP/2 preface) within
+//! [`HANDSHAKE_TIMEOUT`] is closed ([`Conn`]).
 //!
 //! Clients (the collector dialing its agents): [`ClientTls`] holds the CA the server's
 //! certificate must chain to and, for mutual TLS, the client certificate and key.
@@ -24,6 +26,7 @@
 //! configuration that does not verify (a client CA that does not parse fails the start, it is not
 //! skipped), nor log key material.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -675,11 +678,30 @@ pub fn server_name_of(addr: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} is not a host name: {e}"))
 }
 
-/// One accepted connection: plain TCP or TLS over TCP.
+/// How many bytes a client must send within [`HANDSHAKE_TIMEOUT`] of its connection being
+/// accepted (after the TLS handshake, where there is one): the HTTP/2 client preface
+/// (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`) is exactly this long, and an HTTP/1 request line
+/// with its first header is longer.
+pub const FIRST_BYTES: usize = 24;
+
+/// One accepted connection: plain TCP or TLS over TCP. Until [`FIRST_BYTES`] have been read from
+/// it, a read fails with `TimedOut` once [`HANDSHAKE_TIMEOUT`] has passed, so a client that
+/// connects and never starts HTTP/2 (or HTTP/1) is closed instead of held for ever: hyper's own
+/// keep-alive pings only start after the preface.
 pub struct Conn {
     io: ConnIo,
     local: Option<SocketAddr>,
     peer: SocketAddr,
+    first: Option<FirstBytes>,
+}
+
+/// The deadline for a connection's first bytes.
+struct FirstBytes {
+    /// Bytes still owed.
+    left: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Where a missed deadline is counted.
+    stats: Arc<AcceptStats>,
 }
 
 enum ConnIo {
@@ -688,6 +710,25 @@ enum ConnIo {
 }
 
 impl Conn {
+    fn new(
+        io: ConnIo,
+        local: Option<SocketAddr>,
+        peer: SocketAddr,
+        stats: Arc<AcceptStats>,
+    ) -> Conn {
+        let first = FirstBytes {
+            left: FIRST_BYTES,
+            deadline: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
+            stats,
+        };
+        Conn {
+            io,
+            local,
+            peer,
+            first: Some(first),
+        }
+    }
+
     /// The client's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
@@ -723,7 +764,34 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        let this = self.get_mut();
+        if let Some(first) = &mut this.first {
+            if first.deadline.as_mut().poll(cx).is_ready() {
+                // Relaxed: a statistic.
+                first
+                    .stats
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no request within {HANDSHAKE_TIMEOUT:?} of connecting"),
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let read = match &mut this.io {
+            ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ConnIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        };
+        if let (Poll::Ready(Ok(())), Some(first)) = (&read, &mut this.first) {
+            let n = buf.filled().len() - before;
+            if n >= first.left {
+                this.first = None;
+            } else {
+                first.left -= n;
+            }
+        }
+        read
     }
 }
 
@@ -775,7 +843,8 @@ impl tonic::transport::server::Connected for Conn {
 #[derive(Debug, Default)]
 pub struct AcceptStats {
     /// TLS handshakes that failed (a client without a certificate the CA signed, a plain-text
-    /// client, a scanner) or timed out.
+    /// client, a scanner) or timed out, and connections closed for sending fewer than
+    /// [`FIRST_BYTES`] within [`HANDSHAKE_TIMEOUT`].
     pub handshake_failures: AtomicU64,
     /// Connections closed at once because [`MAX_PENDING_HANDSHAKES`] were in progress.
     pub refused_busy: AtomicU64,
@@ -829,11 +898,7 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &tls else {
-            let conn = Conn {
-                io: ConnIo::Plain(tcp),
-                local,
-                peer,
-            };
+            let conn = Conn::new(ConnIo::Plain(tcp), local, peer, stats.clone());
             if tx.send(conn).await.is_err() {
                 return;
             }
@@ -850,11 +915,7 @@ async fn accept_loop(
             let _permit = permit;
             let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
-                    let conn = Conn {
-                        io: ConnIo::Tls(Box::new(s)),
-                        local,
-                        peer,
-                    };
+                    let conn = Conn::new(ConnIo::Tls(Box::new(s)), local, peer, stats);
                     let _ = tx.send(conn).await;
                     return;
                 }
@@ -1105,6 +1166,58 @@ mod tests {
         let n = silent.read(&mut buf).await.unwrap_or(0);
         assert_eq!(n, 0, "the server closed the connection");
         assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+        assert_eq!(incoming.stats.handshake_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_client_that_never_sends_a_preface_is_closed_and_one_that_does_is_kept() {
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = incoming(listener, None, "test").unwrap();
+        // Read as hyper would: until the connection ends or fails.
+        let serve = |mut conn: Conn| async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err((e, got)),
+                }
+            }
+        };
+
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        let started = tokio::time::Instant::now();
+        let (e, got) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, serve(conn))
+            .await
+            .expect("closed by the deadline, not held open")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(got.is_empty());
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+        assert_eq!(incoming.stats.handshake_failures.load(Ordering::Relaxed), 1);
+
+        // The preface in two pieces, the second just before the deadline; then silence well
+        // past it: the connection stays open until the client closes it.
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(preface.len(), FIRST_BYTES);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        let server = tokio::spawn(serve(conn));
+        client.write_all(&preface[..10]).await.unwrap();
+        tokio::time::sleep(HANDSHAKE_TIMEOUT - Duration::from_millis(100)).await;
+        client.write_all(&preface[10..]).await.unwrap();
+        tokio::time::sleep(HANDSHAKE_TIMEOUT * 3).await;
+        client.write_all(b"later").await.unwrap();
+        drop(client);
+        let got = server
+            .await
+            .unwrap()
+            .expect("kept open once the preface came");
+        assert_eq!(got, [&preface[..], b"later"].concat());
         assert_eq!(incoming.stats.handshake_failures.load(Ordering::Relaxed), 1);
     }
 

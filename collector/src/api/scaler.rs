@@ -122,8 +122,9 @@ impl Scaler {
         &self.triggers
     }
 
-    /// Records `GetMetrics`'s answer for `r`: its value, or none after an error.
-    fn observe(&self, r: &ScaledObjectRef, answer: &Result<(Arc<Trigger>, Evaluation), Status>) {
+    /// Records `GetMetrics`'s answer for `r`: its value, or none after an error (public for the
+    /// benchmarks, which measure what `GetMetrics` keeps).
+    pub fn observe(&self, r: &ScaledObjectRef, answer: &Result<(Arc<Trigger>, Evaluation), Status>) {
         let Some(m) = self.metrics.get() else { return };
         match answer {
             Ok((t, eval)) => {

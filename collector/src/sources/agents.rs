@@ -1,6 +1,9 @@
 //! Agent streams: one task per agent address holds `WatchSnapshots` open, writes each
 //! snapshot into the [`Cluster`] view, and reconnects with exponential backoff (100 ms doubling
-//! to 5 s) when the agent is unreachable or restarts. One agent's trouble never delays another.
+//! to 500 ms) when the agent is unreachable, restarts, or its stream falls silent (no snapshot
+//! for three of its intervals, at least 1 s: a cut or half-open link), so a healed link shows a
+//! fresh value within 2 s (`tests/e2e/tests/netfault.rs`). One agent's trouble never delays
+//! another.
 //! The set of addresses is fixed (`--agents`) or follows discovery (`--agent-service`):
 //! [`Fleet::set`] starts streams for new addresses and stops and retires the ones that left.
 //!
@@ -20,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpuscale_health::tls::{self, ClientTls};
 use proto::agent::agent_client::AgentClient;
@@ -33,13 +36,33 @@ use crate::sources::validate;
 use crate::sources::view::Cluster;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait between two tries. A try at a host that does not answer takes up to
+/// [`CONNECT_TIMEOUT`] (its SYN sent again after 1 s), so a link that heals just after a SYN
+/// is used within 1 s + this: under the 2 s a healed link may take. (It was 5 s: an agent
+/// back after a few seconds of resets waited up to 3.2 s more.)
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How long a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest silence after which a stream is given up (see [`silence_limit`]).
+const SILENCE_MIN: Duration = Duration::from_secs(1);
+/// How long the first snapshot of a stream may take: the agent sends it at once, but a slow
+/// link may hold it up (a later one is held to [`silence_limit`]).
+const FIRST_SNAPSHOT_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long a stream whose agent samples every `interval_ns` may stay silent before it is given
+/// up and dialed again: three intervals (the agent sends a snapshot every tick), at least
+/// [`SILENCE_MIN`]. Waiting for TCP instead would let a link cut further away than either end
+/// (neither kernel sees it) heal only at the agent's next retransmission, 3 s or more after a
+/// few seconds' cut, and a half-open connection last until the HTTP/2 keep-alive (10 s).
+fn silence_limit(interval_ns: u64) -> Duration {
+    (3 * Duration::from_nanos(interval_ns)).max(SILENCE_MIN)
+}
 
 /// An agent's endpoint, with keep-alives so a hung agent is noticed.
 fn endpoint(address: &str) -> Result<Endpoint, String> {
     crate::endpoint(address)
         .map(|e| {
-            e.connect_timeout(Duration::from_secs(2))
+            e.connect_timeout(CONNECT_TIMEOUT)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true)
@@ -51,6 +74,14 @@ fn endpoint(address: &str) -> Result<Endpoint, String> {
 pub fn validate(addresses: &[String]) -> Result<(), String> {
     addresses.iter().try_for_each(|a| endpoint(a).map(drop))
 }
+
+/// The largest snapshot this collector decodes from an agent, so a broken or hostile agent
+/// cannot make it buffer without bound. A snapshot costs about 2 KiB per GPU and per (pod, GPU)
+/// pair (every metric, every window), so this leaves room for about 2,000 of them on one node: a
+/// node of 64 MIG instances each shared by 8 pods sends 1.1 MiB (a test in `validate` builds it).
+/// A larger snapshot ends the stream with an error naming this limit, and the node's pods read
+/// `UNAVAILABLE`.
+pub const MAX_AGENT_MESSAGE: usize = 4 << 20;
 
 /// The oldest agent API revision this collector reads: revision 1 sent metric names and
 /// attributions as strings in fields revision 2 reserved, so its metrics would all read as absent.
@@ -148,6 +179,26 @@ fn check_shared_name(cert: Option<&CertificateDer<'_>>, tls: &AgentTls) -> Resul
     }
 }
 
+/// The longest a snapshot is taken to have waited on its way: past the largest `staleAfter`
+/// (10 minutes), so one older is stale for every trigger however old it really is.
+const MAX_LATE: Duration = Duration::from_secs(11 * 60);
+
+/// When the agent took a snapshot, on this process's monotonic clock: its arrival, less how long
+/// after `taken_unix_ns` (the agent's clock) it arrived by `wall` (this host's clock). A snapshot
+/// held up on its way (latency, a bandwidth limit) is as old as its data, not as its arrival, so
+/// `staleAfter` holds for data that keeps arriving, late (before, 3 s old snapshots arriving
+/// every 100 ms through a slow link read as fresh under `staleAfter: 2s`). Node clocks are taken
+/// to agree (NTP, as certificates and leases need too): an agent's clock ahead of this one never
+/// makes data younger than its arrival; one behind by more than `staleAfter` makes its node's
+/// pods read `UNAVAILABLE`, with the age in the message and in `dump`.
+fn taken_at(arrived: Instant, wall: SystemTime, taken_unix_ns: u64) -> Instant {
+    let wall_ns = wall
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let late = Duration::from_nanos(wall_ns.saturating_sub(taken_unix_ns)).min(MAX_LATE);
+    arrived.checked_sub(late).unwrap_or(arrived)
+}
+
 async fn stream_once(
     cluster: &Cluster,
     node: usize,
@@ -162,12 +213,22 @@ async fn stream_once(
     let per_node_certificates = tls.is_some_and(|t| t.shared_name.is_none());
     // The node name last allowed, so it is checked once, not per snapshot.
     let mut allowed: Option<String> = None;
-    let mut client = AgentClient::new(channel);
-    let mut stream = client
-        .watch_snapshots(WatchRequest { min_interval_ms: 0 })
-        .await
-        .map_err(|s| format!("WatchSnapshots: {}", s.message()))?
-        .into_inner();
+    let mut client = AgentClient::new(channel).max_decoding_message_size(MAX_AGENT_MESSAGE);
+    let silent = |limit: Duration| {
+        format!(
+            "no snapshot for {:.1}s on an open connection (a cut or half-open link): dialing again",
+            limit.as_secs_f64()
+        )
+    };
+    let mut stream = tokio::time::timeout(
+        FIRST_SNAPSHOT_WITHIN,
+        client.watch_snapshots(WatchRequest { min_interval_ms: 0 }),
+    )
+    .await
+    .map_err(|_| silent(FIRST_SNAPSHOT_WITHIN))?
+    .map_err(|s| format!("WatchSnapshots: {}", s.message()))?
+    .into_inner();
+    let mut limit = FIRST_SNAPSHOT_WITHIN;
     cluster.write(|v| {
         let n = &mut v.nodes[node];
         n.connected = true;
@@ -175,7 +236,10 @@ async fn stream_once(
     });
     tracing::info!("streaming");
     loop {
-        match stream.message().await {
+        let message = tokio::time::timeout(limit, stream.message())
+            .await
+            .map_err(|_| silent(limit))?;
+        match message {
             Ok(Some(snap)) if snap.api_version < MIN_AGENT_API => {
                 return Err(format!(
                     "the agent speaks API revision {}, this collector reads {MIN_AGENT_API} and \
@@ -184,7 +248,8 @@ async fn stream_once(
                 ))
             }
             Ok(Some(snap)) => {
-                let at = Instant::now();
+                let at = taken_at(Instant::now(), SystemTime::now(), snap.taken_unix_ns);
+                limit = silence_limit(snap.interval_ns);
                 if allowed.as_deref() != Some(snap.node_name.as_str()) {
                     if let Err(why) =
                         check_node(agent, cert.as_ref(), per_node_certificates, &snap.node_name)
@@ -200,6 +265,15 @@ async fn stream_once(
                 }
             }
             Ok(None) => return Err("the agent closed the stream".into()),
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                return Err(format!(
+                    "the agent sent a snapshot over this collector's limit of {} MiB ({}); \
+                     its pods read UNAVAILABLE: report it with the output of `gpuscale-agent \
+                     dump --json` on that node",
+                    MAX_AGENT_MESSAGE >> 20,
+                    s.message()
+                ))
+            }
             Err(s) => return Err(format!("stream: {}", s.message())),
         }
     }
@@ -217,6 +291,8 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Optio
             }
         };
         let mut backoff = BACKOFF_START;
+        // Tries come every 500 ms while an agent is away: its error is logged when it changes.
+        let mut logged = String::new();
         loop {
             let started = Instant::now();
             let err = stream_once(&cluster, node, &agent, &ep, tls.as_ref())
@@ -226,7 +302,12 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Optio
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_START;
             }
-            tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "agent unavailable");
+            if err != logged {
+                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "agent unavailable");
+                logged.clone_from(&err);
+            } else {
+                tracing::debug!(error = %err, "agent still unavailable");
+            }
             cluster.write(|v| {
                 let n = &mut v.nodes[node];
                 n.connected = false;
@@ -323,6 +404,33 @@ mod tests {
 
     fn der(pem: &str) -> CertificateDer<'static> {
         rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_silent_stream_is_given_up_after_three_intervals_and_retries_keep_a_heal_under_2s() {
+        assert_eq!(silence_limit(100_000_000), Duration::from_secs(1));
+        assert_eq!(silence_limit(10_000_000), Duration::from_secs(1));
+        assert_eq!(silence_limit(2_000_000_000), Duration::from_secs(6));
+        // A link healed just after a try's SYN is used by the next try: within the rest of that
+        // try (the SYN sent again after 1 s) and one wait.
+        assert!(CONNECT_TIMEOUT - Duration::from_secs(1) + BACKOFF_MAX < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_late_snapshot_is_as_old_as_its_data_and_never_younger_than_its_arrival() {
+        let arrived = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let before = |d: Duration| (wall - d).duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        // Taken 3 s before it arrived (a slow link): 3 s old on arrival.
+        let at = taken_at(arrived, wall, before(Duration::from_secs(3)));
+        assert_eq!(arrived - at, Duration::from_secs(3));
+        // An agent clock 5 s ahead of this one: as old as its arrival, never younger.
+        assert_eq!(
+            taken_at(arrived, wall, before(Duration::ZERO) + 5_000_000_000),
+            arrived
+        );
+        // Decades behind: older than any staleAfter, not wrapped round to fresh.
+        assert_eq!(arrived - taken_at(arrived, wall, 1), MAX_LATE);
     }
 
     #[test]

@@ -267,6 +267,66 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_node_of_64_mig_instances_shared_by_8_pods_each_is_valid_and_fits_the_agent_message_limit()
+    {
+        use prost::Message as _;
+        // Every metric, every window, values that take all their bytes on the wire.
+        let ms = || {
+            Metric::ALL
+                .map(|m| match m {
+                    Metric::VramUsedBytes => summary(m, (20 * GIB) as f64 + 0.5),
+                    Metric::PowerWatts => summary(m, 301.25),
+                    Metric::TemperatureC => summary(m, 61.5),
+                    _ => summary(m, 40.125),
+                })
+                .to_vec()
+        };
+        let taken = 1_800_000_000_000_000_000;
+        let mut snap = NodeSnapshot {
+            api_version: 2,
+            node_name: "ip-10-0-123-45.eu-west-1.compute.internal".into(),
+            taken_unix_ns: taken,
+            interval_ns: 100_000_000,
+            ..NodeSnapshot::default()
+        };
+        for g in 0..64u32 {
+            let uuid = format!("MIG-{:08x}-1111-4222-8333-{:012x}", g, g);
+            snap.gpus.push(GpuSummary {
+                index: g,
+                uuid: uuid.clone(),
+                name: "NVIDIA H100 80GB HBM3 MIG 1g.10gb".into(),
+                memory_total_bytes: 80 * GIB,
+                newest_sample_unix_ns: taken,
+                metrics: ms(),
+                ..GpuSummary::default()
+            });
+            for p in 0..8u32 {
+                snap.pods.push(PodSummary {
+                    pod_uid: format!("{:08x}-1111-4222-8333-{:012x}", g, p),
+                    gpu_uuid: uuid.clone(),
+                    container_ids: vec![format!("{:064x}", u64::from(g * 8 + p))],
+                    pids: vec![100_000 + g * 8 + p],
+                    shared: true,
+                    newest_sample_unix_ns: taken,
+                    metrics: ms(),
+                    ..PodSummary::default()
+                });
+            }
+        }
+        check(&snap).expect("a big but real node is valid");
+        let bytes = snap.encoded_len();
+        eprintln!(
+            "{} GPUs, {} (pod, GPU) pairs: {bytes} bytes",
+            snap.gpus.len(),
+            snap.pods.len()
+        );
+        assert!(
+            bytes * 2 < crate::sources::agents::MAX_AGENT_MESSAGE,
+            "{bytes} bytes leave less than half the limit free"
+        );
+    }
+
     fn refused(change: impl FnOnce(&mut NodeSnapshot)) -> String {
         let mut s = good();
         change(&mut s);

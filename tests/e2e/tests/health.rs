@@ -318,6 +318,24 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
     assert_eq!(why.lines().count(), 1, "{why}");
     assert_eq!(http_get(&http, "/healthz").unwrap().0, 200);
     let collector_grpc = collector.addr.clone();
+    // A client that connects and never starts HTTP/2 is closed after 10 s (checked at the end).
+    let silent = {
+        let mut tcp = std::net::TcpStream::connect(&collector_grpc).unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let started = std::time::Instant::now();
+            // The server's SETTINGS frame comes first; then the end of the connection.
+            let closed = loop {
+                match tcp.read(&mut [0u8; 64]) {
+                    Ok(0) => break true,
+                    Ok(_) => continue,
+                    Err(e) => break e.kind() != std::io::ErrorKind::WouldBlock,
+                }
+            };
+            (closed, started.elapsed())
+        })
+    };
     assert_eq!(
         wait_for("grpc health", || grpc_health(&collector_grpc, ""), |_| true),
         ServingStatus::NotServing
@@ -443,15 +461,18 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
         },
     );
 
-    // A request no KEDA sends (a 3 MB name) is refused before anything holds it.
-    let huge = scaled_object(&"n".repeat(3 << 20), &[("metric", "sm_active")]);
-    let err = keda.metrics(&huge, &name).unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message().len() < 300,
-        "a prefix, not 3 MB: {} bytes",
-        err.message().len()
-    );
+    // Requests no KEDA sends are refused before anything holds them: a 10 KB name by the
+    // collector's size limits, a 3 MB one already by the port's message limit (64 KiB).
+    for (size, code) in [(10_000, Code::InvalidArgument), (3 << 20, Code::OutOfRange)] {
+        let huge = scaled_object(&"n".repeat(size), &[("metric", "sm_active")]);
+        let err = keda.metrics(&huge, &name).unwrap_err();
+        assert_eq!(err.code(), code, "a {size}-byte name: {err:?}");
+        assert!(
+            err.message().len() < 300,
+            "a prefix, not {size} bytes: {} bytes",
+            err.message().len()
+        );
+    }
     assert!(
         !collector.daemon.log().contains(&"n".repeat(100)),
         "nor logged whole"
@@ -487,6 +508,11 @@ fn collector_is_ready_once_an_agent_streams_and_counts_keda_requests() {
         "collector /readyz 200 once the file is fixed",
         || http_get(&http, "/readyz"),
         |r| r.0 == 200,
+    );
+    let (closed, after) = silent.join().unwrap();
+    assert!(
+        closed,
+        "a connection that never sent the HTTP/2 preface was still open after {after:?}"
     );
 
     assert!(
