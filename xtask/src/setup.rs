@@ -199,11 +199,12 @@ pub fn docker_registry() -> Result<()> {
 }
 
 /// The local cluster's tools (`cargo xtask cluster`, the cluster tests): `ip` and `openssl`
-/// from Debian where missing, then etcd, Kubernetes, kwok and KEDA built from their Go modules
+/// from Debian where missing, then etcd, Kubernetes, kwok and KEDA (and toxiproxy, for the
+/// network-fault tests) built from their Go modules
 /// by `gpuscale-cluster build` (each skipped where built; the first build takes about 20
 /// minutes on 2 cores, later ones reuse Go's caches).
 pub fn cluster_components() -> Result<()> {
-    step("local cluster: ip, openssl, and etcd, Kubernetes, kwok, KEDA from their Go modules (skipped where built)");
+    step("local cluster: ip, openssl, and etcd, Kubernetes, kwok, KEDA, toxiproxy from their Go modules (skipped where built)");
     let is_root = output(Command::new("id").arg("-u")).trim() == "0";
     for (tool, package) in [("ip", "iproute2"), ("openssl", "openssl")] {
         let found = quiet_ok(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
@@ -234,7 +235,7 @@ pub fn cluster_components() -> Result<()> {
 }
 
 /// `apt-get update`, then `apt-get install` of `package` without recommends, non-interactive.
-fn apt_install(package: &str) -> Result<()> {
+pub fn apt_install(package: &str) -> Result<()> {
     run_cmd(
         Command::new("apt-get").args(["update", "-qq"]),
         "apt-get update",
@@ -264,7 +265,7 @@ pub fn miri() -> Result<()> {
 
 /// Installs the pinned nightly ([`NIGHTLY`]) with `components` where it or they are missing;
 /// says "ok" for each part already there.
-fn pinned_nightly(components: &[&str]) -> Result<()> {
+pub fn pinned_nightly(components: &[&str]) -> Result<()> {
     let nightly = NIGHTLY.trim();
     let has_nightly = quiet_ok(
         Command::new("rustup")

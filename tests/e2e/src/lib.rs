@@ -6,7 +6,9 @@
 
 pub mod keda;
 pub mod kubeapi;
+pub mod netns;
 pub mod pod;
+pub mod toxiproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

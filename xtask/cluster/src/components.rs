@@ -1,5 +1,7 @@
 //! The cluster's components, built from their Go modules with the machine's Go (nothing of
-//! theirs lives in this repository): etcd, the Kubernetes control plane, kwok and KEDA.
+//! theirs lives in this repository): etcd, the Kubernetes control plane, kwok and KEDA, and
+//! toxiproxy for the network-fault tests (`tests/e2e/tests/netfault.rs`, which find it in this
+//! cache by the same rule: `e2e::toxiproxy::binary`).
 //!
 //! Each build lands in `<cache>/bin/<component>-<version>/` (default cache
 //! `~/.cache/gpuscale/cluster`, or `GPUSCALE_CLUSTER_CACHE`), so a second `cluster up` — and
@@ -23,6 +25,10 @@ pub const ETCD: &str = "v3.6.16";
 pub const KWOK: &str = "v0.8.0";
 /// KEDA, the newest 2.20.x.
 pub const KEDA: &str = "v2.20.2";
+/// toxiproxy, the newest release the Go module proxy serves (`go list -m -versions` lists only
+/// v2.3.0 and v2.5.0, but v2.12.0 downloads and builds with Go 1.26; v2.13.0 does not exist).
+/// `tests/e2e/src/toxiproxy.rs` names the same version (a test there checks they agree).
+pub const TOXIPROXY: &str = "v2.12.0";
 
 /// How a component is built.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +101,15 @@ pub const COMPONENTS: &[Component] = &[
         ],
         recipe: Recipe::InPlace,
         estimate: "about 8 minutes",
+    },
+    Component {
+        name: "toxiproxy",
+        module: "github.com/Shopify/toxiproxy/v2",
+        version: TOXIPROXY,
+        // The server only: the tests drive it through its HTTP API, not its CLI.
+        binaries: &[("./cmd/server", "toxiproxy-server")],
+        recipe: Recipe::InPlace,
+        estimate: "about 30 seconds",
     },
 ];
 

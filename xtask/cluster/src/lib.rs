@@ -2,7 +2,8 @@
 //! `cargo xtask cluster up|down`, `cargo xtask demo --cluster` and the tests that need the real
 //! control plane. Every component is a local process; see docs/CLUSTER.md.
 //!
-//! Modules: [`components`] (building etcd, Kubernetes, kwok and KEDA from their Go modules),
+//! Modules: [`components`] (building etcd, Kubernetes, kwok, KEDA and toxiproxy from their Go
+//! modules),
 //! [`pki`] (certificates and tokens), [`net`] (the pod network namespace), [`process`]
 //! (detached processes recorded by PID and start time), [`up`] (bringing it all up and down),
 //! [`sim`] (the node simulator: agents and GPU pods' processes), [`demo`] (`demo --cluster`), [`bench`] (`bench --cluster`: gpuscale against the Prometheus chain), [`load`] (the simulated-load

@@ -70,7 +70,8 @@ enum Cmd {
         #[arg(long, default_value_os_t = up::default_dir())]
         dir: PathBuf,
     },
-    /// Build the components (etcd, Kubernetes, kwok, KEDA) from their Go modules, if not built.
+    /// Build the components (etcd, Kubernetes, kwok, KEDA, and toxiproxy for the network-fault
+    /// tests) from their Go modules, if not built.
     Build {
         /// Rebuild even what is built.
         #[arg(long)]

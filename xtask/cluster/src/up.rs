@@ -789,7 +789,49 @@ fn node_object(n: &NodeInfo) -> Value {
 
 /// kwok's stages, read from the kwok module's own `kustomize/stage` files: nodes become Ready
 /// and keep a lease; pods become Running with an IP from their node's pod CIDR, complete, and
-/// are deleted when asked.
+/// are deleted when asked. Plus [`POD_READY_AGAIN`].
+/// A stage of ours: a running pod whose Ready condition is not `True` gets it back, as a real
+/// kubelet's status sync restores what the API server lost. Without it, a pod the node
+/// controller marked not ready (its node's lease went stale during an API-server outage) stays
+/// not ready for good, since kwok's own ready stage only takes `Pending` pods; its agent's
+/// endpoint then vanished from the collector's discovery for minutes after such an outage.
+const POD_READY_AGAIN: &str = r#"apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: gpuscale-pod-ready-again
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.status.conditions.[] | select( .type == "Ready" ) | .status'
+      operator: 'NotIn'
+      values: ['True']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: PodScheduled
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+---
+"#;
+
 fn kwok_stages() -> Result<String> {
     let src = components::module_dir(component("kwok").module, components::KWOK)?;
     let files = [
@@ -799,7 +841,7 @@ fn kwok_stages() -> Result<String> {
         "kustomize/stage/pod/fast/pod-complete.yaml",
         "kustomize/stage/pod/fast/pod-delete.yaml",
     ];
-    let mut out = String::new();
+    let mut out = String::from(POD_READY_AGAIN);
     for f in files {
         let path = src.join(f);
         let text = std::fs::read_to_string(&path)

@@ -41,8 +41,8 @@ const TESTS: &[(&str, Test)] = tests![
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
     a_custom_kinds_selector_comes_from_its_scale_subresource_once_rbac_grants_it,
     keda_reaches_the_collector_over_mutual_tls_with_the_installers_cluster_trigger_authentication,
-    // After the tests that need every agent: the node controller may mark the simulated nodes
-    // (and so the agents' endpoints) not ready for minutes after the API server comes back.
+    // It waits, before it ends, until the node controller's aftermath of the outage (nodes
+    // unknown, pods not ready until kwok makes them ready again) is over.
     an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recovers,
     // Last: it uninstalls gpuscale.
     cargo_xtask_deploy_installs_rolls_out_and_uninstalls_against_the_real_api_server,
@@ -1271,5 +1271,57 @@ async fn an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recov
     stopped.start()?;
     outage?;
     apiserver_ready(ctx).await?;
-    value_is(ctx, ns, "vllm", 50.0, "the API server back: 50 again").await
+    value_is(ctx, ns, "vllm", 50.0, "the API server back: 50 again").await?;
+    // The node controller may still mark the simulated nodes unknown, and their pods not ready,
+    // once it sees the leases that went stale during the outage (it checks every 5 s); kwok then
+    // makes them ready again. The tests after this one need every agent's endpoint, so wait out
+    // that aftermath: ready now, and still ready after two of the controller's checks.
+    nodes_and_agents_ready(ctx).await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    nodes_and_agents_ready(ctx).await
+}
+
+/// Waits until every node is Ready and every running pod of gpuscale's namespace (the agents)
+/// is Ready, so their endpoints are in the EndpointSlices the collector reads.
+async fn nodes_and_agents_ready(ctx: &Ctx) -> Result<()> {
+    fn ready<'a>(mut conditions: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
+        conditions.any(|c| c == ("Ready", "True"))
+    }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), gpuscale_deploy::DEFAULT_NAMESPACE);
+    eventually(
+        "every node and every gpuscale pod Ready after the outage",
+        Duration::from_secs(120),
+        || {
+            let (nodes, pods) = (nodes.clone(), pods.clone());
+            async move {
+                let mut not_ready = Vec::new();
+                for n in nodes.list(&ListParams::default()).await? {
+                    let conditions = n.status.as_ref().and_then(|s| s.conditions.as_ref());
+                    if !ready(
+                        conditions
+                            .into_iter()
+                            .flatten()
+                            .map(|c| (&*c.type_, &*c.status)),
+                    ) {
+                        not_ready.push(format!("node {}", n.metadata.name.unwrap_or_default()));
+                    }
+                }
+                let running = ListParams::default().fields("status.phase=Running");
+                for p in pods.list(&running).await? {
+                    let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+                    if !ready(
+                        conditions
+                            .into_iter()
+                            .flatten()
+                            .map(|c| (&*c.type_, &*c.status)),
+                    ) {
+                        not_ready.push(format!("pod {}", p.metadata.name.unwrap_or_default()));
+                    }
+                }
+                Ok((not_ready.is_empty(), format!("not ready: {not_ready:?}")))
+            }
+        },
+    )
+    .await
 }
