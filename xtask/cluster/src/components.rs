@@ -25,6 +25,11 @@ pub const ETCD: &str = "v3.6.16";
 pub const KWOK: &str = "v0.8.0";
 /// KEDA, the newest 2.20.x.
 pub const KEDA: &str = "v2.20.2";
+/// cert-manager's module, only for its CRDs (`deploy/crds`): the `deploy/overlays/cert-manager`
+/// objects are checked against them on the real API server. Nothing of it is built.
+pub const CERT_MANAGER_MODULE: &str = "github.com/cert-manager/cert-manager";
+/// cert-manager, the newest release the Go module proxy serves.
+pub const CERT_MANAGER: &str = "v1.21.2";
 /// toxiproxy, the newest release the Go module proxy serves (`go list -m -versions` lists only
 /// v2.3.0 and v2.5.0, but v2.12.0 downloads and builds with Go 1.26; v2.13.0 does not exist).
 /// `tests/e2e/src/toxiproxy.rs` names the same version (a test there checks they agree).

@@ -38,6 +38,21 @@ pub async fn ready(client: &Client) -> bool {
 
 /// Server-side applies `obj` (any kind the API server serves) as [`FIELD_MANAGER`].
 pub async fn apply(client: &Client, obj: &Value) -> Result<()> {
+    apply_with(client, obj, &PatchParams::apply(FIELD_MANAGER).force()).await
+}
+
+/// What the API server makes of `obj` in a server-side dry run with strict field validation: an
+/// error names every field its schema does not know (a CRD's own schema, for custom kinds).
+/// Nothing is stored.
+pub async fn dry_run_strict(client: &Client, obj: &Value) -> Result<()> {
+    let params = PatchParams::apply(FIELD_MANAGER)
+        .force()
+        .dry_run()
+        .validation_strict();
+    apply_with(client, obj, &params).await
+}
+
+async fn apply_with(client: &Client, obj: &Value, params: &PatchParams) -> Result<()> {
     let api_version = obj["apiVersion"]
         .as_str()
         .context("object without apiVersion")?;
@@ -58,13 +73,9 @@ pub async fn apply(client: &Client, obj: &Value) -> Result<()> {
         (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
         (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
     };
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .with_context(|| format!("applying {kind} {name}"))?;
+    api.patch(name, params, &Patch::Apply(obj))
+        .await
+        .with_context(|| format!("applying {kind} {name}"))?;
     Ok(())
 }
 

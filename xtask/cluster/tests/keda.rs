@@ -41,6 +41,7 @@ const TESTS: &[(&str, Test)] = tests![
     a_lost_agent_is_unavailable_and_keda_holds_the_fallback_replicas_never_scaling_down,
     a_custom_kinds_selector_comes_from_its_scale_subresource_once_rbac_grants_it,
     keda_reaches_the_collector_over_mutual_tls_with_the_installers_cluster_trigger_authentication,
+    the_cert_manager_overlay_is_valid_against_cert_managers_own_crds,
     // It waits, before it ends, until the node controller's aftermath of the outage (nodes
     // unknown, pods not ready until kwok makes them ready again) is over.
     an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recovers,
@@ -1279,6 +1280,123 @@ async fn an_api_server_outage_serves_the_last_pod_list_then_goes_stale_and_recov
     nodes_and_agents_ready(ctx).await?;
     tokio::time::sleep(Duration::from_secs(12)).await;
     nodes_and_agents_ready(ctx).await
+}
+
+/// cert-manager's CRDs (from its Go module: the schema cert-manager itself serves) are
+/// installed for the test's length, and every cert-manager object of
+/// `deploy/overlays/cert-manager`, rendered into another namespace, passes a server-side dry run
+/// with strict field validation: a misspelt or misplaced field would be refused naming it (the
+/// test proves that with one). Nothing else of cert-manager runs; the CRDs are removed after, so
+/// the installer's test that follows sees a cluster without cert-manager.
+async fn the_cert_manager_overlay_is_valid_against_cert_managers_own_crds(ctx: &Ctx) -> Result<()> {
+    use gpuscale_cluster::components;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let ns = "t-cert-manager";
+    namespace(ctx, ns).await?;
+    let src = components::module_dir(components::CERT_MANAGER_MODULE, components::CERT_MANAGER)?;
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let kinds = [
+        (
+            "cert-manager.io_certificates.yaml",
+            "certificates.cert-manager.io",
+        ),
+        ("cert-manager.io_issuers.yaml", "issuers.cert-manager.io"),
+    ];
+    for (file, _) in kinds {
+        let path = src.join("deploy/crds").join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading cert-manager's CRD {}", path.display()))?;
+        kube_util::apply_yaml(&ctx.client, &text, &path).await?;
+    }
+    let checked = async {
+        for (_, name) in kinds {
+            eventually(
+                &format!("CRD {name} Established"),
+                Duration::from_secs(30),
+                || {
+                    let crds = crds.clone();
+                    async move {
+                        let crd = crds.get(name).await?;
+                        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+                        let ok = conditions
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        Ok((ok, format!("{conditions:?}")))
+                    }
+                },
+            )
+            .await?;
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let objects = gpuscale_deploy::render::render(
+            &root.join("deploy/overlays/cert-manager"),
+            &gpuscale_deploy::render::Options {
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+        )?;
+        let ours: Vec<&Value> = objects
+            .iter()
+            .filter(|o| {
+                o["apiVersion"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("cert-manager.io/"))
+            })
+            .collect();
+        let count = |kind: &str| ours.iter().filter(|o| o["kind"] == kind).count();
+        if count("Certificate") < 3 || count("Issuer") < 2 {
+            bail!(
+                "the overlay should hold the CA, collector and agent Certificates and two                  Issuers; it holds {} objects of cert-manager",
+                ours.len()
+            );
+        }
+        for obj in &ours {
+            kube_util::dry_run_strict(&ctx.client, obj)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cert-manager {} refused {} {} of deploy/overlays/cert-manager",
+                        components::CERT_MANAGER,
+                        obj["kind"],
+                        obj["metadata"]["name"]
+                    )
+                })?;
+        }
+        // The check can fail: the same Certificate with `dnsNames` misspelt is refused.
+        let mut typo = (*ours.iter().find(|o| o["kind"] == "Certificate").unwrap()).clone();
+        let names = typo["spec"]
+            .as_object_mut()
+            .and_then(|s| s.remove("dnsNames"))
+            .unwrap_or(json!(["x"]));
+        typo["spec"]["dnsName"] = names;
+        match kube_util::dry_run_strict(&ctx.client, &typo).await {
+            Err(e) if format!("{e:#}").contains("dnsName") => anyhow::Ok(()),
+            Err(e) => bail!("a misspelt field was refused, but not by name: {e:#}"),
+            Ok(()) => bail!("a Certificate with `spec.dnsName` passed strict validation"),
+        }
+    }
+    .await;
+    for (_, name) in kinds {
+        let _ = crds.delete(name, &Default::default()).await;
+    }
+    eventually(
+        "cert-manager's CRDs removed",
+        Duration::from_secs(60),
+        || {
+            let crds = crds.clone();
+            async move {
+                let mut left = Vec::new();
+                for (_, name) in kinds {
+                    if crds.get_opt(name).await?.is_some() {
+                        left.push(name);
+                    }
+                }
+                Ok((left.is_empty(), format!("{left:?}")))
+            }
+        },
+    )
+    .await?;
+    checked
 }
 
 /// Waits until every node is Ready and every running pod of gpuscale's namespace (the agents)
