@@ -12,6 +12,6 @@ mod metric;
 mod state;
 mod window;
 
-pub use metric::Metric;
+pub use metric::{Metric, MAX_POWER_WATTS, MAX_TEMPERATURE_C};
 pub use state::{Attribution, EbpfState, GpuState};
 pub use window::Window;

@@ -3,6 +3,13 @@
 
 use strum::{Display, EnumCount, EnumString, IntoStaticStr, VariantArray};
 
+/// The most power a board can draw, watts (today's largest boards draw about 1.2 kW): a reading
+/// above it is a driver's error, refused by the agent and by the collector.
+pub const MAX_POWER_WATTS: f64 = 10_000.0;
+/// The hottest a GPU can read and still be working, °C (they throttle near 90 and shut down
+/// near 100): a reading above it is refused likewise.
+pub const MAX_TEMPERATURE_C: f64 = 200.0;
+
 /// A metric the agent reports; [`Metric::TRIGGER`] are the ones a trigger may scale on. Its
 /// name (`sm_active`, …, from strum: the variant in snake case) is a contract: KEDA trigger
 /// metadata, dumps and Prometheus labels spell it so.

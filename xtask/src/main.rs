@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod forward;
+mod fuzz;
 mod gpu_check;
 mod scenario;
 mod setup;
@@ -31,6 +32,10 @@ enum Command {
     /// Install gpuscale into a cluster: build the image without Docker, push it, apply deploy/
     /// and wait for the rollout (--dry-run prints the manifests; --uninstall removes it).
     Deploy(forward::Options),
+    /// Fuzz every parser of outside input (trigger metadata, label selectors, the pods file,
+    /// agent snapshots, the ring file) with cargo fuzz, each for a bounded time
+    /// (`--seconds N`, default 60; `--target NAME` to pick).
+    Fuzz(fuzz::Options),
     /// Check the agent and collector on this machine's NVIDIA GPU against NVML's own numbers
     /// (skips without a GPU), or write the bundle that does it elsewhere (--bundle DIR).
     GpuCheck(gpu_check::Options),
@@ -45,6 +50,7 @@ fn main() {
         Command::Demo(o) => demo::run(o),
         Command::Cluster(o) => forward::run("gpuscale-cluster", "the local cluster", o),
         Command::Deploy(o) => forward::run("gpuscale-deploy", "the installer", o),
+        Command::Fuzz(o) => fuzz::run(o),
         Command::GpuCheck(o) => gpu_check::run(o),
         Command::Test(o) => test::run(o),
     };

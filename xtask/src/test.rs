@@ -10,7 +10,9 @@
 //! 3. `cargo test --workspace` (unit, end-to-end, and benchmarks in their quick test mode);
 //! 4. the loom models of the shared-memory ring (`gpuscale-ring` with `--cfg loom`, its own
 //!    target dir);
-//! 5. the ring's tests under Miri (the pinned nightly with `miri`, [`crate::setup::miri`]).
+//! 5. the ring's tests under Miri (the pinned nightly with `miri`, [`crate::setup::miri`]);
+//! 6. every `cargo fuzz` target for a bounded time, 30 s each by default ([`crate::fuzz`]: the
+//!    same nightly, cargo-fuzz; a crash, hang or blow-up fails the run).
 
 use anyhow::Result;
 
@@ -25,6 +27,12 @@ pub struct Options {
     /// Skip the Miri run of the ring's tests (it installs the nightly's miri component once).
     #[arg(long)]
     no_miri: bool,
+    /// Skip the fuzz targets (they build once with the nightly, into fuzz/target).
+    #[arg(long)]
+    no_fuzz: bool,
+    /// Seconds to fuzz each target.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    fuzz_seconds: u64,
 }
 
 /// Runs the set-up and every test.
@@ -77,6 +85,14 @@ pub fn run(o: Options) -> Result<()> {
             crate::setup::nightly_cargo().args(["miri", "test", "-p", "gpuscale-ring"]),
             "cargo miri test",
         )?;
+    }
+    if o.no_fuzz {
+        eprintln!("skipped: fuzzing (--no-fuzz)");
+    } else {
+        crate::fuzz::run(crate::fuzz::Options {
+            seconds: o.fuzz_seconds,
+            targets: Vec::new(),
+        })?;
     }
     eprintln!("\nall tests passed");
     Ok(())

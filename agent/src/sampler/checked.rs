@@ -10,11 +10,7 @@ use crate::sample::Metric;
 /// How far over 100 a percentage may read and still count as 100: GPM ratios are computed from
 /// two counter samples taken a moment apart and can overshoot by a rounding.
 pub const PERCENT_SLACK: f64 = 0.5;
-/// The most power a board can draw, watts (today's largest boards draw about 1.2 kW).
-pub const MAX_POWER_WATTS: f64 = 10_000.0;
-/// The hottest a GPU can read and still be working, °C (they throttle near 90 and shut down
-/// near 100).
-pub const MAX_TEMPERATURE_C: f64 = 200.0;
+pub use vocab::{MAX_POWER_WATTS, MAX_TEMPERATURE_C};
 
 /// `raw` as `metric` may hold it (a percentage a rounding over 100 reads 100), or `None` when
 /// it cannot be that metric. `vram_total_bytes` bounds `vram_used_bytes` (0: unknown, unbounded).

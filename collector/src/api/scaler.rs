@@ -124,7 +124,11 @@ impl Scaler {
 
     /// Records `GetMetrics`'s answer for `r`: its value, or none after an error (public for the
     /// benchmarks, which measure what `GetMetrics` keeps).
-    pub fn observe(&self, r: &ScaledObjectRef, answer: &Result<(Arc<Trigger>, Evaluation), Status>) {
+    pub fn observe(
+        &self,
+        r: &ScaledObjectRef,
+        answer: &Result<(Arc<Trigger>, Evaluation), Status>,
+    ) {
         let Some(m) = self.metrics.get() else { return };
         match answer {
             Ok((t, eval)) => {

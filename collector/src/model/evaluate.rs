@@ -308,8 +308,21 @@ pub fn evaluate(
         r.value = replica_value(&r.gpus, trigger);
     }
     let per_replica: Vec<f64> = replicas.iter().map(|r| r.value).collect();
+    let value = aggregate(trigger.aggregation, &per_replica);
+    // Every value passed validation (finite), but finite values can add up past what a float
+    // holds (two pods at 1e308 W): KEDA must get no value rather than infinity.
+    if !value.is_finite() {
+        return Err(Unavailable {
+            reasons: vec![format!(
+                "{} of the matched pods adds up to {value}: their agents report values no GPU \
+                 has",
+                trigger.metric.name()
+            )],
+            total: 1,
+        });
+    }
     Ok(Evaluation {
-        value: aggregate(trigger.aggregation, &per_replica),
+        value,
         running_pods: running,
         values,
         fallbacks,
@@ -342,8 +355,10 @@ pub fn opened_within(
         else {
             return false;
         };
-        let agent_now =
-            snap.taken_unix_ns + now.saturating_duration_since(received).as_nanos() as u64;
+        // Saturating: `taken_unix_ns` is the agent's word (validation only refuses 0).
+        let agent_now = snap
+            .taken_unix_ns
+            .saturating_add(now.saturating_duration_since(received).as_nanos() as u64);
         snap.opens.iter().any(|o| {
             o.pod_uid == pod.uid
                 && agent_now.saturating_sub(o.last_open_unix_ns) <= within.as_nanos() as u64
@@ -629,6 +644,49 @@ mod tests {
         assert!(
             !opened_within(&view, &pods[2..], s(60), now),
             "another pod's open"
+        );
+    }
+
+    #[test]
+    fn an_agent_clock_at_the_end_of_time_neither_overflows_nor_makes_every_open_recent() {
+        // Found by fuzzing (fuzz/fuzz_targets/node_snapshot.rs): `taken_unix_ns` u64::MAX
+        // overflowed (a panic with overflow checks, a wrapped clock that made any open recent
+        // without).
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.taken_unix_ns = u64::MAX;
+        snap.opens.push(proto::agent::DeviceOpen {
+            pid: 7,
+            pod_uid: "p00".into(),
+            last_open_unix_ns: 0,
+            ..Default::default()
+        });
+        view.update(0, snap.clone(), now);
+        let s = Duration::from_secs;
+        assert!(!opened_within(&view, &pods, s(60), now + s(1)));
+        snap.opens[0].last_open_unix_ns = u64::MAX - 5_000_000_000;
+        view.update(0, snap, now);
+        assert!(opened_within(&view, &pods, s(60), now + s(1)));
+    }
+
+    #[test]
+    fn values_that_add_up_past_what_a_float_holds_are_unavailable_not_infinite() {
+        // Found by fuzzing (fuzz/fuzz_targets/node_snapshot.rs): two pods at 1e308 W (each
+        // finite, so each passes validation) summed to infinity.
+        let (mut view, pods, now) = cluster();
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        for p in &mut snap.pods {
+            p.metrics.push(ms("power_watts", 1e308));
+        }
+        view.update(0, snap, now);
+        let node_0 = &pods[..2];
+        let max = trigger(&[("metric", "power_watts"), ("aggregation", "max")]);
+        assert_eq!(evaluate(&view, node_0, &max, now).unwrap().value, 1e308);
+        let sum = trigger(&[("metric", "power_watts")]);
+        let err = evaluate(&view, node_0, &sum, now).unwrap_err().to_string();
+        assert!(
+            err.contains("power_watts of the matched pods adds up to inf"),
+            "{err}"
         );
     }
 

@@ -65,6 +65,16 @@ fn value(at: &dyn Fn() -> String, metric: Metric, v: f64, vram_total: u64) -> Re
             )))
         }
         Metric::PowerWatts if v < 0.0 => bad("power cannot be negative"),
+        Metric::PowerWatts if v > vocab::MAX_POWER_WATTS => Err(Refused(format!(
+            "{} is {v}: more than any board draws ({} W)",
+            at(),
+            vocab::MAX_POWER_WATTS
+        ))),
+        Metric::TemperatureC if v > vocab::MAX_TEMPERATURE_C => Err(Refused(format!(
+            "{} is {v}: hotter than a working GPU reads ({} °C)",
+            at(),
+            vocab::MAX_TEMPERATURE_C
+        ))),
         _ => Ok(()),
     }
 }
@@ -378,6 +388,9 @@ mod tests {
         );
         let why = refused(|s| s.gpus[0].metrics[2].last = Some(-5.0));
         assert!(why.contains("power cannot be negative"), "{why}");
+        // Two such pods would add up to infinity; one is already no board's power.
+        let why = refused(|s| s.pods[0].metrics[2].windows[0].avg = 1e308);
+        assert!(why.contains("more than any board draws"), "{why}");
     }
 
     #[test]
