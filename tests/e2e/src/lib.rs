@@ -153,11 +153,14 @@ pub fn write_scenario(path: &Path, gpus: &[Value]) {
     std::fs::rename(&tmp, path).expect("renaming scenario");
 }
 
-/// A running pod on node `e2e-node`, as `kubectl get pods -o json` lists it.
+/// The node every e2e agent and pod is on unless a test names another.
+pub const NODE: &str = "e2e-node";
+
+/// A running pod on node [`NODE`], as `kubectl get pods -o json` lists it.
 pub fn pod_item(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"namespace": namespace, "name": name, "uid": uid, "labels": labels},
-           "spec": {"nodeName": "e2e-node"}, "status": {"phase": "Running"}})
+           "spec": {"nodeName": NODE}, "status": {"phase": "Running"}})
 }
 
 /// Writes `items` to `path` as a pods file (a `List`, as `kubectl get pods -A -o json` prints
@@ -280,7 +283,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent on `scenario` writing `shm`, with extra flags (node `e2e-node` unless
+    /// Starts an agent on `scenario` writing `shm`, with extra flags (node [`NODE`] unless
     /// they name another).
     pub fn start(dir: &Scratch, scenario: &Path, shm: &Path, extra: &[&str]) -> Agent {
         let daemon = Daemon::spawn(
@@ -294,7 +297,7 @@ impl Agent {
                 .args(if extra.contains(&"--node-name") {
                     &[][..]
                 } else {
-                    &["--node-name", "e2e-node"][..]
+                    &["--node-name", NODE][..]
                 })
                 .args(extra)
                 .env("FAKE_NVML_SCENARIO", scenario),
