@@ -18,6 +18,13 @@ pub struct Options {
     args: Vec<String>,
 }
 
+impl Options {
+    /// The arguments, as given.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+}
+
 /// Builds `package` and runs its binary with the arguments; its exit status becomes ours.
 pub fn run(package: &str, what: &str, o: Options) -> Result<()> {
     eprintln!(

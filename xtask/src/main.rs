@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_scale;
 mod demo;
 mod forward;
 mod fuzz;
@@ -24,6 +25,10 @@ struct Cli {
 enum Command {
     /// Measure the agent's CPU and memory overhead on simulated GPUs and print the numbers for docs/BENCHMARKS.md.
     Bench(bench::Options),
+    /// One real collector following many simulated GPU nodes (the real agent API, from one
+    /// process) under a KEDA-like load: its CPU and memory, GetMetrics latency, freshness and
+    /// activation time: `--nodes N --gpus-per-node G --duration D [--json]` (--help lists all).
+    BenchScale(forward::Options),
     /// A local Kubernetes cluster of real processes on simulated GPU nodes, with the real KEDA
     /// and gpuscale: `up [--dir DIR] [--nodes N] [--gpus-per-node G]`, `down [--dir DIR]`.
     Cluster(forward::Options),
@@ -47,6 +52,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(o) => bench::run(o),
+        Command::BenchScale(o) => bench_scale::run_bench(o),
         Command::Demo(o) => demo::run(o),
         Command::Cluster(o) => forward::run("gpuscale-cluster", "the local cluster", o),
         Command::Deploy(o) => forward::run("gpuscale-deploy", "the installer", o),
