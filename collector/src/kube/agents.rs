@@ -79,17 +79,20 @@ pub async fn discover_agents(
         "endpointslices.discovery.k8s.io",
         &scope,
         &contact.contact,
+        |s: EndpointSlice| {
+            Some((
+                s.metadata.name.clone().unwrap_or_default(),
+                slice_agents(&s),
+            ))
+        },
         |change| {
-            let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
             match change {
-                Change::Reset(all) => {
-                    slices = all.iter().map(|s| (name(s), slice_agents(s))).collect();
+                Change::Reset(all) => slices = all.into_iter().collect(),
+                Change::Apply((name, agents)) => {
+                    slices.insert(name, agents);
                 }
-                Change::Apply(s) => {
-                    slices.insert(name(&s), slice_agents(&s));
-                }
-                Change::Delete(s) => {
-                    slices.remove(&name(&s));
+                Change::Delete((name, _)) => {
+                    slices.remove(&name);
                 }
             }
             let mut agents: Vec<Agent> = slices.values().flatten().cloned().collect();

@@ -1,18 +1,68 @@
 //! Pods from the API server ([`KubePods`]): a watch of every pod of the cluster, converted once
 //! into [`PodMeta`] and indexed on demand, behind the same [`PodSource`] interface as
 //! `--pods-file`.
+//!
+//! Memory is what bounds a large cluster (issue 15: 100,000 pods in at most 300 MiB). A pod is
+//! read off the wire with only the fields a [`PodMeta`] needs ([`WatchedPod`]) and converted
+//! the moment it arrives (see [`follow`]), so no full Pod object is ever built, not even while
+//! a list is paged in. `cargo bench -p collector --bench kube_pods` measures it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use gpuscale_health::ops::lock;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::watcher;
+use kube::Resource;
 
 use super::watch::{follow, Change, Contact};
-use crate::sources::pods::{PodIndex, PodMeta, PodSource, SourceHealth};
+use crate::sources::pods::{read_pod, PodIndex, PodMeta, PodSource, SourceHealth};
+
+/// A pod as the watch reads it: a [`Pod`] holding only what a [`PodMeta`] needs and the
+/// resource version the watcher resumes from ([`read_pod`]). Managed fields, annotations and
+/// the rest of the spec and status (most of a pod's JSON, and more of its size once built) are
+/// skipped while the JSON is read. To the API it is a Pod: same group, version, kind and path.
+#[derive(Clone, Debug)]
+pub struct WatchedPod(pub Pod);
+
+impl<'de> serde::Deserialize<'de> for WatchedPod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        read_pod(d).map(WatchedPod)
+    }
+}
+
+impl Resource for WatchedPod {
+    type DynamicType = ();
+    type Scope = <Pod as Resource>::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Pod::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        Pod::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        Pod::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Pod::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
 
 /// Pods from the API server, as a [`PodSource`].
 pub struct KubePods {
@@ -35,50 +85,52 @@ impl KubePods {
         })
     }
 
-    /// Watches every pod of the cluster until the task is dropped.
+    /// Watches every pod of the cluster until the task is dropped. Each pod is converted into
+    /// a [`PodMeta`] the moment it arrives, so not even the initial list holds full `Pod`
+    /// objects.
     pub async fn run(self: Arc<Self>, client: kube::Client) {
-        let api: Api<Pod> = Api::all(client);
+        let api: Api<WatchedPod> = Api::all(client);
         follow(
             api,
             watcher::Config::default(),
             "pods",
             "cluster-wide",
             &self.contact,
+            meta,
             |change| self.apply(change),
         )
         .await;
     }
 
-    fn apply(&self, change: Change<Pod>) {
-        let meta = |pod: &Pod| -> Option<PodMeta> {
-            PodMeta::try_from(pod)
-                .map_err(|why| tracing::debug!(%why, "skipping a pod"))
-                .ok()
-        };
+    fn apply(&self, change: Change<PodMeta>) {
         let mut pods = lock(&self.pods);
         match change {
             Change::Reset(all) => {
                 *pods = all
-                    .iter()
-                    .filter_map(meta)
+                    .into_iter()
                     .map(|m| (m.uid.clone(), Arc::new(m)))
                     .collect();
             }
-            Change::Apply(pod) => {
-                if let Some(m) = meta(&pod) {
-                    pods.insert(m.uid.clone(), Arc::new(m));
-                }
+            Change::Apply(m) => {
+                pods.insert(m.uid.clone(), Arc::new(m));
             }
-            Change::Delete(pod) => {
-                if let Some(uid) = pod.metadata.uid.as_deref() {
-                    pods.remove(uid);
-                }
+            Change::Delete(m) => {
+                pods.remove(&m.uid);
             }
         }
         // Release: the rebuild that sees the flag (Acquire) sees this change too; it also takes
         // the `pods` lock.
         self.dirty.store(true, Ordering::Release);
     }
+}
+
+/// A pod as the collector keeps it; `None` (logged at debug) for one it cannot index. A pod
+/// that cannot be indexed was never kept, so its deletion has nothing to remove either
+/// (namespace, name and UID never change).
+fn meta(pod: WatchedPod) -> Option<PodMeta> {
+    PodMeta::try_from(&pod.0)
+        .map_err(|why| tracing::debug!(%why, "skipping a pod"))
+        .ok()
 }
 
 impl PodSource for KubePods {
@@ -109,12 +161,43 @@ impl PodSource for KubePods {
 mod tests {
     use super::*;
 
-    fn pod(name: &str, app: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({
+    fn pod(name: &str, app: &str) -> PodMeta {
+        let pod: WatchedPod = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "ml", "name": name, "uid": format!("uid-{name}"),
                 "labels": {"app": app}},
             "status": {"phase": "Running"}}))
-        .unwrap()
+        .unwrap();
+        meta(pod).unwrap()
+    }
+
+    #[test]
+    fn the_watch_reads_pods_at_the_pod_path_and_keeps_the_resource_version_it_resumes_from() {
+        assert_eq!(
+            WatchedPod::url_path(&(), None),
+            Pod::url_path(&(), None),
+            "/api/v1/pods"
+        );
+        assert_eq!(WatchedPod::api_version(&()), "v1");
+        assert_eq!(WatchedPod::kind(&()), "Pod");
+        // A watch event as the API server streams it: the watcher needs the resource version
+        // (without one it fails and lists again); the pod needs its identity.
+        let line = r#"{"type": "MODIFIED", "object": {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "ml", "name": "a", "uid": "u-a", "resourceVersion": "812",
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"nodeName": "gpu-1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running"}}}"#;
+        let event: kube::core::WatchEvent<WatchedPod> = serde_json::from_str(line).unwrap();
+        let kube::core::WatchEvent::Modified(pod) = event else {
+            panic!("not read as a modification: {event:?}")
+        };
+        assert_eq!(pod.meta().resource_version.as_deref(), Some("812"));
+        assert_eq!(pod.meta().managed_fields, None, "skipped, never built");
+        let m = meta(pod).unwrap();
+        assert_eq!((m.uid.as_str(), m.node.as_str()), ("u-a", "gpu-1"));
+        // A pod that cannot be indexed is skipped, not kept.
+        let nameless: WatchedPod =
+            serde_json::from_str(r#"{"metadata": {"namespace": "ml", "uid": "u"}}"#).unwrap();
+        assert_eq!(meta(nameless), None);
     }
 
     #[test]

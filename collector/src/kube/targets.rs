@@ -117,6 +117,14 @@ fn target_ref(obj: &DynamicObject) -> Result<TargetRef, String> {
     })
 }
 
+/// A Deployment or StatefulSet as [`KubeTargets`] keeps it: (namespace, name) and its pod
+/// selector, parsed (`None` when it has none).
+type Workload = ((String, String), Option<TargetSelector>);
+
+fn workload<K: Resource>(k: &K, selector: Option<String>) -> Workload {
+    (key_of(k), selector.map(TargetSelector::parse))
+}
+
 fn key_of<K: Resource>(k: &K) -> (String, String) {
     (
         k.meta().namespace.clone().unwrap_or_default(),
@@ -153,17 +161,16 @@ impl KubeTargets {
                 "scaledobjects.keda.sh",
                 "cluster-wide",
                 &self.scaled_contact,
+                |o: DynamicObject| Some((key_of(&o), target_ref(&o))),
                 |change| {
                     let mut map = lock(&self.scaled);
                     match change {
-                        Change::Reset(all) => {
-                            *map = all.iter().map(|o| (key_of(o), target_ref(o))).collect();
+                        Change::Reset(all) => *map = all.into_iter().collect(),
+                        Change::Apply((key, target)) => {
+                            map.insert(key, target);
                         }
-                        Change::Apply(o) => {
-                            map.insert(key_of(&o), target_ref(&o));
-                        }
-                        Change::Delete(o) => {
-                            map.remove(&key_of(&o));
+                        Change::Delete((key, _)) => {
+                            map.remove(&key);
                         }
                     }
                 },
@@ -175,13 +182,14 @@ impl KubeTargets {
             "deployments.apps",
             "cluster-wide",
             &self.deployments_contact,
-            |change| {
-                self.workload_change("Deployment", change, |d| {
-                    d.spec
-                        .as_ref()
-                        .and_then(|s| label_selector_string(&s.selector))
-                })
+            |d: Deployment| {
+                let selector = d
+                    .spec
+                    .as_ref()
+                    .and_then(|s| label_selector_string(&s.selector));
+                Some(workload(&d, selector))
             },
+            |change| self.workload_change("Deployment", change),
         );
         let statefulsets = follow(
             Api::<StatefulSet>::all(self.client.clone()),
@@ -189,13 +197,14 @@ impl KubeTargets {
             "statefulsets.apps",
             "cluster-wide",
             &self.statefulsets_contact,
-            |change| {
-                self.workload_change("StatefulSet", change, |s| {
-                    s.spec
-                        .as_ref()
-                        .and_then(|s| label_selector_string(&s.selector))
-                })
+            |s: StatefulSet| {
+                let selector = s
+                    .spec
+                    .as_ref()
+                    .and_then(|s| label_selector_string(&s.selector));
+                Some(workload(&s, selector))
             },
+            |change| self.workload_change("StatefulSet", change),
         );
         let rx = lock(&self.scale_rx).take();
         let scale_reader = async {
@@ -206,28 +215,19 @@ impl KubeTargets {
         tokio::join!(scaled, deployments, statefulsets, scale_reader);
     }
 
-    fn workload_change<K: Resource>(
-        &self,
-        kind: &'static str,
-        change: Change<K>,
-        selector: impl Fn(&K) -> Option<String>,
-    ) {
-        let selector = |w: &K| selector(w).map(TargetSelector::parse);
+    fn workload_change(&self, kind: &'static str, change: Change<Workload>) {
         let mut map = lock(&self.workloads);
         match change {
             Change::Reset(all) => {
                 map.retain(|(k, _, _), _| *k != kind);
-                for w in &all {
-                    let (ns, name) = key_of(w);
-                    map.insert((kind, ns, name), selector(w));
+                for ((ns, name), selector) in all {
+                    map.insert((kind, ns, name), selector);
                 }
             }
-            Change::Apply(w) => {
-                let (ns, name) = key_of(&w);
-                map.insert((kind, ns, name), selector(&w));
+            Change::Apply(((ns, name), selector)) => {
+                map.insert((kind, ns, name), selector);
             }
-            Change::Delete(w) => {
-                let (ns, name) = key_of(&w);
+            Change::Delete(((ns, name), _)) => {
                 map.remove(&(kind, ns, name));
             }
         }

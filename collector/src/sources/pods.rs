@@ -1,7 +1,8 @@
 //! Pod metadata (namespace, name, labels, owner, node, phase) behind one small interface,
 //! [`PodSource`], so the KEDA scaler never cares where it comes from. A typed Kubernetes
 //! [`Pod`] becomes a [`PodMeta`] in one place (`PodMeta: TryFrom<&Pod>`), for the Kubernetes
-//! watch ([`crate::kube::pods`]) and for the file alike. This module owns the `--pods-file`
+//! watch ([`crate::kube::pods`]) and for the file alike, and both read a pod's JSON by the same
+//! fields ([`read_pod`]), skipping the rest. This module owns the `--pods-file`
 //! source: a Kubernetes `PodList` JSON (`kubectl get pods -A -o json`), read into typed
 //! structs, reloaded when the file changes, keeping the last good list when a reload fails.
 
@@ -186,10 +187,13 @@ struct ListFile {
     items: Option<Vec<Value>>,
 }
 
-/// One item of a `--pods-file`: the fields a [`PodMeta`] needs, typed, in the shape of a
-/// [`Pod`]. Not [`Pod`] itself, which insists on what files written by hand or by our own tools
-/// leave out (`apiVersion` and `uid` of an owner reference) and which the collector never
-/// reads; but as strict on what it does read (a label value must be a string).
+/// One pod as the collector reads it, from a `--pods-file` item or the Kubernetes watch: the
+/// fields a [`PodMeta`] needs, typed, in the shape of a [`Pod`]. Not [`Pod`] itself, which
+/// insists on what files written by hand or by our own tools leave out (`apiVersion` and `uid`
+/// of an owner reference) and which the collector never reads, and which builds every field of
+/// a pod (managed fields, annotations, the whole spec and status: about ten times what a
+/// [`PodMeta`] keeps) only for the conversion to drop it; but as strict on what it does read (a
+/// label value must be a string).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct FilePod {
@@ -206,6 +210,11 @@ struct FileMeta {
     namespace: Option<String>,
     name: Option<String>,
     uid: Option<String>,
+    /// Not part of a [`PodMeta`]: the watch resumes from the newest one it saw. Kept only when
+    /// a string (the API server always sends one), so a pods file written by hand with
+    /// anything there still loads, as it did before the watch read pods this way.
+    #[serde(default, deserialize_with = "string_or_nothing")]
+    resource_version: Option<String>,
     #[serde(default, deserialize_with = "string_labels")]
     labels: Option<BTreeMap<String, String>>,
     owner_references: Option<Vec<FileOwner>>,
@@ -237,6 +246,16 @@ struct FileStatus {
 struct FileContainer {
     #[serde(rename = "containerID")]
     container_id: Option<String>,
+}
+
+/// A string, or `None` for any other value.
+fn string_or_nothing<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// Labels, refusing a value that is not a string and naming its key (a bare `replicas: 2` in
@@ -276,6 +295,7 @@ impl From<FilePod> for Pod {
                 namespace: f.metadata.namespace,
                 name: f.metadata.name,
                 uid: f.metadata.uid,
+                resource_version: f.metadata.resource_version,
                 labels: f.metadata.labels,
                 owner_references: f.metadata.owner_references.map(|os| {
                     os.into_iter()
@@ -301,6 +321,16 @@ impl From<FilePod> for Pod {
             }),
         }
     }
+}
+
+/// Reads one Pod's JSON as the API server sends it into a [`Pod`] holding only what a
+/// [`PodMeta`] needs (namespace, name, UID, labels, owners, node, phase, container IDs) and
+/// `metadata.resourceVersion`; everything else is skipped as it is read, never built. The
+/// Kubernetes watch reads pods this way, so that a page of a list (500 pods) costs what 500
+/// [`PodMeta`]s do rather than 500 full objects; `--pods-file` items are read by the same
+/// fields.
+pub fn read_pod<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Pod, D::Error> {
+    FilePod::deserialize(d).map(Pod::from)
 }
 
 /// ` (pod namespace/name)` of a raw item, as far as it has them, for error messages.
@@ -594,6 +624,14 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_file_with_a_resource_version_that_is_not_a_string_still_loads() {
+        let mut p = pod("ml", "vllm-0", "u1", json!({"app": "vllm"}));
+        p["metadata"]["resourceVersion"] = json!(42);
+        let pods = parse_pod_list(Path::new("pods.json"), &list(vec![p])).unwrap();
+        assert_eq!(pods[0].name, "vllm-0");
+    }
+
+    #[test]
     fn a_label_value_that_is_not_a_string_is_refused_naming_the_file_the_pod_and_the_label() {
         let mut p = pod("ml", "vllm-0", "u1", json!({"app": "vllm", "replicas": 2}));
         let e = parse_pod_list(Path::new("pods.json"), &list(vec![p.clone()]))
@@ -629,9 +667,11 @@ mod tests {
                 "containerStatuses": [{"name": "c", "image": "c", "imageID": "", "ready": true,
                     "restartCount": 0, "containerID": "containerd://c0ffee"}]}});
         let from_file = parse_pod_list(Path::new("p.json"), &list(vec![item.clone()])).unwrap();
-        let typed: Pod = serde_json::from_value(item).unwrap();
+        let typed: Pod = serde_json::from_value(item.clone()).unwrap();
         let from_watch = PodMeta::try_from(&typed).unwrap();
         assert_eq!(from_file, vec![from_watch.clone()]);
+        let slim = read_pod(&item).unwrap();
+        assert_eq!(PodMeta::try_from(&slim).unwrap(), from_watch);
         assert_eq!(from_watch.owner, "Deployment/vllm");
         assert_eq!(from_watch.container_ids, ["init0", "c0ffee"]);
         // What a pod without its identity cannot be, and what absent fields mean.
@@ -640,6 +680,22 @@ mod tests {
             PodMeta::try_from(&bare).unwrap_err().to_string(),
             "has no metadata.namespace"
         );
+        // What the slim read skips: everything a PodMeta does not keep.
+        let mut full = item.clone();
+        full["metadata"]["resourceVersion"] = json!("4711");
+        full["metadata"]["annotations"] = json!({"a": "b"});
+        full["metadata"]["managedFields"] = json!([{"manager": "kubelet", "operation": "Update",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}}}}]);
+        full["spec"]["containers"] = json!([{"name": "c", "image": "vllm",
+            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]);
+        full["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        let slim = read_pod(&full).unwrap();
+        assert_eq!(PodMeta::try_from(&slim).unwrap(), from_watch);
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("4711"));
+        assert_eq!(slim.metadata.annotations, None);
+        assert_eq!(slim.metadata.managed_fields, None);
+        assert_eq!(slim.spec.map(|s| s.containers), Some(vec![]));
+        assert_eq!(slim.status.and_then(|s| s.conditions), None);
         let mut minimal = Pod::default();
         minimal.metadata.namespace = Some("ml".into());
         minimal.metadata.name = Some("p".into());

@@ -102,7 +102,7 @@ impl Options {
         if self.nodes == 0 || self.scaled_objects == 0 {
             bail!("--nodes and --scaled-objects must be at least 1");
         }
-        if pods < 2 * PROBES.min(pods / 2).max(1) {
+        if pods < 2 {
             bail!("{pods} pods are too few: at least 2 are needed (one per probe kind)");
         }
         if self.scaled_objects > pods {
