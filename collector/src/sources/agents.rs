@@ -58,7 +58,18 @@ fn silence_limit(interval_ns: u64) -> Duration {
     (3 * Duration::from_nanos(interval_ns)).max(SILENCE_MIN)
 }
 
-/// An agent's endpoint, with keep-alives so a hung agent is noticed.
+/// How many bytes of one agent's snapshots may be on their way to the collector at once (the
+/// HTTP/2 flow-control window of the stream and of its connection): the agent sends no more
+/// until the collector has read them. A collector that falls behind its streams (overloaded)
+/// then reads the newest state, because the agent's own queue fills and it skips snapshots;
+/// with hyper's default 2 MiB window (adaptive) plus the TCP buffers it read a backlog instead:
+/// 11 s of an 8-GPU node's 50 KB snapshots at 400 simulated nodes (`cargo xtask bench-scale`),
+/// so its answers were about data older than `staleAfter`. 256 KiB holds five such snapshots
+/// (half a second at 100 ms); a larger snapshot still flows, in pieces.
+const STREAM_WINDOW: u32 = 256 << 10;
+
+/// An agent's endpoint, with keep-alives so a hung agent is noticed and a bounded window so a
+/// slow collector reads fresh data ([`STREAM_WINDOW`]).
 fn endpoint(address: &str) -> Result<Endpoint, String> {
     crate::endpoint(address)
         .map(|e| {
@@ -66,6 +77,9 @@ fn endpoint(address: &str) -> Result<Endpoint, String> {
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(STREAM_WINDOW)
+                .http2_adaptive_window(false)
         })
         .map_err(|e| format!("agent address {e}"))
 }
