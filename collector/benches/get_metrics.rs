@@ -57,22 +57,8 @@ struct Fixture {
 
 impl Fixture {
     fn new(nodes: usize) -> Fixture {
-        let addresses: Vec<String> = (0..nodes)
-            .map(|n| format!("10.{}.{}.{}:7701", n >> 16, (n >> 8) & 255, n & 255))
-            .collect();
-        let cluster = Arc::new(Cluster::new(&addresses));
-        let now = Instant::now();
-        for n in 0..nodes {
-            let snap = snapshot(n);
-            cluster.write(|v| {
-                v.nodes[n].connected = true;
-                v.update(n, snap, now);
-            });
-        }
-        let pods = (0..nodes * PODS_PER_NODE)
-            .map(|i| pod_meta(i, SCALED_OBJECTS))
-            .collect();
-        let pods = Arc::new(StaticPods(Arc::new(PodIndex::new(1, pods))));
+        let cluster = cluster(nodes);
+        let pods = pods(nodes, SCALED_OBJECTS);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let f = Fixture {
             nodes,

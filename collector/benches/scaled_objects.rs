@@ -30,8 +30,6 @@ use std::time::Instant;
 
 use collector::api::metrics::CollectorMetrics;
 use collector::api::scaler::Scaler;
-use collector::sources::pods::PodIndex;
-use collector::sources::view::Cluster;
 use proto::externalscaler::ScaledObjectRef;
 
 mod fixture;
@@ -123,22 +121,8 @@ fn main() {
     let nodes = per_phase.div_ceil(PODS_PER_NODE);
     let started = Instant::now();
 
-    let addresses: Vec<String> = (0..nodes)
-        .map(|n| format!("10.1.{}.{}:7701", n / 256, n % 256))
-        .collect();
-    let cluster = Arc::new(Cluster::new(&addresses));
-    let now = Instant::now();
-    for n in 0..nodes {
-        let snap = snapshot(n);
-        cluster.write(|v| {
-            v.nodes[n].connected = true;
-            v.update(n, snap, now);
-        });
-    }
-    let pods = (0..nodes * PODS_PER_NODE)
-        .map(|i| pod_meta(i, per_phase))
-        .collect();
-    let pods = Arc::new(StaticPods(Arc::new(PodIndex::new(1, pods))));
+    let cluster = cluster(nodes);
+    let pods = pods(nodes, per_phase);
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let scaler = Scaler::new(cluster, pods, None, stop_rx);
     scaler.observe_with(Arc::new(CollectorMetrics::default()));
