@@ -31,17 +31,89 @@ use crate::stop::Stop;
 use crate::window::{GpuWindows, Window};
 use crate::{unix_now_ns, Error, Result};
 
-/// Revision of the v1 API this agent speaks: 2 sends metrics and attributions as enums.
-pub const API_VERSION: u32 = 2;
+/// Revision of the v1 API this agent speaks: 2 sends metrics and attributions as enums; 3 reads a
+/// stream's `Interest` (only the series named, only what changed).
+pub const API_VERSION: u32 = 3;
 
-fn metrics(windows: &GpuWindows, last: impl Fn(Metric) -> Option<f64>) -> Vec<MetricSummary> {
+/// The series a message carries: every one (`GetSnapshot`, a stream without `Interest`), or
+/// those a stream's `Interest.series` names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wanted {
+    /// Per metric (by [`Metric::index`]): bit 0 its last value, bit 1 + w window w.
+    bits: [u8; Metric::ALL.len()],
+}
+
+impl Wanted {
+    /// Every metric, every window and the last value.
+    pub fn every() -> Wanted {
+        Wanted {
+            bits: [u8::MAX; Metric::ALL.len()],
+        }
+    }
+
+    /// What `interest` names (every series when it names none). A metric or window this build
+    /// does not know (a newer collector's) is left out.
+    pub fn of(interest: &proto::agent::Interest) -> Wanted {
+        if interest.series.is_empty() {
+            return Wanted::every();
+        }
+        let mut w = Wanted {
+            bits: [0; Metric::ALL.len()],
+        };
+        for s in &interest.series {
+            let Some(m) = proto::agent::Metric::try_from(s.metric)
+                .ok()
+                .and_then(proto::agent::Metric::vocab)
+            else {
+                continue;
+            };
+            let bit = match s.window_s {
+                0 => 0,
+                secs => match Window::from_secs(secs) {
+                    Some(window) => 1 + window.index(),
+                    None => continue,
+                },
+            };
+            w.bits[m.index()] |= 1 << bit;
+        }
+        w
+    }
+
+    fn any(&self, m: Metric) -> bool {
+        self.bits[m.index()] != 0
+    }
+
+    fn last(&self, m: Metric) -> bool {
+        self.bits[m.index()] & 1 != 0
+    }
+
+    fn window(&self, m: Metric, w: Window) -> bool {
+        self.bits[m.index()] & (1 << (1 + w.index())) != 0
+    }
+
+    /// How many series it names, for the log.
+    fn count(&self) -> u32 {
+        self.bits
+            .iter()
+            .map(|b| (b & ((1 << (1 + Window::ALL.len())) - 1)).count_ones())
+            .sum()
+    }
+}
+
+fn metrics(
+    windows: &GpuWindows,
+    last: impl Fn(Metric) -> Option<f64>,
+    wanted: &Wanted,
+) -> Vec<MetricSummary> {
     Metric::ALL
         .into_iter()
+        .filter(|&m| wanted.any(m))
         .map(|m| MetricSummary {
             metric: proto::agent::Metric::from(m) as i32,
-            last: last(m),
+            last: if wanted.last(m) { last(m) } else { None },
             windows: Window::ALL
                 .into_iter()
+                .filter(|&w| wanted.window(m, w))
                 .filter_map(|w| {
                     windows.metric(m, w).map(|s| WindowStats {
                         window_s: w.secs(),
@@ -61,13 +133,18 @@ fn gpu_summary(
     info: &crate::shm::GpuInfo,
     live: &GpuLive,
     pods: &mut Vec<PodSummary>,
+    wanted: &Wanted,
 ) -> GpuSummary {
     // `last` is the newest sample's value: unavailable when the GPU is not ok right now.
     let ok = live.state == GpuState::Ok;
-    let gpu_metrics = metrics(&live.windows, |m| {
-        ok.then(|| live.windows.last(m.index()).map(f64::from))
-            .flatten()
-    });
+    let gpu_metrics = metrics(
+        &live.windows,
+        |m| {
+            ok.then(|| live.windows.last(m.index()).map(f64::from))
+                .flatten()
+        },
+        wanted,
+    );
     for (uid, pod) in &live.pods {
         pods.push(PodSummary {
             pod_uid: uid.clone(),
@@ -76,10 +153,14 @@ fn gpu_summary(
             pids: pod.pids.clone(),
             shared: pod.shared,
             newest_sample_unix_ns: live.newest_ns,
-            metrics: metrics(&pod.windows, |m| {
-                ok.then(|| pod.windows.last(m.index()).map(f64::from))
-                    .flatten()
-            }),
+            metrics: metrics(
+                &pod.windows,
+                |m| {
+                    ok.then(|| pod.windows.last(m.index()).map(f64::from))
+                        .flatten()
+                },
+                wanted,
+            ),
             attribution: proto::agent::Attribution::from(pod.attribution) as i32,
         });
     }
@@ -110,14 +191,19 @@ fn gpu_summary(
     }
 }
 
-/// The node's state now.
+/// The node's state now, every series.
 pub fn snapshot(agent: &Node, seq: u64) -> NodeSnapshot {
+    snapshot_of(agent, seq, &Wanted::every())
+}
+
+/// The node's state now, with the series `wanted`.
+pub fn snapshot_of(agent: &Node, seq: u64, wanted: &Wanted) -> NodeSnapshot {
     let mut pods = Vec::new();
     let gpus = agent
         .gpus
         .iter()
         .enumerate()
-        .map(|(i, info)| agent.with_live(i, |live| gpu_summary(info, live, &mut pods)))
+        .map(|(i, info)| agent.with_live(i, |live| gpu_summary(info, live, &mut pods, wanted)))
         .collect();
     let status = agent.status();
     let ebpf = match status.ebpf_reason.as_str() {
@@ -150,6 +236,7 @@ pub fn snapshot(agent: &Node, seq: u64) -> NodeSnapshot {
         seq,
         gpus,
         pods,
+        ..NodeSnapshot::default()
     }
 }
 
@@ -180,6 +267,9 @@ impl AgentApi for Service {
     ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
         let peer = request.remote_addr();
         let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
+        let interest = request.get_ref().interest.as_ref();
+        let wanted = interest.map_or_else(Wanted::every, Wanted::of);
+        let changes_only = interest.is_some_and(|i| i.changes_only);
         let agent = self.agent.clone();
         let stop = self.stop.stopped();
         let mut samples = agent.samples();
@@ -189,30 +279,36 @@ impl AgentApi for Service {
         tracing::info!(
             ?peer,
             min_interval_ms = min.as_millis() as u64,
+            series = wanted.count(),
+            changes_only,
             "collector subscribed"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             tokio::pin!(stop);
             let mut seq = 0u64;
+            let mut sent = proto::delta::Sender::new();
             loop {
-                // The current state at once, then after every tick's samples.
-                let snap = snapshot(&agent, seq);
-                seq += 1;
-                // A full channel means a slow collector: skip this snapshot rather than queue
-                // stale ones; a closed one means it went away.
-                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                    tx.try_send(Ok(snap))
-                {
-                    break;
+                // The current state at once, then after every tick's samples. A full channel
+                // means a slow collector: skip this tick rather than queue stale state (the
+                // next delta carries what changed since the last one sent); a closed one means
+                // it went away.
+                match tx.try_reserve() {
+                    Ok(permit) => {
+                        let snap = snapshot_of(&agent, seq, &wanted);
+                        permit.send(Ok(if changes_only { sent.next(snap) } else { snap }));
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
                 }
-                let sent = tokio::time::Instant::now();
+                seq += 1;
+                let sent_at = tokio::time::Instant::now();
                 tokio::select! {
                     _ = &mut stop => break,
                     changed = samples.changed() => if changed.is_err() { break },
                 }
                 tokio::time::sleep(settle).await;
-                tokio::time::sleep_until(sent + min).await;
+                tokio::time::sleep_until(sent_at + min).await;
                 samples.borrow_and_update();
             }
             tracing::info!(?peer, "collector stream ended");
@@ -401,6 +497,64 @@ mod tests {
             Some(4.0 * (1u64 << 30) as f64)
         );
         assert_eq!(last(&pod.metrics, "gpu_util"), None, "unavailable, never 0");
+    }
+
+    #[test]
+    fn a_stream_with_interest_gets_only_the_series_it_names() {
+        use proto::agent::{Interest, Series};
+        let node = Node::for_tests(vec![GpuInfo::default()], Duration::from_millis(100));
+        let mut s = Sample::empty(unix_now_ns(), GpuState::Ok);
+        s.set(Slot::SmActive, 40.0);
+        s.set(Slot::GpuUtil, 55.0);
+        s.set(Slot::PowerWatts, 300.0);
+        let process = ProcessEntry {
+            pid: 11,
+            pod_uid: Some(UID.into()),
+            attribution: Attribution::Procfs,
+            ..ProcessEntry::default()
+        };
+        node.record(0, &s, vec![process]);
+        let series = |metric: Metric, window_s| Series {
+            metric: proto::agent::Metric::from(metric) as i32,
+            window_s,
+        };
+        let interest = Interest {
+            series: vec![
+                series(Metric::SmActive, 30),
+                series(Metric::GpuUtil, 0),
+                // A window and a metric this build does not know (a newer collector's): left out.
+                series(Metric::PowerWatts, 7),
+                Series {
+                    metric: 99,
+                    window_s: 0,
+                },
+            ],
+            changes_only: true,
+        };
+        let wanted = Wanted::of(&interest);
+        assert_eq!(wanted.count(), 2);
+        let snap = snapshot_of(&node, 0, &wanted);
+        for (owner, ms) in [
+            ("GPU", &snap.gpus[0].metrics),
+            ("pod", &snap.pods[0].metrics),
+        ] {
+            let names: Vec<_> = ms.iter().map(|m| m.vocab_metric().unwrap()).collect();
+            assert_eq!(names, [Metric::SmActive, Metric::GpuUtil], "{owner}");
+            let (sm, util) = (&ms[0], &ms[1]);
+            assert_eq!(
+                sm.last, None,
+                "{owner}: sm_active's last value was not asked for"
+            );
+            let windows: Vec<u32> = sm.windows.iter().map(|w| w.window_s).collect();
+            assert_eq!(windows, [30], "{owner}");
+            assert_eq!((util.last, util.windows.len()), (Some(55.0), 0), "{owner}");
+        }
+        // No series named: every one, as GetSnapshot sends.
+        let every = Wanted::of(&Interest::default());
+        assert_eq!(every, Wanted::every());
+        let (a, b) = (snapshot_of(&node, 0, &every), snapshot(&node, 0));
+        assert_eq!(b.pods[0].metrics.len(), Metric::ALL.len());
+        assert_eq!((a.gpus, a.pods), (b.gpus, b.pods));
     }
 
     #[test]

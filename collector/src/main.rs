@@ -165,6 +165,11 @@ struct ServeArgs {
         requires = "agent_client_cert"
     )]
     agent_client_key: Option<PathBuf>,
+    /// What the agents send: `changes` (each tick only what changed, and a heartbeat; agents of
+    /// API revision 2 send whole snapshots anyway) or `full` (every series of everything, every
+    /// tick, as before revision 3: for comparison, or an agent suspected of a delta bug).
+    #[arg(long, env = "GPUSCALE_AGENT_STREAM", default_value = "changes")]
+    agent_stream: collector::sources::agents::StreamMode,
 }
 
 /// A DNS name a certificate can carry (`--agent-tls-server-name`).
@@ -216,6 +221,7 @@ async fn run(cli: Cli) -> collector::Result<()> {
                     ("--agent-client-key", a.agent_client_key),
                 ),
                 agent_tls_name: a.agent_tls_server_name,
+                agent_stream: a.agent_stream,
             };
             collector::serve::run_until_signalled(config).await
         }

@@ -51,6 +51,8 @@ pub struct Config {
     /// The name every agent's certificate carries (`--agent-tls-server-name`), when one
     /// certificate serves all agents; `None`: each agent's certificate names its node.
     pub agent_tls_name: Option<String>,
+    /// What the agents send (`--agent-stream`).
+    pub agent_stream: agents::StreamMode,
 }
 
 /// Where pod metadata comes from.
@@ -151,7 +153,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         })?;
     let cluster = Arc::new(Cluster::new(&[]));
     let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref(), http_tls)?;
-    let fleet = Arc::new(agents::Fleet::new(cluster.clone(), agent_tls.clone()));
+    let fleet = Arc::new(agents::Fleet::new(
+        cluster.clone(),
+        agent_tls.clone(),
+        config.agent_stream,
+    ));
     fleet.set(
         &config
             .agents

@@ -8,6 +8,9 @@
 //! `fuzz/corpus/node_snapshot/` are snapshots an agent could send, one it must not (NaN), and
 //! the inputs of two findings (`regression-*`, see docs/RELIABILITY.md, "Fuzzing").
 //!
+//! Each input is also applied as a delta (revision 3's streams of changes, `View::apply_delta`)
+//! to a good snapshot of its node; a state the view then takes keeps the same promises.
+//!
 //! Never panics, and a snapshot that passes keeps what `validate` promises the view: a node
 //! name of 1 to 253 bytes and a time; every number of every metric this build knows finite,
 //! percentages within 0..100 (bar rounding), bytes and watts not negative, no metric or window
@@ -34,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(snap) = NodeSnapshot::decode(data) else {
         return;
     };
+    as_a_delta(snap.clone());
     if let Err(refused) = check(&snap) {
         assert!(
             refused.0.len() < 1024,
@@ -42,6 +46,49 @@ fuzz_target!(|data: &[u8]| {
         );
         return;
     }
+    holds(&snap);
+    read_as_keda_does(snap);
+});
+
+/// The same message as a delta on a stream of changes (agent API revision 3): applied to a good
+/// snapshot of its node (`View::apply_delta`); unless the node is then refused, the state it
+/// makes keeps every promise of a checked snapshot, and is read as KEDA reads it.
+fn as_a_delta(mut delta: NodeSnapshot) {
+    delta.delta = true;
+    let base = NodeSnapshot {
+        api_version: 3,
+        node_name: delta.node_name.clone(),
+        taken_unix_ns: 1_800_000_000_000_000_000,
+        gpus: vec![proto::agent::GpuSummary {
+            uuid: "GPU-fuzz".into(),
+            ..Default::default()
+        }],
+        pods: vec![proto::agent::PodSummary {
+            pod_uid: "pod-fuzz".into(),
+            gpu_uuid: "GPU-fuzz".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let at = Instant::now();
+    let mut view = View {
+        nodes: vec![NodeState::new("10.0.0.1:50051")],
+        ..View::default()
+    };
+    view.update(0, base, at);
+    view.apply_delta(0, delta, at);
+    let state = &view.nodes[0];
+    if let (None, Some(snap)) = (&state.refused, &state.snapshot) {
+        let snap = NodeSnapshot::clone(snap);
+        assert!(!snap.delta, "an applied state is whole");
+        check(&snap).expect("a state the view took passes the check");
+        holds(&snap);
+        read_as_keda_does(snap);
+    }
+}
+
+/// What a snapshot that passed `check` promises its readers.
+fn holds(snap: &NodeSnapshot) {
     assert!(!snap.node_name.is_empty() && snap.node_name.len() <= MAX_NODE_NAME);
     assert_ne!(snap.taken_unix_ns, 0);
     let mut uuids = HashSet::new();
@@ -63,8 +110,7 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(pods.insert((p.pod_uid.as_str(), p.gpu_uuid.as_str())));
     }
-    read_as_keda_does(snap);
-});
+}
 
 /// Puts `snap` into a view as the agent stream does, then evaluates triggers over its pods (and
 /// the pods of its device opens) as KEDA calls do, a millisecond after it arrived.

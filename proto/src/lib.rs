@@ -2,10 +2,13 @@
 //!
 //! [`agent`]: the node agent's API (`gpuscale.agent.v1`), served by `gpuscale-agent run --listen`
 //! and consumed by the collector. [`collector`]: the collector's debug API (`dump`).
-//! [`externalscaler`]: KEDA's external-scaler API, served by the collector. Owns no logic.
-#![allow(missing_docs, clippy::all)]
+//! [`externalscaler`]: KEDA's external-scaler API, served by the collector. Owns no logic but
+//! the wire's own: [`delta`], how a stream of the agent API sends only what changed.
+
+pub mod delta;
 
 /// Generated code, nested like the protobuf packages so cross-package references resolve.
+#[allow(missing_docs, clippy::all)]
 pub mod gpuscale {
     /// `gpuscale.agent.*`
     pub mod agent {
@@ -29,6 +32,7 @@ pub use gpuscale::agent::v1 as agent;
 pub use gpuscale::collector::v1 as collector;
 
 /// KEDA's external scaler API, package `externalscaler`.
+#[allow(missing_docs, clippy::all)]
 pub mod externalscaler {
     tonic::include_proto!("externalscaler");
 }

@@ -43,6 +43,11 @@ pub struct Options {
     /// Where the ring files go (default: /dev/shm, like the agent's default, else the temp dir).
     #[arg(long)]
     shm_dir: Option<PathBuf>,
+    /// What reads the agent, comma separated, each measured: `none` (the agent alone), or a
+    /// release collector holding one stream open to it, of `full` snapshots or of `changes`
+    /// (the collector's `--agent-stream`). The difference to `none` is what streaming costs.
+    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "full", "changes"])]
+    stream: Vec<String>,
     /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
     /// the local cluster (as root; `gpuscale-cluster bench`), this many steps per chain.
     #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "10")]
@@ -52,6 +57,8 @@ pub struct Options {
 /// Targets from the issue, for 8 GPUs at 100 ms.
 const TARGET_CPU_PCT: f64 = 0.5;
 const TARGET_RSS_MIB: f64 = 16.0;
+/// What one collector stream may cost an agent (issue 15), % of a core.
+const TARGET_STREAM_PCT: f64 = 0.05;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -267,6 +274,8 @@ impl Drop for Proc {
 /// One measured process.
 struct Measurement {
     label: String,
+    /// What read the agent (`--stream`).
+    stream: String,
     gpus: Option<usize>,
     interval: String,
     interval_dur: Duration,
@@ -299,13 +308,72 @@ fn shm_dir(o: &Options) -> PathBuf {
 struct Bench {
     agent: PathBuf,
     fake: PathBuf,
+    /// The release collector, when a `--stream` other than `none` is measured.
+    collector: Option<PathBuf>,
     dir: PathBuf,
     workload: Workload,
     duration: Duration,
     tck: u64,
 }
 
+/// A loopback port free now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .context("finding a free loopback port")?
+        .local_addr()?
+        .port())
+}
+
 impl Bench {
+    /// Starts `collector` following the agent at `agent_addr` with `--agent-stream mode` and no
+    /// pods, and waits until the agent's log (`agent_log`) says it subscribed.
+    fn start_collector(
+        &self,
+        collector: &Path,
+        agent_addr: &str,
+        mode: &str,
+        name: &str,
+        agent_log: &Path,
+    ) -> Result<Proc> {
+        let pods = self.dir.join("no-pods.json");
+        std::fs::write(
+            &pods,
+            r#"{"apiVersion": "v1", "kind": "List", "items": []}"#,
+        )
+        .with_context(|| format!("writing {}", pods.display()))?;
+        let log = self.dir.join(format!("{name}-collector.log"));
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let child = Command::new(collector)
+            .args(["serve", "--agents", agent_addr, "--pods-file"])
+            .arg(&pods)
+            .args(["--listen", &listen, "--agent-stream", mode])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", collector.display()))?;
+        let mut proc = Proc(child);
+        let started = Instant::now();
+        while !std::fs::read_to_string(agent_log).is_ok_and(|l| l.contains("collector subscribed"))
+        {
+            if let Some(status) = proc.0.try_wait()? {
+                bail!(
+                    "the collector exited ({status}); its log says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "the collector did not subscribe to the agent within 20 s; its log says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(proc)
+    }
+
     /// User and system CPU seconds between two `cpu_ticks` readings.
     fn cpu_delta(&self, from: (u64, u64), to: (u64, u64)) -> (f64, f64) {
         let tck = self.tck as f64;
@@ -321,10 +389,15 @@ impl Bench {
         &self,
         gpus: usize,
         interval: &str,
+        stream: &str,
         reference: Option<&mut Proc>,
     ) -> Result<(Measurement, Option<Measurement>)> {
         let interval_dur = parse_interval(interval)?;
-        let name = format!("{gpus}gpu-{interval}");
+        let name = format!("{gpus}gpu-{interval}-{stream}");
+        let listen = match stream {
+            "none" => None,
+            _ => Some(format!("127.0.0.1:{}", free_port()?)),
+        };
         let scenario_path = self.dir.join(format!("scenario-{gpus}.json"));
         std::fs::write(
             &scenario_path,
@@ -351,6 +424,7 @@ impl Bench {
                 "--proc-root",
             ])
             .arg(&self.workload.root)
+            .args(listen.iter().flat_map(|l| ["--listen", l.as_str()]))
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -384,6 +458,13 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // With a stream: a collector that follows this agent, subscribed before measuring.
+        let _collector = match (&listen, &self.collector) {
+            (Some(agent_addr), Some(collector)) => {
+                Some(self.start_collector(collector, agent_addr, stream, &name, &log)?)
+            }
+            _ => None,
+        };
         std::thread::sleep(Duration::from_millis(500));
 
         let reference = reference.map(|r| -> Result<_> { Ok((r.pid(), cpu_ticks(r.pid())?)) });
@@ -428,6 +509,7 @@ impl Bench {
                 let (user_s, sys_s) = self.cpu_delta(rticks0, cpu_ticks(rpid)?);
                 Some(Measurement {
                     label: "idle reference (`sleep`)".into(),
+                    stream: "none".into(),
                     gpus: None,
                     interval: "–".into(),
                     interval_dur,
@@ -489,7 +571,15 @@ impl Bench {
         }
         let (user_s, sys_s) = self.cpu_delta(ticks0, ticks1);
         let me = Measurement {
-            label: format!("agent, {gpus} GPU{}", if gpus == 1 { "" } else { "s" }),
+            label: format!(
+                "agent, {gpus} GPU{}{}",
+                if gpus == 1 { "" } else { "s" },
+                match stream {
+                    "none" => String::new(),
+                    mode => format!(", one collector stream ({mode})"),
+                }
+            ),
+            stream: stream.to_owned(),
             gpus: Some(gpus),
             interval: interval.to_owned(),
             interval_dur,
@@ -578,10 +668,11 @@ fn per_gpu(rows: &[Measurement]) -> String {
         .map(|r| r.interval.as_str())
         .collect();
     intervals.dedup();
-    for interval in intervals {
+    for interval in &intervals {
+        let interval = *interval;
         let agents: Vec<&Measurement> = rows
             .iter()
-            .filter(|r| r.gpus.is_some() && r.interval == interval)
+            .filter(|r| r.gpus.is_some() && r.interval == interval && r.stream == "none")
             .collect();
         let (Some(lo), Some(hi)) = (
             agents.iter().min_by_key(|r| r.gpus),
@@ -619,6 +710,47 @@ fn per_gpu(rows: &[Measurement]) -> String {
                 if rss_ok { "met" } else { "MISSED" },
             ));
         }
+    }
+    out
+}
+
+/// What one collector stream costs the agent: each streamed row against the row of the agent
+/// alone with the same GPUs and interval.
+fn streaming_cost(rows: &[Measurement]) -> String {
+    let mut out = String::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.stream != "none" && r.gpus.is_some())
+    {
+        let Some(alone) = rows
+            .iter()
+            .find(|a| a.stream == "none" && a.gpus == r.gpus && a.interval == r.interval)
+        else {
+            continue;
+        };
+        let cost = r.cpu_pct - alone.cpu_pct;
+        out.push_str(&format!(
+            "- one collector stream ({}), {} GPUs at {}: {:.3} % vs {:.3} % alone: {:+.3} % of a \
+             core{}\n",
+            r.stream,
+            r.gpus.unwrap_or(0),
+            r.interval,
+            r.cpu_pct,
+            alone.cpu_pct,
+            cost,
+            if r.gpus == Some(8) && r.interval_dur == Duration::from_millis(100) {
+                format!(
+                    " (target ≤ {TARGET_STREAM_PCT} %: {})",
+                    if cost <= TARGET_STREAM_PCT {
+                        "met"
+                    } else {
+                        "MISSED"
+                    }
+                )
+            } else {
+                String::new()
+            }
+        ));
     }
     out
 }
@@ -687,27 +819,41 @@ pub fn run(o: Options) -> Result<()> {
         bail!("nothing to measure: give at least one --gpus count and one --interval");
     }
 
-    step("building gpuscale-agent and the fake NVML in release (cargo build --release -p agent -p fake-nvml)");
+    let streamed = o.stream.iter().any(|s| s != "none");
+    let mut packages = vec!["-p", "agent", "-p", "fake-nvml"];
+    if streamed {
+        packages.extend(["-p", "collector"]);
+    }
+    step(&format!(
+        "building in release (cargo build --release {})",
+        packages.join(" ")
+    ));
     run_cmd(
-        cargo().args(["build", "--release", "-p", "agent", "-p", "fake-nvml"]),
+        cargo().args(["build", "--release"]).args(&packages),
         "cargo build --release",
     )?;
     let bin = target_dir().join("release");
     let agent = bin.join("gpuscale-agent");
     let fake = bin.join("libfake_nvml.so");
-    for f in [&agent, &fake] {
+    let collector = streamed.then(|| bin.join("gpuscale-collector"));
+    for f in [Some(&agent), Some(&fake), collector.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         if !f.is_file() {
             bail!("{} is missing after the build", f.display());
         }
     }
     let dir = shm_dir(&o);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let total = o.duration * (intervals.len() * counts.len()) as u32;
+    let runs = o.stream.len() * intervals.len() * counts.len();
+    let total = o.duration * runs as u32;
     let max_gpus = counts.iter().copied().max().unwrap_or(0);
     let workload = Workload::start(&dir, max_gpus, total + Duration::from_secs(600))?;
     let bench = Bench {
         agent,
         fake,
+        collector,
         dir: dir.clone(),
         workload,
         duration: o.duration,
@@ -715,7 +861,7 @@ pub fn run(o: Options) -> Result<()> {
     };
     step(&format!(
         "measuring {} configuration(s) for {} s each (about {} min), ring files in {}",
-        intervals.len() * counts.len(),
+        runs,
         o.duration.as_secs(),
         total.as_secs().div_ceil(60),
         dir.display()
@@ -724,24 +870,26 @@ pub fn run(o: Options) -> Result<()> {
     let result = (|| -> Result<Vec<Measurement>> {
         let mut rows = Vec::new();
         let mut reference_row = None;
-        for (k, interval) in intervals.iter().enumerate() {
-            for (j, &n) in counts.iter().enumerate() {
-                // The idle reference runs alongside the first measurement.
-                let mut reference = if k == 0 && j == 0 {
-                    let child = Command::new("sleep")
-                        .arg((o.duration.as_secs() + 60).to_string())
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .spawn()
-                        .context("starting the idle reference `sleep`")?;
-                    Some(Proc(child))
-                } else {
-                    None
-                };
-                let (m, r) = bench.measure(n, interval, reference.as_mut())?;
-                rows.push(m);
-                if r.is_some() {
-                    reference_row = r;
+        for (i, stream) in o.stream.iter().enumerate() {
+            for (k, interval) in intervals.iter().enumerate() {
+                for (j, &n) in counts.iter().enumerate() {
+                    // The idle reference runs alongside the first measurement.
+                    let mut reference = if i == 0 && k == 0 && j == 0 {
+                        let child = Command::new("sleep")
+                            .arg((o.duration.as_secs() + 60).to_string())
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .spawn()
+                            .context("starting the idle reference `sleep`")?;
+                        Some(Proc(child))
+                    } else {
+                        None
+                    };
+                    let (m, r) = bench.measure(n, interval, stream, reference.as_mut())?;
+                    rows.push(m);
+                    if r.is_some() {
+                        reference_row = r;
+                    }
                 }
             }
         }
@@ -766,6 +914,7 @@ pub fn run(o: Options) -> Result<()> {
     print!("{}", table(&rows, bench.tck));
     println!();
     print!("{}", per_gpu(&rows));
+    print!("{}", streaming_cost(&rows));
     print!("{}", steady_state_note(&rows));
     Ok(())
 }

@@ -35,6 +35,11 @@ type Matches = Arc<Vec<Arc<PodMeta>>>;
 
 /// `StreamIsActive` re-evaluates at most this often.
 const STREAM_MIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often a `StreamIsActive` stream looks again with no change in the view when time alone
+/// may change its answer: with `activeAfterOpen` (an open ages past it), or after a look that
+/// found no answer (a node stale then may be fresh again with the same data: agents'
+/// heartbeats wake nobody).
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where the pod selector of a trigger without `podSelector` comes from: the ScaledObject's
 /// target (in-cluster mode). Answers from memory.
@@ -65,6 +70,15 @@ impl From<TargetError> for Status {
 /// Most (namespace, selector) pairs whose matched pods are cached (one per distinct trigger
 /// selector in use; the cache restarts empty when full).
 const MAX_SELECTIONS: usize = 1024;
+
+/// What a `StreamIsActive` stream's last evaluation read ([`Scaler::moved`]): the pod list's
+/// version, the view's indexes, and the generation of each node its pods are on.
+#[derive(Debug)]
+struct Seen {
+    pods: u64,
+    structure: u64,
+    nodes: Vec<(usize, u64)>,
+}
 
 /// The KEDA-facing service.
 pub struct Scaler {
@@ -249,6 +263,44 @@ impl Scaler {
         self.active_with(r, &trigger)
     }
 
+    /// Whether an evaluation of `trigger` may answer differently from the one `seen` records
+    /// (and records this one): the pod list or the view's indexes changed, or a node of its
+    /// pods did. Cheap while nothing moved: no hashing, no allocation, only each node's
+    /// generation read. Time passing is not seen here (see [`STREAM_RECHECK`]).
+    fn moved(&self, r: &ScaledObjectRef, trigger: &Trigger, seen: &mut Option<Seen>) -> bool {
+        let pods = self.pods.index().version;
+        if let Some(s) = seen.as_mut() {
+            let same = self.cluster.read(|v| {
+                s.pods == pods
+                    && s.structure == v.structure
+                    && s.nodes
+                        .iter()
+                        .all(|&(n, g)| v.nodes.get(n).is_some_and(|n| n.generation == g))
+            });
+            if same {
+                return false;
+            }
+        }
+        *seen = self.selector(r, trigger).ok().map(|selector| {
+            let matched = self.matches(&r.namespace, &selector);
+            self.cluster.read(|v| {
+                let mut nodes: Vec<(usize, u64)> = matched
+                    .iter()
+                    .filter_map(|p| v.node(&p.node))
+                    .map(|n| (n, v.nodes[n].generation))
+                    .collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                Seen {
+                    pods,
+                    structure: v.structure,
+                    nodes,
+                }
+            })
+        });
+        true
+    }
+
     /// [`Scaler::active`] of an already parsed trigger.
     fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Status> {
         let (matched, eval) = self.evaluate_with(r, trigger)?;
@@ -315,9 +367,22 @@ impl ExternalScaler for ScalerService {
             async move {
                 tracing::info!("KEDA subscribed");
                 let mut last = None;
+                // What the last evaluation read, and whether the timer woke us.
+                let mut seen: Option<Seen> = None;
+                let mut timed_out = false;
+                let mut failed = false;
                 loop {
-                    match me.active_with(&r, &trigger) {
-                        Ok(active) if Some(active) != last => {
+                    // Unless a node of its pods changed, the answer has not either; but an open
+                    // ages past activeAfterOpen with time alone, and a node that was stale at
+                    // the last look may be fresh again with the same data.
+                    let moved = me.moved(&r, &trigger, &mut seen)
+                        || (timed_out && (failed || !trigger.active_after_open.is_zero()));
+                    let answer = moved.then(|| me.active_with(&r, &trigger));
+                    if let Some(a) = &answer {
+                        failed = a.is_err();
+                    }
+                    match answer {
+                        Some(Ok(active)) if Some(active) != last => {
                             last = Some(active);
                             tracing::info!(active, "activity changed");
                             if tx
@@ -328,15 +393,17 @@ impl ExternalScaler for ScalerService {
                                 break;
                             }
                         }
-                        Ok(_) => {}
-                        Err(s) => tracing::debug!(message = s.message(), "no value yet"),
+                        Some(Ok(_)) | None => {}
+                        Some(Err(s)) => tracing::debug!(message = s.message(), "no value yet"),
                     }
-                    // Re-evaluate after a change of the view (an agent snapshot), at most every
-                    // STREAM_MIN_PERIOD: with a thousand agents the view changes thousands of
-                    // times a second.
+                    // Re-evaluate after a change of the view (an agent's new values), at most
+                    // every STREAM_MIN_PERIOD: with a thousand agents the view changes thousands
+                    // of times a second; and every STREAM_RECHECK regardless.
                     let evaluated = tokio::time::Instant::now();
+                    timed_out = false;
                     tokio::select! {
                         changed = changes.changed() => if changed.is_err() { break },
+                        _ = tokio::time::sleep(STREAM_RECHECK) => timed_out = true,
                         _ = tx.closed() => break,
                         _ = stop.wait_for(|s| *s) => break,
                     }
@@ -429,6 +496,71 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         }
+    }
+
+    struct TwoPods;
+
+    impl PodSource for TwoPods {
+        fn index(&self) -> Arc<PodIndex> {
+            let pod = |name: &str, node: &str| crate::sources::pods::PodMeta {
+                namespace: "ml".into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                labels: [("app".to_owned(), "vllm".to_owned())].into(),
+                node: node.into(),
+                phase: "Running".into(),
+                owner: String::new(),
+                container_ids: Vec::new(),
+            };
+            Arc::new(PodIndex::new(1, vec![pod("a", "n0"), pod("b", "n1")]))
+        }
+        fn describe(&self) -> String {
+            "two pods".into()
+        }
+    }
+
+    #[test]
+    fn a_stream_looks_again_only_when_a_node_of_its_pods_changed() {
+        use proto::agent::NodeSnapshot;
+        let (_, stop) = tokio::sync::watch::channel(false);
+        let cluster = Arc::new(Cluster::new(&["a:1".into(), "b:1".into(), "c:1".into()]));
+        let s = Scaler::new(cluster.clone(), Arc::new(TwoPods), None, stop);
+        let node = |name: &str| NodeSnapshot {
+            node_name: name.into(),
+            taken_unix_ns: 1,
+            ..NodeSnapshot::default()
+        };
+        let now = std::time::Instant::now();
+        cluster.write(|v| {
+            v.update(0, node("n0"), now);
+            v.update(1, node("n1"), now);
+            v.update(2, node("elsewhere"), now);
+        });
+        let r = so(&[
+            ("metric", "sm_active"),
+            ("targetValue", "80"),
+            ("podSelector", "app=vllm"),
+        ]);
+        let t = s.compiled(&r).unwrap();
+        let mut seen = None;
+        assert!(s.moved(&r, &t, &mut seen), "the first look");
+        assert!(!s.moved(&r, &t, &mut seen), "nothing changed");
+        // Another node's new values, and a heartbeat of one of its own: no need to look.
+        cluster.write(|v| v.update(2, node("elsewhere"), now));
+        let heartbeat = NodeSnapshot {
+            delta: true,
+            taken_unix_ns: 2,
+            ..node("n0")
+        };
+        cluster.write_then(|v| v.apply_delta(0, heartbeat, now));
+        assert!(!s.moved(&r, &t, &mut seen));
+        // New values on a node of its pods: look again, once.
+        cluster.write(|v| v.update(1, node("n1"), now));
+        assert!(s.moved(&r, &t, &mut seen));
+        assert!(!s.moved(&r, &t, &mut seen));
+        // Its node's agent gone: look again.
+        cluster.write(|v| v.retire_node(0));
+        assert!(s.moved(&r, &t, &mut seen));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Agent streams: one task per agent address holds `WatchSnapshots` open, writes each
-//! snapshot into the [`Cluster`] view, and reconnects with exponential backoff (100 ms doubling
+//! snapshot into the [`Cluster`] view (with `--agent-stream changes`, the default, the agent
+//! sends its whole state once and then only what changed, which [`View::apply_delta`] patches
+//! in place; a heartbeat renews freshness and wakes no `StreamIsActive` stream), and reconnects with exponential backoff (100 ms doubling
 //! to 500 ms) when the agent is unreachable, restarts, or its stream falls silent (no snapshot
 //! for three of its intervals, at least 1 s: a cut or half-open link), so a healed link shows a
 //! fresh value within 2 s (`tests/e2e/tests/netfault.rs`). One agent's trouble never delays
@@ -27,13 +29,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpuscale_health::tls::{self, ClientTls};
 use proto::agent::agent_client::AgentClient;
-use proto::agent::WatchRequest;
+use proto::agent::{Interest, WatchRequest};
 use rustls::pki_types::CertificateDer;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::sources::validate;
 use crate::sources::view::Cluster;
+#[cfg(doc)]
+use crate::sources::view::View;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest wait between two tries. A try at a host that does not answer takes up to
@@ -115,6 +119,33 @@ async fn connect(
     tls::channel_to(ep, tls.map(|t| t.get()))
         .await
         .map_err(|e| format!("{how}: {e}"))
+}
+
+/// What the collector asks its agents to send (`--agent-stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StreamMode {
+    /// Each tick only what changed since the last message, and a heartbeat (agent API
+    /// revision 3; an agent of revision 2 sends whole snapshots, read as ever).
+    #[default]
+    Changes,
+    /// Every series of everything, whole, every tick (revision 2's stream).
+    Full,
+}
+
+impl StreamMode {
+    /// The stream request for this mode.
+    fn request(self) -> WatchRequest {
+        WatchRequest {
+            min_interval_ms: 0,
+            interest: match self {
+                StreamMode::Changes => Some(Interest {
+                    series: Vec::new(),
+                    changes_only: true,
+                }),
+                StreamMode::Full => None,
+            },
+        }
+    }
 }
 
 /// An agent to follow: its address and, when discovery knows it, the node it runs on.
@@ -219,6 +250,7 @@ async fn stream_once(
     agent: &Agent,
     ep: &Endpoint,
     tls: Option<&AgentTls>,
+    mode: StreamMode,
 ) -> Result<(), String> {
     let (channel, cert) = connect(ep, tls.map(|t| &*t.tls)).await?;
     if let Some(tls) = tls {
@@ -236,7 +268,7 @@ async fn stream_once(
     };
     let mut stream = tokio::time::timeout(
         FIRST_SNAPSHOT_WITHIN,
-        client.watch_snapshots(WatchRequest { min_interval_ms: 0 }),
+        client.watch_snapshots(mode.request()),
     )
     .await
     .map_err(|_| silent(FIRST_SNAPSHOT_WITHIN))?
@@ -273,8 +305,17 @@ async fn stream_once(
                     }
                     allowed = Some(snap.node_name.clone());
                 }
+                if snap.delta {
+                    // Checked once applied: a delta is only part of the node's state.
+                    cluster.write_then(|v| v.apply_delta(node, snap, at));
+                    continue;
+                }
                 match validate::check(&snap) {
                     Ok(()) => cluster.write(|v| v.update(node, snap, at)),
+                    // The deltas after it follow it: it must be their base.
+                    Err(validate::Refused(why)) if mode == StreamMode::Changes => {
+                        cluster.write(|v| v.take_refused(node, snap, why))
+                    }
                     Err(validate::Refused(why)) => cluster.write(|v| v.refuse(node, why)),
                 }
             }
@@ -294,7 +335,13 @@ async fn stream_once(
 }
 
 /// Runs the stream of `agent` (view slot `node`) forever (until the task is dropped).
-pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Option<AgentTls>) {
+pub async fn follow(
+    cluster: Arc<Cluster>,
+    node: usize,
+    agent: Agent,
+    tls: Option<AgentTls>,
+    mode: StreamMode,
+) {
     let span = tracing::info_span!("agent", address = %agent.address);
     async move {
         let ep = match endpoint(&agent.address) {
@@ -309,7 +356,7 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Optio
         let mut logged = String::new();
         loop {
             let started = Instant::now();
-            let err = stream_once(&cluster, node, &agent, &ep, tls.as_ref())
+            let err = stream_once(&cluster, node, &agent, &ep, tls.as_ref(), mode)
                 .await
                 .unwrap_err();
             // A stream that ran a while was healthy: start the backoff afresh.
@@ -340,15 +387,17 @@ pub async fn follow(cluster: Arc<Cluster>, node: usize, agent: Agent, tls: Optio
 pub struct Fleet {
     cluster: Arc<Cluster>,
     tls: Option<AgentTls>,
+    mode: StreamMode,
     streams: Mutex<HashMap<Agent, (usize, tokio::task::AbortHandle)>>,
 }
 
 impl Fleet {
-    /// Follows no agent yet; will dial agents over TLS with `tls`.
-    pub fn new(cluster: Arc<Cluster>, tls: Option<AgentTls>) -> Fleet {
+    /// Follows no agent yet; will dial agents over TLS with `tls` and ask for `mode`'s streams.
+    pub fn new(cluster: Arc<Cluster>, tls: Option<AgentTls>, mode: StreamMode) -> Fleet {
         Fleet {
             cluster,
             tls,
+            mode,
             streams: Mutex::new(HashMap::new()),
         }
     }
@@ -386,6 +435,7 @@ impl Fleet {
                 node,
                 agent.clone(),
                 self.tls.clone(),
+                self.mode,
             ));
             streams.insert(agent.clone(), (node, task.abort_handle()));
             tracing::info!(address = %agent.address, node = ?agent.node, "following agent");

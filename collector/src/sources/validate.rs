@@ -133,8 +133,8 @@ fn metrics(
     Ok(())
 }
 
-/// Checks `snap` as the collector is about to take it; `Err` says what is wrong.
-pub fn check(snap: &NodeSnapshot) -> Result<(), Refused> {
+/// Checks `snap`'s header (the node and the time), all a heartbeat brings.
+pub fn header(snap: &NodeSnapshot) -> Result<(), Refused> {
     if snap.node_name.is_empty() {
         return Err(Refused("node_name is empty".into()));
     }
@@ -142,6 +142,12 @@ pub fn check(snap: &NodeSnapshot) -> Result<(), Refused> {
     if snap.taken_unix_ns == 0 {
         return Err(Refused("taken_unix_ns is 0".into()));
     }
+    Ok(())
+}
+
+/// Checks `snap` as the collector is about to take it; `Err` says what is wrong.
+pub fn check(snap: &NodeSnapshot) -> Result<(), Refused> {
+    header(snap)?;
     // GPU UUID → memory total. A GPU lost before its UUID was read has none (its entry still
     // says it is lost); such entries are not indexed, and no pod can be on them.
     let mut totals: HashMap<&str, u64> = HashMap::with_capacity(snap.gpus.len());

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use proto::agent::NodeSnapshot;
 
+use crate::sources::validate;
+
 /// One agent as the collector sees it.
 #[derive(Clone, Debug)]
 pub struct NodeState {
@@ -30,6 +32,10 @@ pub struct NodeState {
     pub refused: Option<String>,
     /// Snapshots refused since the collector started.
     pub refused_total: u64,
+    /// Increases whenever what the node's pods evaluate to may have changed (a snapshot, a
+    /// delta with entries, a refusal, retirement); not on a heartbeat. `StreamIsActive` looks
+    /// again only when a node of its pods moved.
+    pub generation: u64,
 }
 
 impl NodeState {
@@ -45,6 +51,7 @@ impl NodeState {
             retired: false,
             refused: None,
             refused_total: 0,
+            generation: 0,
         }
     }
 }
@@ -69,6 +76,9 @@ pub struct View {
     /// reported last at the end ([`View::node`]). More than one is a conflict (two agents claim
     /// one node): that node's pods read `UNAVAILABLE` until only one does ([`View::conflict`]).
     pub claims: HashMap<String, Vec<usize>>,
+    /// Increases whenever the indexes change (a node's pods or node name, an agent claiming or
+    /// leaving a node): which node a pod is on may have changed.
+    pub structure: u64,
 }
 
 impl View {
@@ -76,6 +86,7 @@ impl View {
         let Some(old) = self.nodes[node].snapshot.clone() else {
             return;
         };
+        self.structure += 1;
         for p in &old.pods {
             if let Some(v) = self.pod_gpus.get_mut(&p.pod_uid) {
                 v.retain(|e| e.node != node);
@@ -124,21 +135,18 @@ impl View {
             retired: true,
             reconnects: n.reconnects,
             refused_total: n.refused_total,
+            generation: n.generation + 1,
             ..NodeState::new(&n.address)
         };
     }
 
-    /// Replaces node `node`'s snapshot, received at `at`.
-    pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
-        if self.nodes[node].retired {
-            // A stream that outlived its agent's removal by a moment.
+    /// Indexes node `node`'s snapshot: its pods and its node name. `was_conflict`: whether its
+    /// node name was claimed by more than one agent before (a new conflict is logged).
+    fn index(&mut self, node: usize, was_conflict: bool) {
+        let Some(snap) = self.nodes[node].snapshot.clone() else {
             return;
-        }
-        let was_conflict = self
-            .claims
-            .get(&snap.node_name)
-            .is_some_and(|c| c.len() > 1);
-        self.unindex(node);
+        };
+        self.structure += 1;
         for (i, p) in snap.pods.iter().enumerate() {
             self.pod_gpus
                 .entry(p.pod_uid.clone())
@@ -156,12 +164,115 @@ impl View {
                 "two agents claim the same node; its pods read UNAVAILABLE until one stops"
             );
         }
+    }
+
+    fn conflicted(&self, node_name: &str) -> bool {
+        self.claims.get(node_name).is_some_and(|c| c.len() > 1)
+    }
+
+    /// Replaces node `node`'s snapshot, received at `at`.
+    pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
+        if self.nodes[node].retired {
+            // A stream that outlived its agent's removal by a moment.
+            return;
+        }
+        // The indexes hold the node name and each pod's position: unchanged when these are.
+        let same_shape = self.nodes[node].snapshot.as_ref().is_some_and(|old| {
+            old.node_name == snap.node_name
+                && old.pods.len() == snap.pods.len()
+                && old
+                    .pods
+                    .iter()
+                    .zip(&snap.pods)
+                    .all(|(a, b)| a.pod_uid == b.pod_uid)
+        });
+        let was_conflict = self.conflicted(&snap.node_name);
+        if !same_shape {
+            self.unindex(node);
+        }
         let n = &mut self.nodes[node];
         n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
+        n.generation += 1;
         if n.refused.take().is_some() {
             n.last_error.clear();
         }
+        if !same_shape {
+            self.index(node, was_conflict);
+        }
+    }
+
+    /// Takes node `node`'s whole snapshot `snap` although it was refused for `why`, on a stream
+    /// of changes: the agent's next deltas follow it, so it must be their base (applied to the
+    /// snapshot before it they would build a state the agent never had). The node reads
+    /// `UNAVAILABLE` until a delta mends it; its freshness is not renewed.
+    pub fn take_refused(&mut self, node: usize, snap: NodeSnapshot, why: String) {
+        if self.nodes[node].retired {
+            return;
+        }
+        let was_conflict = self.conflicted(&snap.node_name);
+        self.unindex(node);
+        self.nodes[node].snapshot = Some(Arc::new(snap));
+        self.index(node, was_conflict);
+        self.refuse(node, why);
+    }
+
+    /// Applies `delta` (what changed since the agent's previous message on the stream, see
+    /// [`proto::delta`]) to node `node`'s snapshot, received at `at`, and checks the result as
+    /// a whole snapshot is checked ([`validate`]). A delta is applied even when the result is
+    /// refused: the agent's next delta follows it, not the last good state; the node then reads
+    /// `UNAVAILABLE` until a delta or a whole snapshot makes its state good again. A heartbeat
+    /// (nothing changed) only renews the node's freshness. The snapshot is changed in place:
+    /// no copy of the node's state per message. Returns whether a reader could see a change
+    /// beyond freshness (a value, an entry, a refusal), so a heartbeat wakes no watcher.
+    pub fn apply_delta(&mut self, node: usize, delta: NodeSnapshot, at: Instant) -> bool {
+        if self.nodes[node].retired {
+            return false;
+        }
+        let Some(base) = &self.nodes[node].snapshot else {
+            self.refuse(
+                node,
+                "a delta came before any whole snapshot on its stream (an agent bug: the first \
+                 message of a stream is whole)"
+                    .into(),
+            );
+            return true;
+        };
+        let heartbeat = proto::delta::is_heartbeat(&delta);
+        let reshape = proto::delta::reshapes(base, &delta);
+        let was_conflict = reshape && self.conflicted(&delta.node_name);
+        if reshape {
+            self.unindex(node);
+        }
+        let n = &mut self.nodes[node];
+        let Some(snap) = n.snapshot.as_mut() else {
+            return false;
+        };
+        let was_refused = n.refused.is_some();
+        let snap = Arc::make_mut(snap);
+        proto::delta::apply(snap, delta);
+        let checked = if heartbeat && n.refused.is_none() {
+            validate::header(snap)
+        } else {
+            validate::check(snap)
+        };
+        match checked {
+            Ok(()) => {
+                n.received = Some(at);
+                if n.refused.take().is_some() {
+                    n.last_error.clear();
+                }
+            }
+            Err(validate::Refused(why)) => self.refuse(node, why),
+        }
+        if reshape {
+            self.index(node, was_conflict);
+        }
+        let changed = !heartbeat || was_refused != self.nodes[node].refused.is_some();
+        if changed {
+            self.nodes[node].generation += 1;
+        }
+        changed
     }
 
     /// Node `node`'s agent sent a snapshot the collector refused, for `why`. What it reported
@@ -171,6 +282,7 @@ impl View {
     pub fn refuse(&mut self, node: usize, why: String) {
         let n = &mut self.nodes[node];
         n.refused_total += 1;
+        n.generation += 1;
         if n.refused.as_ref() != Some(&why) {
             tracing::warn!(
                 address = %n.address,
@@ -208,8 +320,20 @@ impl Cluster {
 
     /// Changes the view and wakes watchers.
     pub fn write(&self, f: impl FnOnce(&mut View)) {
-        f(&mut self.view.write().unwrap_or_else(|e| e.into_inner()));
-        self.changed.send_modify(|n| *n += 1);
+        self.write_then(|v| {
+            f(v);
+            true
+        });
+    }
+
+    /// Changes the view, and wakes watchers when `f` says a reader could see the change (an
+    /// agent's heartbeat only renews a node's freshness: watchers that care about time passing
+    /// look again on their own).
+    pub fn write_then(&self, f: impl FnOnce(&mut View) -> bool) {
+        let changed = f(&mut self.view.write().unwrap_or_else(|e| e.into_inner()));
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
     }
 
     /// A receiver that sees every change.
@@ -235,6 +359,142 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    /// A snapshot of node `node` at `t` with pods on GPU `G0`, each at `sm_active` `v`.
+    fn valid(node: &str, t: u64, pods: &[(&str, f64)]) -> NodeSnapshot {
+        use proto::agent::{GpuSummary, MetricSummary};
+        NodeSnapshot {
+            node_name: node.into(),
+            taken_unix_ns: t,
+            gpus: vec![GpuSummary {
+                uuid: "G0".into(),
+                ..Default::default()
+            }],
+            pods: pods
+                .iter()
+                .map(|(uid, v)| PodSummary {
+                    pod_uid: (*uid).into(),
+                    gpu_uuid: "G0".into(),
+                    metrics: vec![MetricSummary {
+                        metric: proto::agent::Metric::SmActive as i32,
+                        last: Some(*v),
+                        windows: vec![],
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn sm_active(v: &View, uid: &str) -> Option<f64> {
+        let e = v.pod_gpus.get(uid)?[0];
+        v.nodes[e.node].snapshot.as_ref()?.pods[e.pod].metrics[0].last
+    }
+
+    #[test]
+    fn deltas_patch_the_snapshot_in_place_and_keep_the_pod_index_right() {
+        let c = Cluster::new(&["a:1".into()]);
+        let t0 = Instant::now();
+        let mut sender = proto::delta::Sender::new();
+        // Whether watchers were woken.
+        let mut send = |snap: NodeSnapshot, at: Instant| {
+            let m = sender.next(snap);
+            let before = *c.subscribe().borrow();
+            c.write_then(|v| {
+                if m.delta {
+                    v.apply_delta(0, m, at)
+                } else {
+                    v.update(0, m, at);
+                    true
+                }
+            });
+            *c.subscribe().borrow() != before
+        };
+        assert!(send(valid("n0", 1, &[("p1", 10.0), ("p2", 20.0)]), t0));
+        // A heartbeat: only freshness moves, and no watcher wakes.
+        let t1 = t0 + std::time::Duration::from_millis(100);
+        assert!(!send(valid("n0", 2, &[("p1", 10.0), ("p2", 20.0)]), t1));
+        c.read(|v| {
+            assert_eq!(v.nodes[0].received, Some(t1));
+            assert_eq!(v.nodes[0].snapshot.as_ref().unwrap().taken_unix_ns, 2);
+        });
+        // p1 changes, p2 leaves, p3 arrives: the index follows.
+        assert!(send(valid("n0", 3, &[("p1", 11.0), ("p3", 30.0)]), t1));
+        c.read(|v| {
+            assert_eq!(sm_active(v, "p1"), Some(11.0));
+            assert_eq!(sm_active(v, "p3"), Some(30.0));
+            assert!(!v.pod_gpus.contains_key("p2"));
+            assert_eq!(v.node("n0"), Some(0));
+            assert!(v.nodes[0].refused.is_none());
+        });
+        // A delta that makes the state bad is applied and refused; freshness is not renewed.
+        let t2 = t1 + std::time::Duration::from_millis(100);
+        send(valid("n0", 4, &[("p1", f64::NAN), ("p3", 30.0)]), t2);
+        c.read(|v| {
+            let why = v.nodes[0].refused.as_deref().unwrap();
+            assert!(why.contains("not a finite number"), "{why}");
+            assert_eq!(v.nodes[0].received, Some(t1));
+        });
+        // A heartbeat does not make it good; the delta that mends it does.
+        send(valid("n0", 5, &[("p1", f64::NAN), ("p3", 30.0)]), t2);
+        c.read(|v| assert!(v.nodes[0].refused.is_some()));
+        send(valid("n0", 6, &[("p1", 12.0), ("p3", 30.0)]), t2);
+        c.read(|v| {
+            assert!(v.nodes[0].refused.is_none());
+            assert_eq!(v.nodes[0].received, Some(t2));
+            assert_eq!(sm_active(v, "p1"), Some(12.0));
+        });
+    }
+
+    #[test]
+    fn a_refused_whole_snapshot_on_a_stream_of_changes_is_the_base_of_the_next_delta() {
+        let c = Cluster::new(&["a:1".into()]);
+        let t0 = Instant::now();
+        c.write(|v| v.update(0, valid("n0", 1, &[("p1", 1.0)]), t0));
+        // A new stream (the agent restarted) starts with a bad whole snapshot of other pods.
+        let mut sender = proto::delta::Sender::new();
+        let bad = sender.next(valid("n0", 2, &[("p2", f64::INFINITY), ("p3", 3.0)]));
+        c.write(|v| v.take_refused(0, bad, "p2 is infinite".into()));
+        c.read(|v| {
+            assert!(
+                !v.pod_gpus.contains_key("p1"),
+                "the old stream's pods are gone"
+            );
+            assert_eq!(v.nodes[0].received, Some(t0));
+        });
+        // Its next delta mends p2 only: applied to the refused snapshot, p3 is still there.
+        let t1 = t0 + std::time::Duration::from_millis(100);
+        let fix = sender.next(valid("n0", 3, &[("p2", 2.0), ("p3", 3.0)]));
+        assert!(fix.delta && fix.pods.len() == 1);
+        c.write(|v| assert!(v.apply_delta(0, fix, t1), "a mended node is a change"));
+        c.read(|v| {
+            assert!(v.nodes[0].refused.is_none());
+            assert_eq!(
+                (sm_active(v, "p2"), sm_active(v, "p3")),
+                (Some(2.0), Some(3.0))
+            );
+            assert!(!v.pod_gpus.contains_key("p1"));
+        });
+    }
+
+    #[test]
+    fn a_delta_before_any_whole_snapshot_is_refused() {
+        let c = Cluster::new(&["a:1".into()]);
+        let delta = NodeSnapshot {
+            delta: true,
+            ..valid("n0", 1, &[("p1", 1.0)])
+        };
+        c.write(|v| assert!(v.apply_delta(0, delta, Instant::now())));
+        c.read(|v| {
+            assert!(v.nodes[0].snapshot.is_none() && v.pod_gpus.is_empty());
+            assert!(v.nodes[0]
+                .refused
+                .as_deref()
+                .unwrap()
+                .contains("before any whole"));
+        });
     }
 
     #[test]

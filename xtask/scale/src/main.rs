@@ -66,6 +66,11 @@ struct Options {
     /// Print the results as one line of JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
+    /// What the collector asks the agents for (its `--agent-stream`): `changes` (only what
+    /// changed, and heartbeats: agent API revision 3) or `full` (every series, every tick: the
+    /// baseline).
+    #[arg(long, default_value = "changes", value_parser = ["changes", "full"])]
+    mode: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -450,6 +455,7 @@ impl Collector {
             .arg("--pods-file")
             .arg(pods)
             .args(["--listen", &listen, "--http-listen", &http])
+            .args(["--agent-stream", &o.mode])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -791,7 +797,7 @@ async fn measure(
     let round1 = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
     let n = o.nodes as f64;
     Ok(json!({
-        "mode": "full",
+        "mode": o.mode,
         "nodes": o.nodes,
         "gpus": o.nodes * o.gpus_per_node,
         "pods": o.nodes * o.gpus_per_node * o.pods_per_gpu,

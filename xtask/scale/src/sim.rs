@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use vocab::{Metric, Window};
 
 /// The agent API revision the simulator speaks (the real agent's `API_VERSION`).
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 /// Memory of each simulated GPU (an H100 80GB HBM3 as NVML reports it), bytes.
 pub const GPU_MEMORY_BYTES: u64 = 81_559 << 20;
 /// A pod's `gpu_util` until [`Node::set_gpu_util`] changes it.
@@ -296,6 +296,8 @@ struct State {
     values: Vec<f64>,
     encoded: Option<Encoded>,
     seq: u64,
+    /// Counts value changes, so a stream of changes knows whether its reader has them.
+    version: u64,
 }
 
 /// One simulated node.
@@ -316,6 +318,7 @@ impl Node {
                 values: vec![DEFAULT_POD_GPU_UTIL; shape.pods()],
                 encoded: None,
                 seq: 0,
+                version: 0,
             }),
         }
     }
@@ -325,14 +328,43 @@ impl Node {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.values[pod] = value;
         s.encoded = None;
+        s.version += 1;
     }
 
     /// The snapshot now, encoded, and the next `seq`.
     pub fn frame(&self) -> Frame {
+        self.next_frame(None).0
+    }
+
+    /// The next message of a stream whose reader has the values of version `has` (`None`: a
+    /// stream of whole snapshots, or one that sent nothing yet): a heartbeat (a delta with the
+    /// header alone, as a real agent sends when only sample times moved) when it has the
+    /// current values, else the whole snapshot (a real agent would send the changed entries
+    /// alone: whole is the dearer case for the collector). Also the version it brings.
+    pub fn next_frame(&self, has: Option<u64>) -> (Frame, u64) {
         let now = unix_now_ns();
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seq = s.seq;
         s.seq += 1;
+        let version = s.version;
+        if has == Some(version) {
+            let heartbeat = NodeSnapshot {
+                delta: true,
+                ..snapshot(
+                    self.index,
+                    &Shape {
+                        gpus: 0,
+                        pods_per_gpu: 0,
+                        ..self.shape
+                    },
+                    &[],
+                    now,
+                    seq,
+                    now,
+                )
+            };
+            return (Frame(heartbeat.encode_to_vec().into()), version);
+        }
         if s.encoded.is_none() {
             s.encoded = Some(encode(snapshot(
                 self.index,
@@ -353,7 +385,7 @@ impl Node {
         encode_varint(now, &mut out);
         encode_key(NODE_SEQ, WireType::Varint, &mut out);
         encode_varint(seq, &mut out);
-        Frame(out.freeze())
+        (Frame(out.freeze()), version)
     }
 }
 
@@ -397,20 +429,26 @@ impl AgentService {
             .shape
             .interval
             .max(Duration::from_millis(u64::from(request.min_interval_ms)));
+        let changes_only = request.interest.as_ref().is_some_and(|i| i.changes_only);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // The values the reader has (streams of changes only).
+            let mut has = None;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = tx.closed() => break,
                 }
-                let frame = node.frame();
+                let (frame, version) = node.next_frame(has);
                 let len = frame.0.len() as u64 + 5;
                 match tx.try_send(Ok(frame)) {
                     Ok(()) => {
                         sent.bytes.fetch_add(len, Ordering::Relaxed);
                         sent.snapshots.fetch_add(1, Ordering::Relaxed);
+                        if changes_only {
+                            has = Some(version);
+                        }
                     }
                     Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                         sent.skipped.fetch_add(1, Ordering::Relaxed);

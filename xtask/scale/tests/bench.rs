@@ -8,8 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn a_small_run_reports_every_figure_with_nothing_missed() {
+/// A small run with the collector's `--agent-stream` `mode`: its JSON line.
+fn small_run(mode: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_gpuscale-scale"))
         .arg("--collector")
         .arg(e2e::collector_bin())
@@ -25,6 +25,8 @@ fn a_small_run_reports_every_figure_with_nothing_missed() {
             "--duration",
             "4s",
             "--json",
+            "--mode",
+            mode,
         ])
         .output()
         .expect("running gpuscale-scale");
@@ -59,6 +61,23 @@ fn a_small_run_reports_every_figure_with_nothing_missed() {
     assert!(r["freshness_probes"].as_u64() > Some(0), "{r}");
     assert!(r["collector_rss_mib"].as_u64() > Some(0), "{r}");
     assert!(r["bytes_per_node_per_s"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["mode"], mode);
+    r
+}
+
+#[test]
+fn a_small_run_reports_every_figure_with_nothing_missed_in_either_mode() {
+    let full = small_run("full");
+    let changes = small_run("changes");
+    // Heartbeats while nothing changes: the agents send a fraction of the bytes, and the
+    // probes above saw every change all the same.
+    let bytes = |r: &Value| r["bytes_per_node_per_s"].as_u64().unwrap();
+    assert!(
+        bytes(&changes) * 2 < bytes(&full),
+        "changes: {} bytes per node per s, full: {}",
+        bytes(&changes),
+        bytes(&full)
+    );
 }
 
 #[test]
@@ -77,5 +96,6 @@ fn options_it_cannot_honour_are_refused_naming_the_flag() {
         .contains("--scaled-objects 1000 is more than the 16"));
     assert!(run(&["--gpus-per-node", "0"]).contains("--gpus-per-node 0"));
     assert!(run(&["--duration", "0s"]).contains("is zero"));
+    assert!(run(&["--mode", "interest"]).contains("--mode"));
     assert!(run(&[]).contains("--collector /nonexistent/gpuscale-collector: no such file"));
 }

@@ -254,7 +254,7 @@ fn a_simulated_node_serves_the_agent_api() {
             .into_inner();
         assert_eq!(one.node_name, sim::node_name(7));
         let mut stream = c
-            .watch_snapshots(WatchRequest { min_interval_ms: 0 })
+            .watch_snapshots(WatchRequest::default())
             .await
             .unwrap()
             .into_inner();
