@@ -75,6 +75,8 @@ const MAX_SELECTIONS: usize = 1024;
 /// version, the view's indexes, and the generation of each node its pods are on.
 #[derive(Debug)]
 struct Seen {
+    /// The selector (in-cluster, the ScaledObject's target's may change).
+    selector: Arc<Selector>,
     pods: u64,
     structure: u64,
     nodes: Vec<(usize, u64)>,
@@ -264,14 +266,19 @@ impl Scaler {
     }
 
     /// Whether an evaluation of `trigger` may answer differently from the one `seen` records
-    /// (and records this one): the pod list or the view's indexes changed, or a node of its
-    /// pods did. Cheap while nothing moved: no hashing, no allocation, only each node's
+    /// (and records this one): the selector, the pod list or the view's indexes changed, or a
+    /// node of its pods did. Cheap while nothing moved: no hashing, no allocation, only each node's
     /// generation read. Time passing is not seen here (see [`STREAM_RECHECK`]).
     fn moved(&self, r: &ScaledObjectRef, trigger: &Trigger, seen: &mut Option<Seen>) -> bool {
         let pods = self.pods.index().version;
+        let Ok(selector) = self.selector(r, trigger) else {
+            *seen = None;
+            return true;
+        };
         if let Some(s) = seen.as_mut() {
             let same = self.cluster.read(|v| {
                 s.pods == pods
+                    && *s.selector == *selector
                     && s.structure == v.structure
                     && s.nodes
                         .iter()
@@ -281,23 +288,22 @@ impl Scaler {
                 return false;
             }
         }
-        *seen = self.selector(r, trigger).ok().map(|selector| {
-            let matched = self.matches(&r.namespace, &selector);
-            self.cluster.read(|v| {
-                let mut nodes: Vec<(usize, u64)> = matched
-                    .iter()
-                    .filter_map(|p| v.node(&p.node))
-                    .map(|n| (n, v.nodes[n].generation))
-                    .collect();
-                nodes.sort_unstable();
-                nodes.dedup();
-                Seen {
-                    pods,
-                    structure: v.structure,
-                    nodes,
-                }
-            })
-        });
+        let matched = self.matches(&r.namespace, &selector);
+        *seen = Some(self.cluster.read(|v| {
+            let mut nodes: Vec<(usize, u64)> = matched
+                .iter()
+                .filter_map(|p| v.node(&p.node))
+                .map(|n| (n, v.nodes[n].generation))
+                .collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            Seen {
+                selector,
+                pods,
+                structure: v.structure,
+                nodes,
+            }
+        }));
         true
     }
 
