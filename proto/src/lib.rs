@@ -37,6 +37,28 @@ pub mod externalscaler {
     tonic::include_proto!("externalscaler");
 }
 
+impl externalscaler::ScaledObjectRef {
+    /// The reference KEDA sends for ScaledObject `namespace/name` whose trigger has `metadata`,
+    /// on the scaler at `scaler_address`: KEDA adds `scalerAddress` to the metadata it passes.
+    pub fn as_keda_sends(
+        namespace: &str,
+        name: &str,
+        metadata: &[(&str, &str)],
+        scaler_address: &str,
+    ) -> externalscaler::ScaledObjectRef {
+        let mut scaler_metadata: std::collections::HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        scaler_metadata.insert("scalerAddress".into(), scaler_address.into());
+        externalscaler::ScaledObjectRef {
+            name: name.into(),
+            namespace: namespace.into(),
+            scaler_metadata,
+        }
+    }
+}
+
 impl From<vocab::Metric> for agent::Metric {
     fn from(m: vocab::Metric) -> agent::Metric {
         use vocab::Metric as V;
@@ -84,6 +106,30 @@ impl agent::MetricSummary {
     /// The metric summarised; `None` when the sender used a value this build does not know.
     pub fn vocab_metric(&self) -> Option<vocab::Metric> {
         agent::Metric::try_from(self.metric).ok()?.vocab()
+    }
+
+    /// `metric` at a steady `v`: its last value and every statistic of every window are `v`,
+    /// each window holding `count(window)` samples (what an agent sends for a constant load;
+    /// simulators and tests build snapshots from it).
+    pub fn steady(
+        metric: vocab::Metric,
+        v: f64,
+        count: impl Fn(vocab::Window) -> u32,
+    ) -> agent::MetricSummary {
+        agent::MetricSummary {
+            metric: agent::Metric::from(metric) as i32,
+            last: Some(v),
+            windows: vocab::Window::ALL
+                .map(|w| agent::WindowStats {
+                    window_s: w.secs(),
+                    avg: v,
+                    min: v,
+                    max: v,
+                    p95: v,
+                    count: count(w),
+                })
+                .to_vec(),
+        }
     }
 }
 

@@ -231,25 +231,12 @@ fn gpu(i: usize, g: &GpuSummary, taken: u64) -> Result<(), Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::agent::{PodSummary, WindowStats};
+    use proto::agent::PodSummary;
 
     const GIB: u64 = 1 << 30;
 
     fn summary(m: Metric, v: f64) -> MetricSummary {
-        MetricSummary {
-            metric: proto::agent::Metric::from(m) as i32,
-            last: Some(v),
-            windows: vocab::Window::ALL
-                .map(|w| WindowStats {
-                    window_s: w.secs(),
-                    avg: v,
-                    min: v,
-                    max: v,
-                    p95: v,
-                    count: 10,
-                })
-                .to_vec(),
-        }
+        MetricSummary::steady(m, v, |_| 10)
     }
 
     /// A good snapshot: one GPU, one pod on it.

@@ -170,13 +170,9 @@ impl View {
         self.claims.get(node_name).is_some_and(|c| c.len() > 1)
     }
 
-    /// Replaces node `node`'s snapshot, received at `at`.
-    pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
-        if self.nodes[node].retired {
-            // A stream that outlived its agent's removal by a moment.
-            return;
-        }
-        // The indexes hold the node name and each pod's position: unchanged when these are.
+    /// Stores `snap` as node `node`'s snapshot and indexes it; the indexes hold the node name
+    /// and each pod's position, so they are rebuilt only when one of these changed.
+    fn store(&mut self, node: usize, snap: NodeSnapshot) {
         let same_shape = self.nodes[node].snapshot.as_ref().is_some_and(|old| {
             old.node_name == snap.node_name
                 && old.pods.len() == snap.pods.len()
@@ -190,15 +186,24 @@ impl View {
         if !same_shape {
             self.unindex(node);
         }
+        self.nodes[node].snapshot = Some(Arc::new(snap));
+        if !same_shape {
+            self.index(node, was_conflict);
+        }
+    }
+
+    /// Replaces node `node`'s snapshot, received at `at`.
+    pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
+        if self.nodes[node].retired {
+            // A stream that outlived its agent's removal by a moment.
+            return;
+        }
+        self.store(node, snap);
         let n = &mut self.nodes[node];
-        n.snapshot = Some(Arc::new(snap));
         n.received = Some(at);
         n.generation += 1;
         if n.refused.take().is_some() {
             n.last_error.clear();
-        }
-        if !same_shape {
-            self.index(node, was_conflict);
         }
     }
 
@@ -210,10 +215,7 @@ impl View {
         if self.nodes[node].retired {
             return;
         }
-        let was_conflict = self.conflicted(&snap.node_name);
-        self.unindex(node);
-        self.nodes[node].snapshot = Some(Arc::new(snap));
-        self.index(node, was_conflict);
+        self.store(node, snap);
         self.refuse(node, why);
     }
 

@@ -2,7 +2,6 @@
 //! `externalscaler.proto`, the way KEDA's operator and metrics server do (metadata in
 //! `scalerMetadata`, a deadline of 3 s on `GetMetrics`).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,22 +16,13 @@ pub struct Keda {
     client: ExternalScalerClient<Channel>,
 }
 
+/// What KEDA puts in `scalerAddress` for the tests' ScaledObjects.
+pub const SCALER_ADDRESS: &str = "gpuscale-collector.gpuscale-system:7700";
+
 /// A ScaledObject reference in namespace `ml` with `metadata` as its trigger metadata (plus the
 /// `scalerAddress` KEDA itself puts there).
 pub fn scaled_object(name: &str, metadata: &[(&str, &str)]) -> ScaledObjectRef {
-    let mut m: HashMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    m.insert(
-        "scalerAddress".into(),
-        "gpuscale-collector.gpuscale-system:7700".into(),
-    );
-    ScaledObjectRef {
-        name: name.into(),
-        namespace: "ml".into(),
-        scaler_metadata: m,
-    }
+    ScaledObjectRef::as_keda_sends("ml", name, metadata, SCALER_ADDRESS)
 }
 
 impl Keda {

@@ -15,7 +15,6 @@ use e2e::{free_port, http_get, wait_json, Collector, Scratch};
 use proto::agent::agent_server::{Agent, AgentServer};
 use proto::agent::{
     GpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary, SnapshotRequest, WatchRequest,
-    WindowStats,
 };
 use serde_json::json;
 use tonic::{Code, Request, Response, Status};
@@ -38,20 +37,8 @@ fn snapshot(lie: Lie) -> NodeSnapshot {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let gpu_util = |v: f64| MetricSummary {
-        metric: proto::agent::Metric::from(vocab::Metric::GpuUtil) as i32,
-        last: Some(v),
-        windows: vocab::Window::ALL
-            .map(|w| WindowStats {
-                window_s: w.secs(),
-                avg: v,
-                min: v,
-                max: v,
-                p95: v,
-                count: 10,
-            })
-            .to_vec(),
-    };
+    let gpu_util = |v: f64| MetricSummary::steady(vocab::Metric::GpuUtil, v, |_| 10);
+
     let pod = PodSummary {
         pod_uid: UID.into(),
         gpu_uuid: GPU.into(),

@@ -175,19 +175,7 @@ struct Plan {
 }
 
 fn scaled_object(name: &str, meta: &[(&str, &str)]) -> ScaledObjectRef {
-    let mut m: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    m.insert(
-        "scalerAddress".into(),
-        "gpuscale-collector.gpuscale-system:7700".into(),
-    );
-    ScaledObjectRef {
-        name: name.into(),
-        namespace: NS.into(),
-        scaler_metadata: m,
-    }
+    ScaledObjectRef::as_keda_sends(NS, name, meta, "gpuscale-collector.gpuscale-system:7700")
 }
 
 /// The label every probe pod carries (its probe's name).

@@ -23,10 +23,10 @@ use prost::encoding::{encode_key, encode_varint, DecodeContext, WireType};
 use prost::Message;
 use proto::agent::{
     Attribution, EbpfState, GpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
-    ProcessUsage, SnapshotRequest, WatchRequest, WindowStats,
+    ProcessUsage, SnapshotRequest, WatchRequest,
 };
 use tonic::{Request, Response, Status};
-use vocab::{Metric, Window};
+use vocab::Metric;
 
 /// The agent API revision the simulator speaks (the real agent's `API_VERSION`).
 pub const API_VERSION: u32 = 3;
@@ -80,20 +80,7 @@ pub fn pid(pod: usize) -> u32 {
 
 /// A metric whose every statistic and last value are `v`, over every window.
 fn steady(metric: Metric, v: f64, samples_per_s: u32) -> MetricSummary {
-    MetricSummary {
-        metric: proto::agent::Metric::from(metric) as i32,
-        last: Some(v),
-        windows: Window::ALL
-            .map(|w| WindowStats {
-                window_s: w.secs(),
-                avg: v,
-                min: v,
-                max: v,
-                p95: v,
-                count: w.secs() * samples_per_s,
-            })
-            .to_vec(),
-    }
+    MetricSummary::steady(metric, v, |w| w.secs() * samples_per_s)
 }
 
 /// The value of `metric` for a GPU, or a pod's share of one, at `util` % and `vram` bytes.
