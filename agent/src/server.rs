@@ -18,6 +18,7 @@ use proto::agent::{
     DeviceOpen, GpuState as PbGpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
     ProcessUsage, SnapshotRequest, WatchRequest, WindowStats,
 };
+use proto::series::Wanted;
 use tokio_stream::Stream;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
@@ -32,73 +33,9 @@ use crate::window::{GpuWindows, Window};
 use crate::{unix_now_ns, Error, Result};
 
 /// Revision of the v1 API this agent speaks: 2 sends metrics and attributions as enums; 3 reads a
-/// stream's `Interest` (only the series named, only what changed).
-pub const API_VERSION: u32 = 3;
-
-/// The series a message carries: every one (`GetSnapshot`, a stream without `Interest`), or
-/// those a stream's `Interest.series` names.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Wanted {
-    /// Per metric (by [`Metric::index`]): bit 0 its last value, bit 1 + w window w.
-    bits: [u8; Metric::ALL.len()],
-}
-
-impl Wanted {
-    /// Every metric, every window and the last value.
-    pub fn every() -> Wanted {
-        Wanted {
-            bits: [u8::MAX; Metric::ALL.len()],
-        }
-    }
-
-    /// What `interest` names (every series when it names none). A metric or window this build
-    /// does not know (a newer collector's) is left out.
-    pub fn of(interest: &proto::agent::Interest) -> Wanted {
-        if interest.series.is_empty() {
-            return Wanted::every();
-        }
-        let mut w = Wanted {
-            bits: [0; Metric::ALL.len()],
-        };
-        for s in &interest.series {
-            let Some(m) = proto::agent::Metric::try_from(s.metric)
-                .ok()
-                .and_then(proto::agent::Metric::vocab)
-            else {
-                continue;
-            };
-            let bit = match s.window_s {
-                0 => 0,
-                secs => match Window::from_secs(secs) {
-                    Some(window) => 1 + window.index(),
-                    None => continue,
-                },
-            };
-            w.bits[m.index()] |= 1 << bit;
-        }
-        w
-    }
-
-    fn any(&self, m: Metric) -> bool {
-        self.bits[m.index()] != 0
-    }
-
-    fn last(&self, m: Metric) -> bool {
-        self.bits[m.index()] & 1 != 0
-    }
-
-    fn window(&self, m: Metric, w: Window) -> bool {
-        self.bits[m.index()] & (1 << (1 + w.index())) != 0
-    }
-
-    /// How many series it names, for the log.
-    fn count(&self) -> u32 {
-        self.bits
-            .iter()
-            .map(|b| (b & ((1 << (1 + Window::ALL.len())) - 1)).count_ones())
-            .sum()
-    }
-}
+/// stream's `Interest` (only the series named, only what changed); 4 paces heartbeats
+/// (`Interest.heartbeat_ms`).
+pub const API_VERSION: u32 = 4;
 
 fn metrics(
     windows: &GpuWindows,
@@ -270,6 +207,7 @@ impl AgentApi for Service {
         let interest = request.get_ref().interest.as_ref();
         let wanted = interest.map_or_else(Wanted::every, Wanted::of);
         let changes_only = interest.is_some_and(|i| i.changes_only);
+        let heartbeat = Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms)));
         let agent = self.agent.clone();
         let stop = self.stop.stopped();
         let mut samples = agent.samples();
@@ -281,6 +219,7 @@ impl AgentApi for Service {
             min_interval_ms = min.as_millis() as u64,
             series = wanted.count(),
             changes_only,
+            heartbeat_ms = heartbeat.as_millis() as u64,
             "collector subscribed"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -288,15 +227,22 @@ impl AgentApi for Service {
             tokio::pin!(stop);
             let mut seq = 0u64;
             let mut sent = proto::delta::Sender::new();
+            let mut last_sent: Option<tokio::time::Instant> = None;
             loop {
                 // The current state at once, then after every tick's samples. A full channel
                 // means a slow collector: skip this tick rather than queue stale state (the
                 // next delta carries what changed since the last one sent); a closed one means
-                // it went away.
+                // it went away. A heartbeat waits for its pace.
                 match tx.try_reserve() {
                     Ok(permit) => {
                         let snap = snapshot_of(&agent, seq, &wanted);
-                        permit.send(Ok(if changes_only { sent.next(snap) } else { snap }));
+                        let message = if changes_only { sent.next(snap) } else { snap };
+                        let now = tokio::time::Instant::now();
+                        let since = last_sent.map(|t| now - t);
+                        if due(&message, heartbeat, since) {
+                            permit.send(Ok(message));
+                            last_sent = Some(now);
+                        }
                     }
                     Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
                     Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
@@ -317,6 +263,13 @@ impl AgentApi for Service {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// Whether `message` goes out now, `since` after the stream's last one (`None`: none sent yet):
+/// anything but a heartbeat always; a heartbeat once `heartbeat` passed (on the sampling grid: a
+/// 250 ms pace at 100 ms samples sends every third).
+fn due(message: &NodeSnapshot, heartbeat: Duration, since: Option<Duration>) -> bool {
+    !proto::delta::is_heartbeat(message) || since.is_none_or(|s| s >= heartbeat)
 }
 
 /// Binds `addr` now, so a taken port fails the agent at start rather than after NVML is up.
@@ -530,6 +483,7 @@ mod tests {
                 },
             ],
             changes_only: true,
+            heartbeat_ms: 0,
         };
         let wanted = Wanted::of(&interest);
         assert_eq!(wanted.count(), 2);
@@ -555,6 +509,29 @@ mod tests {
         let (a, b) = (snapshot_of(&node, 0, &every), snapshot(&node, 0));
         assert_eq!(b.pods[0].metrics.len(), Metric::ALL.len());
         assert_eq!((a.gpus, a.pods), (b.gpus, b.pods));
+    }
+
+    #[test]
+    fn heartbeats_keep_their_pace_and_changes_go_out_at_once() {
+        let heartbeat = NodeSnapshot {
+            delta: true,
+            ..NodeSnapshot::default()
+        };
+        let change = NodeSnapshot {
+            delta: true,
+            pods: vec![PodSummary::default()],
+            ..NodeSnapshot::default()
+        };
+        let whole = NodeSnapshot::default();
+        let pace = Duration::from_millis(250);
+        let ms = |n| Some(Duration::from_millis(n));
+        assert!(due(&heartbeat, pace, None), "the first message");
+        assert!(!due(&heartbeat, pace, ms(100)));
+        assert!(!due(&heartbeat, pace, ms(200)));
+        assert!(due(&heartbeat, pace, ms(300)));
+        assert!(due(&change, pace, ms(1)), "a change waits for no pace");
+        assert!(due(&whole, pace, ms(1)));
+        assert!(due(&heartbeat, Duration::ZERO, ms(0)), "0: every interval");
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Fixture {
             self.cluster.clone(),
             self.pods.clone(),
             None,
+            Arc::default(),
             self.stop_rx.clone(),
         )
     }

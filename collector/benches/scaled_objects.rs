@@ -124,7 +124,7 @@ fn main() {
     let cluster = cluster(nodes);
     let pods = pods(nodes, per_phase);
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let scaler = Scaler::new(cluster, pods, None, stop_rx);
+    let scaler = Scaler::new(cluster, pods, None, Arc::default(), stop_rx);
     scaler.observe_with(Arc::new(CollectorMetrics::default()));
     let typical: Vec<ScaledObjectRef> = (0..per_phase).map(scaled_object).collect();
     let hostile: Vec<ScaledObjectRef> = (0..per_phase).map(hostile).collect();

@@ -18,6 +18,7 @@ use crate::kube::agents::AgentDiscovery;
 use crate::kube::pods::KubePods;
 use crate::kube::targets::KubeTargets;
 use crate::sources::agents;
+use crate::sources::demand::Demand;
 use crate::sources::pods::{PodSource, PodsFile};
 use crate::sources::view::Cluster;
 use crate::{Error, Result};
@@ -153,20 +154,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         })?;
     let cluster = Arc::new(Cluster::new(&[]));
     let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref(), http_tls)?;
-    let fleet = Arc::new(agents::Fleet::new(
-        cluster.clone(),
-        agent_tls.clone(),
-        config.agent_stream,
-    ));
-    fleet.set(
-        &config
-            .agents
-            .iter()
-            .map(agents::Agent::at)
-            .collect::<Vec<_>>(),
-    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The series the triggers in use read: KEDA's calls and (in-cluster) the ScaledObjects name
+    // them; the agent streams ask for them.
+    let demand = Arc::new(Demand::default());
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(demand.clone().run_expiry());
     let (pods, targets): (Arc<dyn PodSource>, Option<Arc<dyn Targets>>) =
         match (pods_file, client.clone()) {
             (Some(file), _) => {
@@ -182,12 +175,33 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             (None, Some(client)) => {
                 let pods = KubePods::new();
                 tasks.spawn(pods.clone().run(client.clone()));
-                let targets = KubeTargets::new(client);
+                let targets = KubeTargets::new(client, demand.clone());
                 tasks.spawn(targets.clone().run());
                 (pods, Some(targets))
             }
             (None, None) => unreachable!("a file or a client was made above"),
         };
+    let scaler = Arc::new(Scaler::new(
+        cluster.clone(),
+        pods.clone(),
+        targets,
+        demand.clone(),
+        stop_rx.clone(),
+    ));
+    scaler.observe_with(obs.metrics.clone());
+    let fleet = Arc::new(agents::Fleet::new(
+        cluster.clone(),
+        agent_tls.clone(),
+        config.agent_stream,
+        demand,
+    ));
+    fleet.set(
+        &config
+            .agents
+            .iter()
+            .map(agents::Agent::at)
+            .collect::<Vec<_>>(),
+    );
     let discovery = Arc::new(AgentDiscovery::default());
     if let (Some((namespace, service)), Some(client)) = (&config.agent_service, client) {
         tasks.spawn(crate::kube::agents::discover_agents(
@@ -198,13 +212,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             discovery.clone(),
         ));
     }
-    let scaler = Arc::new(Scaler::new(
-        cluster.clone(),
-        pods.clone(),
-        targets,
-        stop_rx.clone(),
-    ));
-    scaler.observe_with(obs.metrics.clone());
     tracing::info!(
         listen = %config.listen,
         agents = %match &config.agent_service {
@@ -238,6 +245,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 cluster,
                 pods,
                 scaler,
+                agent_stream: config.agent_stream,
             })
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )

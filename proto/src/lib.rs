@@ -3,9 +3,11 @@
 //! [`agent`]: the node agent's API (`gpuscale.agent.v1`), served by `gpuscale-agent run --listen`
 //! and consumed by the collector. [`collector`]: the collector's debug API (`dump`).
 //! [`externalscaler`]: KEDA's external-scaler API, served by the collector. Owns no logic but
-//! the wire's own: [`delta`], how a stream of the agent API sends only what changed.
+//! the wire's own: [`delta`], how a stream of the agent API sends only what changed, and
+//! [`series`], which series it carries.
 
 pub mod delta;
+pub mod series;
 
 /// Generated code, nested like the protobuf packages so cross-package references resolve.
 #[allow(missing_docs, clippy::all)]

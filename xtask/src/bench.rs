@@ -45,7 +45,9 @@ pub struct Options {
     shm_dir: Option<PathBuf>,
     /// What reads the agent, comma separated, each measured: `none` (the agent alone), or a
     /// release collector holding one stream open to it, of `full` snapshots or of `changes`
-    /// (the collector's `--agent-stream`). The difference to `none` is what streaming costs.
+    /// (the collector's `--agent-stream`; asked for one typical trigger, `sm_active` over 30 s,
+    /// so the stream carries what a cluster with that trigger reads). The difference to `none`
+    /// is what streaming costs.
     #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "full", "changes"])]
     stream: Vec<String>,
     /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
@@ -371,7 +373,53 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        if mode == "changes" {
+            self.ask_for_a_trigger(collector, &listen, agent_log, &log)?;
+        }
         Ok(proc)
+    }
+
+    /// Names one trigger to the collector at `listen` as KEDA would (`sm_active` over 30 s, the
+    /// typical one), so its stream asks the agent for what a cluster with that trigger reads
+    /// (every metric's last value, `sm_active` and `gpu_util` over 30 s), and waits until the
+    /// agent's log shows the stream asked again.
+    fn ask_for_a_trigger(
+        &self,
+        collector: &Path,
+        listen: &str,
+        agent_log: &Path,
+        collector_log: &Path,
+    ) -> Result<()> {
+        let out = Command::new(collector)
+            .args(["query", "--collector", listen])
+            .args([
+                "--meta",
+                "metric=sm_active",
+                "--meta",
+                "podSelector=app=bench",
+            ])
+            .args(["--meta", "targetValue=80"])
+            .output()
+            .with_context(|| format!("running {} query", collector.display()))?;
+        if !out.status.success() {
+            bail!(
+                "gpuscale-collector query failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                log_tail(collector_log)
+            );
+        }
+        let started = Instant::now();
+        while !std::fs::read_to_string(agent_log).is_ok_and(|l| l.contains("series=12")) {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "the collector's stream did not ask for the trigger's series within 20 s; \
+                     its log says:\n{}",
+                    log_tail(collector_log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// User and system CPU seconds between two `cpu_ticks` readings.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use proto::collector::collector_server::Collector;
 use proto::collector::{
     ClusterView, ClusterViewRequest, EvaluateRequest, EvaluateResponse, GpuValue, NodeView,
-    PodView, ReplicaValue,
+    PodView, ReplicaValue, Streamed,
 };
 use proto::externalscaler::ScaledObjectRef;
 use tonic::{Request, Response, Status};
@@ -17,6 +17,8 @@ use crate::api::scaler::Scaler;
 use crate::model::evaluate::Evaluation;
 use crate::model::trigger::Trigger;
 use crate::model::Named;
+use crate::sources::agents::StreamMode;
+use crate::sources::demand::Ask;
 use crate::sources::pods::PodSource;
 use crate::sources::view::Cluster;
 
@@ -26,8 +28,10 @@ pub struct Debug {
     pub cluster: Arc<Cluster>,
     /// Pod metadata.
     pub pods: Arc<dyn PodSource>,
-    /// What answers KEDA, for `Evaluate`.
+    /// What answers KEDA, for `Evaluate`, and the series in use.
     pub scaler: Arc<Scaler>,
+    /// What the agents are asked for (`--agent-stream`).
+    pub agent_stream: StreamMode,
 }
 
 /// `Evaluate`'s answer for one outcome of [`Scaler::value`].
@@ -70,6 +74,25 @@ pub fn evaluation(answer: Result<(Arc<Trigger>, Evaluation), Status>) -> Evaluat
                     .collect(),
             })
             .collect(),
+    }
+}
+
+/// What the agent streams carry, as `dump` shows it.
+pub fn streamed(ask: &Ask) -> Streamed {
+    Streamed {
+        series: ask
+            .wanted
+            .series()
+            .iter()
+            .filter_map(|s| {
+                let metric = proto::agent::Metric::try_from(s.metric).ok()?.vocab()?;
+                Some(match s.window_s {
+                    0 => format!("{} last", metric.name()),
+                    w => format!("{} {}", metric.name(), vocab::Window::from_secs(w)?.name()),
+                })
+            })
+            .collect(),
+        heartbeat_ms: ask.heartbeat.as_millis() as u32,
     }
 }
 
@@ -136,6 +159,7 @@ pub fn cluster_view(cluster: &Cluster, pods: &dyn PodSource) -> ClusterView {
             nodes,
             pods: pod_views,
             unknown_pod_uids: unknown,
+            streamed: None,
         }
     })
 }
@@ -146,7 +170,11 @@ impl Collector for Debug {
         &self,
         _: Request<ClusterViewRequest>,
     ) -> Result<Response<ClusterView>, Status> {
-        Ok(Response::new(cluster_view(&self.cluster, &*self.pods)))
+        let mut view = cluster_view(&self.cluster, &*self.pods);
+        if self.agent_stream == StreamMode::Changes {
+            view.streamed = Some(streamed(&self.scaler.demand().current()));
+        }
+        Ok(Response::new(view))
     }
 
     async fn evaluate(
@@ -159,6 +187,8 @@ impl Collector for Debug {
             name: r.name,
             scaler_metadata: r.scaler_metadata,
         };
-        Ok(Response::new(evaluation(self.scaler.value(&so))))
+        Ok(Response::new(evaluation(
+            self.scaler.value_settled(&so).await,
+        )))
     }
 }

@@ -25,9 +25,10 @@ use tracing::Instrument;
 use crate::api::limits;
 use crate::api::metrics::CollectorMetrics;
 use crate::model::compiled::CompiledTriggers;
-use crate::model::evaluate::{evaluate, opened_within, Evaluation};
+use crate::model::evaluate::{evaluate, opened_within, Evaluation, Unavailable};
 use crate::model::selector::Selector;
 use crate::model::trigger::Trigger;
+use crate::sources::demand::{Demand, FIRST_READ_WITHIN};
 use crate::sources::pods::{PodMeta, PodSource};
 use crate::sources::view::Cluster;
 
@@ -94,6 +95,24 @@ pub struct Scaler {
     triggers: CompiledTriggers,
     /// (namespace, selector) → (pod index version, matched pods).
     selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
+    /// The series of the triggers asked for, which the agent streams carry.
+    demand: Arc<Demand>,
+}
+
+/// Why an evaluation has no answer: the status for KEDA, and whether it may come once the
+/// agents stream the series just asked for.
+struct Failure {
+    status: Status,
+    not_streamed: bool,
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Failure {
+        Failure {
+            status,
+            not_streamed: false,
+        }
+    }
 }
 
 fn invalid(e: impl std::fmt::Display) -> Status {
@@ -102,12 +121,14 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 
 impl Scaler {
     /// A scaler over `cluster` with pod metadata from `pods` and, in-cluster, the selectors of
-    /// ScaledObjects' targets from `targets`; open streams end when `stop` turns true (so a
-    /// graceful shutdown does not wait for KEDA to hang up).
+    /// ScaledObjects' targets from `targets`, recording the triggers asked for in `demand`;
+    /// open streams end when `stop` turns true (so a graceful shutdown does not wait for KEDA
+    /// to hang up).
     pub fn new(
         cluster: Arc<Cluster>,
         pods: Arc<dyn PodSource>,
         targets: Option<Arc<dyn Targets>>,
+        demand: Arc<Demand>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Scaler {
         Scaler {
@@ -118,7 +139,13 @@ impl Scaler {
             metrics: std::sync::OnceLock::new(),
             triggers: CompiledTriggers::default(),
             selections: Mutex::new(HashMap::new()),
+            demand,
         }
+    }
+
+    /// The series KEDA's triggers read, for the agent streams to ask for.
+    pub fn demand(&self) -> Arc<Demand> {
+        self.demand.clone()
     }
 
     /// Records every `GetMetrics` answer in `metrics` (the per-ScaledObject value series).
@@ -126,11 +153,44 @@ impl Scaler {
         let _ = self.metrics.set(metrics);
     }
 
-    /// The parsed trigger of `r` (from the cache when its metadata was seen before); bad
-    /// metadata is `INVALID_ARGUMENT` naming the key.
+    /// The parsed trigger of `r` (from the cache when its metadata was seen before), recorded
+    /// as asked for (its series stream, see [`Demand`]); bad metadata is `INVALID_ARGUMENT`
+    /// naming the key.
     fn compiled(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Status> {
         limits::check(r)?;
-        self.triggers.get(&r.scaler_metadata).map_err(invalid)
+        let trigger = self.triggers.get(&r.scaler_metadata).map_err(invalid)?;
+        self.demand.asked(&trigger, Instant::now());
+        Ok(trigger)
+    }
+
+    /// `f`'s answer, waiting up to [`FIRST_READ_WITHIN`] while its only trouble is series not
+    /// streamed yet (a trigger's first call: its agents were asked for them a moment ago).
+    async fn settled<T>(&self, mut f: impl FnMut() -> Result<T, Failure>) -> Result<T, Status> {
+        let deadline = tokio::time::Instant::now() + FIRST_READ_WITHIN;
+        let mut changes = self.cluster.subscribe();
+        loop {
+            changes.borrow_and_update();
+            match f() {
+                Err(e) if e.not_streamed && tokio::time::Instant::now() < deadline => {
+                    tokio::select! {
+                        _ = changes.changed() => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                other => return other.map_err(|e| e.status),
+            }
+        }
+    }
+
+    /// [`Scaler::value`], waiting for series just asked for ([`Scaler::settled`]).
+    pub async fn value_settled(
+        &self,
+        r: &ScaledObjectRef,
+    ) -> Result<(Arc<Trigger>, Evaluation), Status> {
+        let trigger = self.compiled(r)?;
+        self.settled(|| self.evaluate_with(r, &trigger))
+            .await
+            .map(|(_, eval)| (trigger.clone(), eval))
     }
 
     /// The parsed triggers, for tests and benchmarks: how many are cached and parses ran.
@@ -223,14 +283,9 @@ impl Scaler {
 
     /// Evaluates the trigger of `r` now.
     pub fn value(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Evaluation), Status> {
-        self.evaluate(r).map(|(trigger, _, eval)| (trigger, eval))
-    }
-
-    /// [`Scaler::value`], with the matched pods it was computed over.
-    fn evaluate(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Matches, Evaluation), Status> {
         let trigger = self.compiled(r)?;
-        let (matched, eval) = self.evaluate_with(r, &trigger)?;
-        Ok((trigger, matched, eval))
+        let (_, eval) = self.evaluate_with(r, &trigger).map_err(|e| e.status)?;
+        Ok((trigger, eval))
     }
 
     /// [`Scaler::evaluate`] of an already parsed trigger (a stream holds its trigger for life).
@@ -238,7 +293,7 @@ impl Scaler {
         &self,
         r: &ScaledObjectRef,
         trigger: &Trigger,
-    ) -> Result<(Matches, Evaluation), Status> {
+    ) -> Result<(Matches, Evaluation), Failure> {
         let selector = self.selector(r, trigger)?;
         self.check_pods(trigger)?;
         let matched = self.matches(&r.namespace, &selector);
@@ -246,13 +301,14 @@ impl Scaler {
         let eval = self
             .cluster
             .read(|v| evaluate(v, &matched, trigger, now))
-            .map_err(|u| {
-                Status::unavailable(format!(
+            .map_err(|u: Unavailable| Failure {
+                status: Status::unavailable(format!(
                     "{}/{} {}: {u}",
                     r.namespace,
                     r.name,
                     trigger.metric.name()
-                ))
+                )),
+                not_streamed: u.not_streamed,
             })?;
         Ok((matched, eval))
     }
@@ -260,9 +316,9 @@ impl Scaler {
     /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
     /// matched pod opened a GPU recently, so a replica still loading its model is not scaled
     /// to zero.
-    fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
+    async fn active(&self, r: &ScaledObjectRef) -> Result<bool, Status> {
         let trigger = self.compiled(r)?;
-        self.active_with(r, &trigger)
+        self.settled(|| self.active_with(r, &trigger)).await
     }
 
     /// Whether an evaluation of `trigger` may answer differently from the one `seen` records
@@ -308,7 +364,7 @@ impl Scaler {
     }
 
     /// [`Scaler::active`] of an already parsed trigger.
-    fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Status> {
+    fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Failure> {
         let (matched, eval) = self.evaluate_with(r, trigger)?;
         if eval.value > trigger.activation_threshold {
             return Ok(true);
@@ -343,8 +399,9 @@ impl ExternalScaler for ScalerService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let r = request.into_inner();
-        let _g = span("IsActive", &r).entered();
-        let result = self.0.active(&r);
+        let span = span("IsActive", &r);
+        let result = self.0.active(&r).instrument(span.clone()).await;
+        let _g = span.entered();
         log_result(&result);
         Ok(Response::new(IsActiveResponse { result: result? }))
     }
@@ -372,6 +429,8 @@ impl ExternalScaler for ScalerService {
         tokio::spawn(
             async move {
                 tracing::info!("KEDA subscribed");
+                // Its series stream while it is open, however long KEDA goes without a call.
+                let _hold = me.demand.hold(&trigger);
                 let mut last = None;
                 // What the last evaluation read, and whether the timer woke us.
                 let mut seen: Option<Seen> = None;
@@ -383,7 +442,7 @@ impl ExternalScaler for ScalerService {
                     // the last look may be fresh again with the same data.
                     let moved = me.moved(&r, &trigger, &mut seen)
                         || (timed_out && (failed || !trigger.active_after_open.is_zero()));
-                    let answer = moved.then(|| me.active_with(&r, &trigger));
+                    let answer = moved.then(|| me.active_with(&r, &trigger).map_err(|e| e.status));
                     if let Some(a) = &answer {
                         failed = a.is_err();
                     }
@@ -449,9 +508,10 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<GetMetricsResponse>, Status> {
         let req = request.into_inner();
         let r = req.scaled_object_ref.unwrap_or_default();
-        let _g = span("GetMetrics", &r).entered();
+        let span = span("GetMetrics", &r);
         limits::check_metric_name(&req.metric_name)?;
-        let result = self.0.value(&r);
+        let result = self.0.value_settled(&r).instrument(span.clone()).await;
+        let _g = span.entered();
         log_result(&result);
         self.0.observe(&r, &result);
         let (t, eval) = result?;
@@ -490,7 +550,13 @@ mod tests {
 
     fn scaler() -> Scaler {
         let (_, stop) = tokio::sync::watch::channel(false);
-        Scaler::new(Arc::new(Cluster::new(&[])), Arc::new(NoPods), None, stop)
+        Scaler::new(
+            Arc::new(Cluster::new(&[])),
+            Arc::new(NoPods),
+            None,
+            Arc::default(),
+            stop,
+        )
     }
 
     fn so(meta: &[(&str, &str)]) -> ScaledObjectRef {
@@ -530,7 +596,13 @@ mod tests {
         use proto::agent::NodeSnapshot;
         let (_, stop) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Cluster::new(&["a:1".into(), "b:1".into(), "c:1".into()]));
-        let s = Scaler::new(cluster.clone(), Arc::new(TwoPods), None, stop);
+        let s = Scaler::new(
+            cluster.clone(),
+            Arc::new(TwoPods),
+            None,
+            Arc::default(),
+            stop,
+        );
         let node = |name: &str| NodeSnapshot {
             node_name: name.into(),
             taken_unix_ns: 1,
@@ -569,8 +641,8 @@ mod tests {
         assert!(s.moved(&r, &t, &mut seen));
     }
 
-    #[test]
-    fn keda_calls_with_the_same_metadata_parse_it_once() {
+    #[tokio::test]
+    async fn keda_calls_with_the_same_metadata_parse_it_once() {
         let s = scaler();
         let r = so(&[
             ("metric", "sm_active"),
@@ -579,7 +651,7 @@ mod tests {
         ]);
         for _ in 0..10 {
             assert_eq!(s.value(&r).unwrap().1.value, 0.0, "no pods match: 0");
-            assert!(!s.active(&r).unwrap());
+            assert!(!s.active(&r).await.unwrap());
             assert_eq!(s.trigger(&r).unwrap().1.to_string(), "app=vllm");
         }
         assert_eq!(s.triggers().parses(), 1);

@@ -62,8 +62,20 @@ pub struct DumpJson<'a> {
     pub pod_source: &'a str,
     /// Pods using GPUs that the pod source knows.
     pub pods: Vec<PodJson<'a>>,
+    /// What the agent streams carry; `null` with `--agent-stream full` (everything).
+    pub streamed: Option<StreamedJson<'a>>,
     /// Pods using GPUs that the pod source does not know.
     pub unknown_pod_uids: &'a [String],
+}
+
+/// What the collector asks its agents to stream: the series its triggers read, and each
+/// metric's last value.
+#[derive(Debug, Serialize)]
+pub struct StreamedJson<'a> {
+    /// How often a node with nothing new proves it still samples.
+    pub heartbeat_ms: u32,
+    /// `sm_active 30s`, `gpu_util last`…: a window no series lists is absent from `metrics`.
+    pub series: &'a [String],
 }
 
 /// One agent.
@@ -313,6 +325,10 @@ pub fn to_json<'a>(addr: &'a str, v: &'a ClusterView) -> DumpJson<'a> {
                 uid: &p.uid,
             })
             .collect(),
+        streamed: v.streamed.as_ref().map(|s| StreamedJson {
+            heartbeat_ms: s.heartbeat_ms,
+            series: &s.series,
+        }),
         unknown_pod_uids: &v.unknown_pod_uids,
     }
 }
@@ -346,6 +362,25 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
         v.nodes.len(),
         v.pods.len() + v.unknown_pod_uids.len()
     );
+    if let Some(s) = &v.streamed {
+        let windows: Vec<&str> = s
+            .series
+            .iter()
+            .filter(|s| !s.ends_with(" last"))
+            .map(String::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "agents stream each metric's last value{}, heartbeat every {} ms (windows no \
+             trigger reads show -)",
+            if windows.is_empty() {
+                " and no window (no trigger asked yet)".to_owned()
+            } else {
+                format!(" and {}", windows.join(", "))
+            },
+            s.heartbeat_ms
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<18}{:<24}{:<11}{:>9}  NOTE",
@@ -543,13 +578,18 @@ mod tests {
                 }],
             }],
             unknown_pod_uids: vec!["uid-z".into()],
+            streamed: Some(proto::collector::Streamed {
+                series: vec!["sm_active last".into(), "sm_active 30s".into()],
+                heartbeat_ms: 250,
+            }),
         }
     }
 
     #[test]
     fn dump_json_prints_every_shape_exactly_as_before() {
-        // testdata/dump.json is what the `json!`-assembled output printed for this view: keys,
-        // order, nulls and number formats must not change (tests/e2e and xtask/cluster read it).
+        // testdata/dump.json is what the `json!`-assembled output printed for this view, and
+        // `streamed` since: keys, order, nulls and number formats must not change, keys are only
+        // added (tests/e2e and xtask/cluster read it).
         let text = serde_json::to_string_pretty(&to_json("127.0.0.1:7700", &view())).unwrap();
         assert_eq!(text, include_str!("testdata/dump.json"));
     }

@@ -17,6 +17,8 @@ use kube::Resource;
 use super::watch::{follow, Change, Contact};
 use crate::api::scaler::{TargetError, Targets};
 use crate::model::selector::Selector;
+use crate::model::trigger::Trigger;
+use crate::sources::demand::Demand;
 
 /// How often a target read through `/scale` is read again.
 pub const SCALE_REFRESH: Duration = Duration::from_secs(30);
@@ -81,6 +83,9 @@ pub struct KubeTargets {
     scale: Mutex<HashMap<ScaleKey, ScaleAnswer>>,
     scale_requests: tokio::sync::mpsc::UnboundedSender<ScaleKey>,
     scale_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ScaleKey>>>,
+    /// Where every ScaledObject's gpuscale triggers are pinned, so their series stream before
+    /// KEDA's first call.
+    demand: Arc<Demand>,
 }
 
 /// A `LabelSelector` as a selector string (`app=vllm,tier in (a,b)`); `None` when empty.
@@ -102,6 +107,27 @@ pub fn label_selector_string(sel: &LabelSelector) -> Option<String> {
         });
     }
     (!parts.is_empty()).then(|| parts.join(","))
+}
+
+/// The gpuscale triggers of ScaledObject `obj`: those of type `external` or `external-push`
+/// whose metadata parses as a gpuscale trigger (another external scaler's does not: gpuscale
+/// refuses keys it does not know).
+fn gpuscale_triggers(obj: &DynamicObject) -> Vec<Trigger> {
+    let Some(triggers) = obj.data["spec"]["triggers"].as_array() else {
+        return Vec::new();
+    };
+    triggers
+        .iter()
+        .filter(|t| matches!(t["type"].as_str(), Some("external" | "external-push")))
+        .filter_map(|t| {
+            let meta: HashMap<String, String> = t["metadata"]
+                .as_object()?
+                .iter()
+                .map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect::<Option<_>>()?;
+            Trigger::parse(&meta).ok()
+        })
+        .collect()
 }
 
 fn target_ref(obj: &DynamicObject) -> Result<TargetRef, String> {
@@ -133,8 +159,8 @@ fn key_of<K: Resource>(k: &K) -> (String, String) {
 }
 
 impl KubeTargets {
-    /// Nothing known yet.
-    pub fn new(client: kube::Client) -> Arc<KubeTargets> {
+    /// Nothing known yet; will pin every ScaledObject's gpuscale triggers in `demand`.
+    pub fn new(client: kube::Client, demand: Arc<Demand>) -> Arc<KubeTargets> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(KubeTargets {
             client,
@@ -146,6 +172,7 @@ impl KubeTargets {
             scale: Mutex::new(HashMap::new()),
             scale_requests: tx,
             scale_rx: Mutex::new(Some(rx)),
+            demand,
         })
     }
 
@@ -161,16 +188,26 @@ impl KubeTargets {
                 "scaledobjects.keda.sh",
                 "cluster-wide",
                 &self.scaled_contact,
-                |o: DynamicObject| Some((key_of(&o), target_ref(&o))),
+                |o: DynamicObject| Some((key_of(&o), (target_ref(&o), gpuscale_triggers(&o)))),
                 |change| {
                     let mut map = lock(&self.scaled);
                     match change {
-                        Change::Reset(all) => *map = all.into_iter().collect(),
-                        Change::Apply((key, target)) => {
-                            map.insert(key, target);
+                        Change::Reset(all) => {
+                            let mut pins = Vec::with_capacity(all.len());
+                            map.clear();
+                            for (key, (target, triggers)) in all {
+                                pins.push((key.clone(), triggers));
+                                map.insert(key, target);
+                            }
+                            self.demand.pin_all(pins);
                         }
-                        Change::Delete((key, _)) => {
-                            map.remove(&key);
+                        Change::Apply(((ns, name), (target, triggers))) => {
+                            self.demand.pin(&ns, &name, &triggers);
+                            map.insert((ns, name), target);
+                        }
+                        Change::Delete(((ns, name), _)) => {
+                            self.demand.pin(&ns, &name, &[]);
+                            map.remove(&(ns, name));
                         }
                     }
                 },
@@ -365,6 +402,44 @@ impl Targets for KubeTargets {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn a_scaled_objects_gpuscale_triggers_are_found_and_other_scalers_left_alone() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": {"name": "vllm", "namespace": "ml"},
+            "spec": {
+                "scaleTargetRef": {"name": "vllm"},
+                "triggers": [
+                    {"type": "external", "metadata": {
+                        "scalerAddress": "gpuscale-collector.gpuscale.svc:7700",
+                        "metric": "sm_active", "window": "1m", "targetValue": "80"}},
+                    {"type": "external-push", "metadata": {
+                        "scalerAddress": "gpuscale-collector.gpuscale.svc:7700",
+                        "metric": "power_watts", "targetValue": "600"}},
+                    // Another external scaler: keys gpuscale does not know.
+                    {"type": "external", "metadata": {
+                        "scalerAddress": "other:9090", "query": "up", "threshold": "3"}},
+                    // Not external at all; and one whose metadata is not all strings.
+                    {"type": "cpu", "metadata": {"value": "50"}},
+                    {"type": "external", "metadata": {"metric": "sm_active", "targetValue": 80}},
+                ]
+            }
+        }))
+        .unwrap();
+        let found: Vec<(&str, u32)> = gpuscale_triggers(&obj)
+            .iter()
+            .map(|t| (t.metric.name(), t.window.secs()))
+            .collect();
+        assert_eq!(found, [("sm_active", 60), ("power_watts", 30)]);
+        let none: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": "x"}, "spec": {}
+        }))
+        .unwrap();
+        assert!(gpuscale_triggers(&none).is_empty());
+    }
 
     #[test]
     fn label_selectors_become_selector_strings_the_parser_accepts() {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proto::agent::{MetricSummary, NodeSnapshot, PodSummary};
+use proto::series::Wanted;
 use vocab::GpuState;
 
 use crate::model::trigger::{aggregate, aggregate_gpus, Metric, TimeAggregation, Trigger};
@@ -84,6 +85,9 @@ pub struct Unavailable {
     pub reasons: Vec<String>,
     /// How many problems there were in all.
     pub total: usize,
+    /// Some node does not stream the trigger's series yet (asked for just now): the answer may
+    /// come within a sample interval or two.
+    pub not_streamed: bool,
 }
 
 impl std::fmt::Display for Unavailable {
@@ -93,6 +97,27 @@ impl std::fmt::Display for Unavailable {
             write!(f, "; and {} more", self.total - self.reasons.len())?;
         }
         Ok(())
+    }
+}
+
+/// The series evaluating `trigger` reads: its metric over its window (its last value with
+/// `timeAggregation: last`) and, for `sm_active`, `gpu_util` likewise (the fallback on GPUs
+/// without GPM).
+pub fn series_of(trigger: &Trigger) -> Wanted {
+    let window = (trigger.time_aggregation != TimeAggregation::Last).then_some(trigger.window);
+    let w = Wanted::none().with(trigger.metric, window);
+    if trigger.metric == Metric::SmActive {
+        w.with(Metric::GpuUtil, window)
+    } else {
+        w
+    }
+}
+
+/// What `trigger` reads of its metric, in words: `over 30s`, or `now` (`last`).
+fn over(trigger: &Trigger) -> String {
+    match trigger.time_aggregation {
+        TimeAggregation::Last => "now".to_owned(),
+        _ => format!("over {}s", trigger.window.secs()),
     }
 }
 
@@ -151,10 +176,7 @@ fn pod_gpu_value(
         }
     }
     let state = gpu.map_or("not reported", |g| proto::agent::GpuState::name_of(g.state));
-    let over = match trigger.time_aggregation {
-        TimeAggregation::Last => "now".to_owned(),
-        _ => format!("over {}s", trigger.window.secs()),
-    };
+    let over = over(trigger);
     let mig = gpu.filter(|g| !g.parent_uuid.is_empty());
     let why = match mig {
         Some(g) if matches!(trigger.metric, Metric::GpuUtil | Metric::MemUtil) => format!(
@@ -213,6 +235,8 @@ pub fn evaluate(
     let mut running = 0;
     let mut values = 0;
     let mut fallbacks = 0;
+    let mut not_streamed = false;
+    let series = series_of(trigger);
     for pod in matched {
         if pod.phase != "Running" || pod.node.is_empty() {
             continue;
@@ -273,6 +297,18 @@ pub fn evaluate(
             ));
             continue;
         }
+        if !state.carries.covers(&series) {
+            not_streamed = true;
+            problems.push(format!(
+                "node {} (agent {}) does not stream {} {} yet: the collector asked its agent \
+                 for it when this trigger was first seen, and it comes within a sample interval",
+                pod.node,
+                state.address,
+                trigger.metric.name(),
+                over(trigger),
+            ));
+            continue;
+        }
         let entries = view.pod_gpus.get(&pod.uid);
         for e in entries.into_iter().flatten().filter(|e| e.node == node) {
             let summary = &snap.pods[e.pod];
@@ -302,6 +338,7 @@ pub fn evaluate(
         return Err(Unavailable {
             reasons: problems,
             total,
+            not_streamed,
         });
     }
     for r in &mut replicas {
@@ -319,6 +356,7 @@ pub fn evaluate(
                 trigger.metric.name()
             )],
             total: 1,
+            not_streamed: false,
         });
     }
     Ok(Evaluation {
@@ -373,6 +411,7 @@ mod tests {
     use proto::agent::{GpuSummary, WindowStats};
     use std::collections::{BTreeMap, HashMap};
     use std::time::Duration;
+    use vocab::Window;
 
     fn trigger(pairs: &[(&str, &str)]) -> Trigger {
         let mut m: HashMap<String, String> = pairs
@@ -621,6 +660,40 @@ mod tests {
         let err =
             evaluate(&view, &pods, &trigger(&[("metric", "tensor_active")]), now).unwrap_err();
         assert!(err.to_string().contains("tensor_active of pod"), "{err}");
+    }
+
+    #[test]
+    fn a_series_its_node_does_not_stream_yet_is_unavailable_and_says_so() {
+        let (mut view, pods, now) = cluster();
+        let t = trigger(&[("metric", "sm_active"), ("window", "5m")]);
+        // Node 1's stream carries last values and sm_active over 5 m, not gpu_util's fallback.
+        let snap = (**view.nodes[1].snapshot.as_ref().unwrap()).clone();
+        let carries = Wanted::lasts().with(Metric::SmActive, Some(Window::M5));
+        view.update_carrying(1, snap.clone(), now, carries);
+        let err = evaluate(&view, &pods, &t, now).unwrap_err();
+        assert!(err.not_streamed, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("node node-1")
+                && text.contains("does not stream sm_active over 300s yet"),
+            "{text}"
+        );
+        // Once it does (its stream asked again, the first message whole): the value.
+        let carries = carries.with(Metric::GpuUtil, Some(Window::M5));
+        view.update_carrying(1, snap, now, carries);
+        assert!(evaluate(&view, &pods, &t, now).is_ok());
+        // What a trigger reads: its window, with sm_active gpu_util's too; `last` no window.
+        assert_eq!(
+            series_of(&t),
+            Wanted::none()
+                .with(Metric::SmActive, Some(Window::M5))
+                .with(Metric::GpuUtil, Some(Window::M5))
+        );
+        let last = trigger(&[("metric", "power_watts"), ("timeAggregation", "last")]);
+        assert_eq!(
+            series_of(&last),
+            Wanted::none().with(Metric::PowerWatts, None)
+        );
     }
 
     #[test]

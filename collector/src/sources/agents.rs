@@ -30,10 +30,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gpuscale_health::tls::{self, ClientTls};
 use proto::agent::agent_client::AgentClient;
 use proto::agent::{Interest, WatchRequest};
+use proto::series::Wanted;
 use rustls::pki_types::CertificateDer;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+use crate::sources::demand::{Ask, Demand};
 use crate::sources::validate;
 use crate::sources::view::Cluster;
 #[cfg(doc)]
@@ -58,8 +60,10 @@ const FIRST_SNAPSHOT_WITHIN: Duration = Duration::from_secs(10);
 /// [`SILENCE_MIN`]. Waiting for TCP instead would let a link cut further away than either end
 /// (neither kernel sees it) heal only at the agent's next retransmission, 3 s or more after a
 /// few seconds' cut, and a half-open connection last until the HTTP/2 keep-alive (10 s).
-fn silence_limit(interval_ns: u64) -> Duration {
-    (3 * Duration::from_nanos(interval_ns)).max(SILENCE_MIN)
+/// With paced heartbeats (`heartbeat`, see [`crate::sources::demand`]) a quiet node sends one
+/// per pace: three paces.
+fn silence_limit(interval_ns: u64, heartbeat: Duration) -> Duration {
+    (3 * Duration::from_nanos(interval_ns).max(heartbeat)).max(SILENCE_MIN)
 }
 
 /// How many bytes of one agent's snapshots may be on their way to the collector at once (the
@@ -121,6 +125,10 @@ async fn connect(
         .map_err(|e| format!("{how}: {e}"))
 }
 
+/// How long after the series asked for change a stream asks again: changes that come together
+/// (KEDA reading its ScaledObjects at start) make one new stream, not one each.
+const ASK_SETTLE: Duration = Duration::from_millis(20);
+
 /// What the collector asks its agents to send (`--agent-stream`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum StreamMode {
@@ -133,17 +141,35 @@ pub enum StreamMode {
 }
 
 impl StreamMode {
-    /// The stream request for this mode.
-    fn request(self) -> WatchRequest {
+    /// The stream request for this mode, asking for `ask` in a stream of changes.
+    fn request(self, ask: &Ask) -> WatchRequest {
         WatchRequest {
             min_interval_ms: 0,
             interest: match self {
                 StreamMode::Changes => Some(Interest {
-                    series: Vec::new(),
+                    series: ask.wanted.series(),
                     changes_only: true,
+                    heartbeat_ms: ask.heartbeat.as_millis() as u32,
                 }),
                 StreamMode::Full => None,
             },
+        }
+    }
+
+    /// The series a whole snapshot of agent API revision `api` carries on a stream that asked
+    /// for `ask`: before revision 3 an agent sends every one whatever was asked.
+    fn carries(self, ask: &Ask, api: u32) -> Wanted {
+        match self {
+            StreamMode::Changes if api >= 3 => ask.wanted,
+            _ => Wanted::every(),
+        }
+    }
+
+    /// The heartbeat pace of a stream that asked for `ask` (0: one per sample interval).
+    fn heartbeat(self, ask: &Ask) -> Duration {
+        match self {
+            StreamMode::Changes => ask.heartbeat,
+            StreamMode::Full => Duration::ZERO,
         }
     }
 }
@@ -244,14 +270,26 @@ fn taken_at(arrived: Instant, wall: SystemTime, taken_unix_ns: u64) -> Instant {
     arrived.checked_sub(late).unwrap_or(arrived)
 }
 
-async fn stream_once(
-    cluster: &Cluster,
+/// What one agent's stream follows: its slot in the view, how to dial it and what to ask.
+struct Follow {
+    cluster: Arc<Cluster>,
     node: usize,
-    agent: &Agent,
-    ep: &Endpoint,
-    tls: Option<&AgentTls>,
+    agent: Agent,
+    tls: Option<AgentTls>,
     mode: StreamMode,
-) -> Result<(), String> {
+    demand: Arc<Demand>,
+}
+
+async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
+    let Follow {
+        cluster,
+        node,
+        agent,
+        tls,
+        mode,
+        demand,
+    } = f;
+    let (node, mode, tls) = (*node, *mode, tls.as_ref());
     let (channel, cert) = connect(ep, tls.map(|t| &*t.tls)).await?;
     if let Some(tls) = tls {
         check_shared_name(cert.as_ref(), tls)?;
@@ -259,21 +297,29 @@ async fn stream_once(
     let per_node_certificates = tls.is_some_and(|t| t.shared_name.is_none());
     // The node name last allowed, so it is checked once, not per snapshot.
     let mut allowed: Option<String> = None;
-    let mut client = AgentClient::new(channel).max_decoding_message_size(MAX_AGENT_MESSAGE);
+    let client = AgentClient::new(channel).max_decoding_message_size(MAX_AGENT_MESSAGE);
     let silent = |limit: Duration| {
         format!(
             "no snapshot for {:.1}s on an open connection (a cut or half-open link): dialing again",
             limit.as_secs_f64()
         )
     };
-    let mut stream = tokio::time::timeout(
-        FIRST_SNAPSHOT_WITHIN,
-        client.watch_snapshots(mode.request()),
-    )
-    .await
-    .map_err(|_| silent(FIRST_SNAPSHOT_WITHIN))?
-    .map_err(|s| format!("WatchSnapshots: {}", s.message()))?
-    .into_inner();
+    let mut asks = demand.subscribe();
+    let mut ask = *asks.borrow_and_update();
+    let watch = |ask: Ask| {
+        let mut client = client.clone();
+        async move {
+            tokio::time::timeout(
+                FIRST_SNAPSHOT_WITHIN,
+                client.watch_snapshots(mode.request(&ask)),
+            )
+            .await
+            .map_err(|_| silent(FIRST_SNAPSHOT_WITHIN))?
+            .map_err(|s| format!("WatchSnapshots: {}", s.message()))
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let mut stream = watch(ask).await?;
     let mut limit = FIRST_SNAPSHOT_WITHIN;
     cluster.write(|v| {
         let n = &mut v.nodes[node];
@@ -282,9 +328,18 @@ async fn stream_once(
     });
     tracing::info!("streaming");
     loop {
-        let message = tokio::time::timeout(limit, stream.message())
-            .await
-            .map_err(|_| silent(limit))?;
+        let message = tokio::select! {
+            m = tokio::time::timeout(limit, stream.message()) => m.map_err(|_| silent(limit))?,
+            // The triggers in use read other series now: ask again on the same connection (the
+            // old stream ends; the new one starts whole).
+            Ok(()) = asks.changed(), if mode == StreamMode::Changes => {
+                tokio::time::sleep(ASK_SETTLE).await;
+                ask = *asks.borrow_and_update();
+                stream = watch(ask).await?;
+                limit = FIRST_SNAPSHOT_WITHIN;
+                continue;
+            }
+        };
         match message {
             Ok(Some(snap)) if snap.api_version < MIN_AGENT_API => {
                 return Err(format!(
@@ -295,7 +350,7 @@ async fn stream_once(
             }
             Ok(Some(snap)) => {
                 let at = taken_at(Instant::now(), SystemTime::now(), snap.taken_unix_ns);
-                limit = silence_limit(snap.interval_ns);
+                limit = silence_limit(snap.interval_ns, mode.heartbeat(&ask));
                 if allowed.as_deref() != Some(snap.node_name.as_str()) {
                     if let Err(why) =
                         check_node(agent, cert.as_ref(), per_node_certificates, &snap.node_name)
@@ -310,11 +365,12 @@ async fn stream_once(
                     cluster.write_then(|v| v.apply_delta(node, snap, at));
                     continue;
                 }
+                let carries = mode.carries(&ask, snap.api_version);
                 match validate::check(&snap) {
-                    Ok(()) => cluster.write(|v| v.update(node, snap, at)),
+                    Ok(()) => cluster.write(|v| v.update_carrying(node, snap, at, carries)),
                     // The deltas after it follow it: it must be their base.
                     Err(validate::Refused(why)) if mode == StreamMode::Changes => {
-                        cluster.write(|v| v.take_refused(node, snap, why))
+                        cluster.write(|v| v.take_refused(node, snap, why, carries))
                     }
                     Err(validate::Refused(why)) => cluster.write(|v| v.refuse(node, why)),
                 }
@@ -334,17 +390,13 @@ async fn stream_once(
     }
 }
 
-/// Runs the stream of `agent` (view slot `node`) forever (until the task is dropped).
-pub async fn follow(
-    cluster: Arc<Cluster>,
-    node: usize,
-    agent: Agent,
-    tls: Option<AgentTls>,
-    mode: StreamMode,
-) {
-    let span = tracing::info_span!("agent", address = %agent.address);
+/// Runs the stream of `f.agent` (view slot `f.node`) forever (until the task is dropped).
+async fn follow(f: Follow) {
+    let span = tracing::info_span!("agent", address = %f.agent.address);
     async move {
-        let ep = match endpoint(&agent.address) {
+        let Follow { cluster, node, .. } = &f;
+        let node = *node;
+        let ep = match endpoint(&f.agent.address) {
             Ok(ep) => ep,
             Err(e) => {
                 tracing::error!("{e}");
@@ -356,9 +408,7 @@ pub async fn follow(
         let mut logged = String::new();
         loop {
             let started = Instant::now();
-            let err = stream_once(&cluster, node, &agent, &ep, tls.as_ref(), mode)
-                .await
-                .unwrap_err();
+            let err = stream_once(&f, &ep).await.unwrap_err();
             // A stream that ran a while was healthy: start the backoff afresh.
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_START;
@@ -388,16 +438,24 @@ pub struct Fleet {
     cluster: Arc<Cluster>,
     tls: Option<AgentTls>,
     mode: StreamMode,
+    demand: Arc<Demand>,
     streams: Mutex<HashMap<Agent, (usize, tokio::task::AbortHandle)>>,
 }
 
 impl Fleet {
-    /// Follows no agent yet; will dial agents over TLS with `tls` and ask for `mode`'s streams.
-    pub fn new(cluster: Arc<Cluster>, tls: Option<AgentTls>, mode: StreamMode) -> Fleet {
+    /// Follows no agent yet; will dial agents over TLS with `tls` and ask for `mode`'s streams
+    /// with the series `demand` names.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        tls: Option<AgentTls>,
+        mode: StreamMode,
+        demand: Arc<Demand>,
+    ) -> Fleet {
         Fleet {
             cluster,
             tls,
             mode,
+            demand,
             streams: Mutex::new(HashMap::new()),
         }
     }
@@ -430,13 +488,14 @@ impl Fleet {
             }
             let mut node = 0;
             self.cluster.write(|v| node = v.add_node(&agent.address));
-            let task = tokio::spawn(follow(
-                self.cluster.clone(),
+            let task = tokio::spawn(follow(Follow {
+                cluster: self.cluster.clone(),
                 node,
-                agent.clone(),
-                self.tls.clone(),
-                self.mode,
-            ));
+                agent: agent.clone(),
+                tls: self.tls.clone(),
+                mode: self.mode,
+                demand: self.demand.clone(),
+            }));
             streams.insert(agent.clone(), (node, task.abort_handle()));
             tracing::info!(address = %agent.address, node = ?agent.node, "following agent");
         }
@@ -472,9 +531,14 @@ mod tests {
 
     #[test]
     fn a_silent_stream_is_given_up_after_three_intervals_and_retries_keep_a_heal_under_2s() {
-        assert_eq!(silence_limit(100_000_000), Duration::from_secs(1));
-        assert_eq!(silence_limit(10_000_000), Duration::from_secs(1));
-        assert_eq!(silence_limit(2_000_000_000), Duration::from_secs(6));
+        let none = Duration::ZERO;
+        assert_eq!(silence_limit(100_000_000, none), Duration::from_secs(1));
+        assert_eq!(silence_limit(10_000_000, none), Duration::from_secs(1));
+        assert_eq!(silence_limit(2_000_000_000, none), Duration::from_secs(6));
+        // Paced heartbeats: three paces, still within 1 s at the slowest pace asked for.
+        let paced = crate::sources::demand::MAX_HEARTBEAT;
+        assert_eq!(silence_limit(100_000_000, paced), Duration::from_secs(1));
+        assert_eq!(silence_limit(2_000_000_000, paced), Duration::from_secs(6));
         // A link healed just after a try's SYN is used by the next try: within the rest of that
         // try (the SYN sent again after 1 s) and one wait.
         assert!(CONNECT_TIMEOUT - Duration::from_secs(1) + BACKOFF_MAX < Duration::from_secs(2));

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use proto::agent::NodeSnapshot;
+use proto::series::Wanted;
 
 use crate::sources::validate;
 
@@ -36,6 +37,9 @@ pub struct NodeState {
     /// delta with entries, a refusal, retirement); not on a heartbeat. `StreamIsActive` looks
     /// again only when a node of its pods moved.
     pub generation: u64,
+    /// The series the stored snapshot carries: every one (a stream of whole snapshots, an agent
+    /// before revision 3), or what its stream asked for ([`crate::sources::demand`]).
+    pub carries: Wanted,
 }
 
 impl NodeState {
@@ -52,6 +56,7 @@ impl NodeState {
             refused: None,
             refused_total: 0,
             generation: 0,
+            carries: Wanted::every(),
         }
     }
 }
@@ -192,8 +197,19 @@ impl View {
         }
     }
 
-    /// Replaces node `node`'s snapshot, received at `at`.
+    /// Replaces node `node`'s snapshot, received at `at`, with every series.
     pub fn update(&mut self, node: usize, snap: NodeSnapshot, at: Instant) {
+        self.update_carrying(node, snap, at, Wanted::every());
+    }
+
+    /// Replaces node `node`'s snapshot, received at `at`, which carries the series `carries`.
+    pub fn update_carrying(
+        &mut self,
+        node: usize,
+        snap: NodeSnapshot,
+        at: Instant,
+        carries: Wanted,
+    ) {
         if self.nodes[node].retired {
             // A stream that outlived its agent's removal by a moment.
             return;
@@ -202,6 +218,7 @@ impl View {
         let n = &mut self.nodes[node];
         n.received = Some(at);
         n.generation += 1;
+        n.carries = carries;
         if n.refused.take().is_some() {
             n.last_error.clear();
         }
@@ -211,11 +228,12 @@ impl View {
     /// of changes: the agent's next deltas follow it, so it must be their base (applied to the
     /// snapshot before it they would build a state the agent never had). The node reads
     /// `UNAVAILABLE` until a delta mends it; its freshness is not renewed.
-    pub fn take_refused(&mut self, node: usize, snap: NodeSnapshot, why: String) {
+    pub fn take_refused(&mut self, node: usize, snap: NodeSnapshot, why: String, carries: Wanted) {
         if self.nodes[node].retired {
             return;
         }
         self.store(node, snap);
+        self.nodes[node].carries = carries;
         self.refuse(node, why);
     }
 
@@ -458,7 +476,7 @@ mod tests {
         // A new stream (the agent restarted) starts with a bad whole snapshot of other pods.
         let mut sender = proto::delta::Sender::new();
         let bad = sender.next(valid("n0", 2, &[("p2", f64::INFINITY), ("p3", 3.0)]));
-        c.write(|v| v.take_refused(0, bad, "p2 is infinite".into()));
+        c.write(|v| v.take_refused(0, bad, "p2 is infinite".into(), Wanted::every()));
         c.read(|v| {
             assert!(
                 !v.pod_gpus.contains_key("p1"),

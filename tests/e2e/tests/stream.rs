@@ -1,13 +1,17 @@
-//! End-to-end: the real `gpuscale-agent`'s stream of changes (agent API revision 3,
+//! End-to-end: the real `gpuscale-agent`'s stream of changes (agent API revision 4,
 //! `WatchRequest.interest`), read as the collector reads it: the series asked for and nothing
-//! else, then heartbeats while nothing changes, then the change itself within a few intervals.
+//! else, then heartbeats (at the pace asked for) while nothing changes, then the change itself
+//! within a few intervals. And the real collector over it: its streams carry only what its
+//! triggers read, and a trigger that reads something new is answered exactly from its first
+//! call.
 
 use std::time::{Duration, Instant};
 
-use e2e::{free_port, gpu, write_scenario, Agent, Scratch};
+use e2e::keda::{scaled_object, Keda};
+use e2e::{free_port, gpu, write_scenario, Agent, Collector, Scratch};
 use proto::agent::agent_client::AgentClient;
 use proto::agent::{Interest, Metric, NodeSnapshot, Series, WatchRequest};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -64,14 +68,19 @@ fn a_stream_of_changes_sends_the_series_asked_for_then_heartbeats_then_the_chang
                     window_s: 0,
                 }],
                 changes_only: true,
+                heartbeat_ms: 0,
             }),
         };
-        let mut stream = client.watch_snapshots(request).await.unwrap().into_inner();
+        let mut stream = client
+            .watch_snapshots(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
 
         // The first message is whole; the state builds up until the GPU reports.
         let first = next(&mut stream).await;
         assert!(!first.delta, "the first message of a stream is whole");
-        assert_eq!(first.api_version, 3);
+        assert_eq!(first.api_version, 4);
         let mut state = first;
         while gpu_util(&state).0 != Some(37.0) {
             proto::delta::apply(&mut state, next(&mut stream).await);
@@ -115,6 +124,128 @@ fn a_stream_of_changes_sends_the_series_asked_for_then_heartbeats_then_the_chang
             proto::delta::apply(&mut state, m);
         }
         assert_eq!(gpu_util(&state).1, 1);
+
+        // Heartbeats at a pace of 500 ms: never closer than that on the agent's clock (its
+        // samples come every 100 ms), while a change still goes out at once (above).
+        let mut paced = request;
+        paced.interest.as_mut().unwrap().heartbeat_ms = 500;
+        let mut stream = client.watch_snapshots(paced).await.unwrap().into_inner();
+        let mut taken = next(&mut stream).await.taken_unix_ns;
+        for _ in 0..4 {
+            let m = next(&mut stream).await;
+            assert!(proto::delta::is_heartbeat(&m), "nothing changed: {m:?}");
+            let gap_ms = (m.taken_unix_ns - taken) / 1_000_000;
+            assert!(gap_ms >= 500, "heartbeats {gap_ms} ms apart, asked for 500");
+            taken = m.taken_unix_ns;
+        }
     });
+    assert!(agent.terminate().success());
+}
+
+const UID: &str = "5eaa5eaa-1111-4222-8333-444444444444";
+
+#[test]
+fn the_collector_streams_what_its_triggers_read_and_a_new_trigger_is_exact_at_its_first_call() {
+    let dir = Scratch::new("stream-collector");
+    let proc_root = dir.path("proc");
+    e2e::fake_proc(&proc_root, 4242, UID, &"c".repeat(64));
+    let scenario = dir.path("scenario.json");
+    write_scenario(&scenario, &[gpu(0)]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut agent = Agent::start(
+        &dir,
+        &scenario,
+        &dir.path("agent.ring"),
+        &[
+            "--listen",
+            &addr,
+            "--ebpf",
+            "off",
+            "--proc-root",
+            proc_root.to_str().unwrap(),
+        ],
+    );
+    let pods = dir.path("pods.json");
+    e2e::write_pods(
+        &pods,
+        &[e2e::pod_item("ml", "llm-0", UID, json!({"app": "llm"}))],
+    );
+    let mut collector = Collector::start(&dir, &addr, &pods);
+    let metrics = |d: &Value| d["pods"][0]["gpus"][0]["metrics"].clone();
+
+    // No trigger yet: each metric's last value, no window. (GPM's, such as tensor_active, come
+    // from the second GPM sample on.)
+    let d = collector
+        .wait_dump(WAIT, |d| {
+            metrics(d)["gpu_util"]["last"] == 37.0 && metrics(d)["tensor_active"]["last"] == 25.0
+        })
+        .unwrap();
+    let windows = |d: &Value, metric: &str| -> Vec<String> {
+        metrics(d)[metric]["windows"]
+            .as_object()
+            .map(|w| w.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for m in ["sm_active", "gpu_util", "power_watts", "tensor_active"] {
+        assert!(windows(&d, m).is_empty(), "{m}: {d}");
+    }
+    assert_eq!(d["streamed"]["heartbeat_ms"], 250, "{d}");
+
+    // A trigger's first call, before any other: GetMetrics answers the exact value of a window
+    // no stream carried (the collector asks its agent and waits for it), never UNAVAILABLE.
+    let mut keda = Keda::connect(&collector.addr);
+    let tensor = scaled_object(
+        "tensor",
+        &[
+            ("metric", "tensor_active"),
+            ("window", "1m"),
+            ("podSelector", "app=llm"),
+            ("targetValue", "50"),
+            ("aggregation", "sum"),
+        ],
+    );
+    let got = keda.metrics(&tensor, "gpuscale-tensor-active-avg-1m-sum");
+    match got {
+        Ok((v, _)) => assert_eq!(v, 25.0),
+        Err(e) => panic!("{e:?}\n{}", collector.daemon.log()),
+    }
+    // And IsActive likewise, for another.
+    let power = scaled_object(
+        "power",
+        &[
+            ("metric", "power_watts"),
+            ("window", "5m"),
+            ("timeAggregation", "max"),
+            ("podSelector", "app=llm"),
+            ("targetValue", "1000"),
+            ("activationThreshold", "300"),
+            ("staleAfter", "800ms"),
+        ],
+    );
+    match keda.is_active(&power) {
+        Ok(active) => assert!(active, "350 W > 300"),
+        Err(e) => panic!("{e:?}\n{}", collector.daemon.log()),
+    }
+
+    // The streams now carry those windows and no other; the heartbeat follows the smallest
+    // staleAfter (800 ms / 4).
+    let d = collector
+        .wait_dump(WAIT, |d| d["streamed"]["heartbeat_ms"] == 200)
+        .unwrap();
+    assert_eq!(windows(&d, "tensor_active"), ["60s"], "{d}");
+    assert_eq!(windows(&d, "power_watts"), ["5m"], "{d}");
+    assert!(windows(&d, "sm_active").is_empty(), "{d}");
+    assert!(windows(&d, "gpu_util").is_empty(), "{d}");
+    assert_eq!(
+        d["streamed"]["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| !s.as_str().unwrap().ends_with(" last"))
+            .collect::<Vec<_>>(),
+        ["tensor_active 60s", "power_watts 5m"],
+        "{d}"
+    );
+    assert!(collector.daemon.terminate().success());
     assert!(agent.terminate().success());
 }

@@ -25,11 +25,12 @@ use proto::agent::{
     Attribution, EbpfState, GpuState, GpuSummary, MetricSummary, NodeSnapshot, PodSummary,
     ProcessUsage, SnapshotRequest, WatchRequest,
 };
+use proto::series::Wanted;
 use tonic::{Request, Response, Status};
 use vocab::Metric;
 
 /// The agent API revision the simulator speaks (the real agent's `API_VERSION`).
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 /// Memory of each simulated GPU (an H100 80GB HBM3 as NVML reports it), bytes.
 pub const GPU_MEMORY_BYTES: u64 = 81_559 << 20;
 /// A pod's `gpu_util` until [`Node::set_gpu_util`] changes it.
@@ -281,7 +282,8 @@ fn unix_now_ns() -> u64 {
 
 struct State {
     values: Vec<f64>,
-    encoded: Option<Encoded>,
+    /// The snapshot encoded with the series it carries (one reader asks for one set).
+    encoded: Option<(Wanted, Encoded)>,
     seq: u64,
     /// Counts value changes, so a stream of changes knows whether its reader has them.
     version: u64,
@@ -318,17 +320,23 @@ impl Node {
         s.version += 1;
     }
 
-    /// The snapshot now, encoded, and the next `seq`.
+    /// How many times values changed.
+    fn version(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).version
+    }
+
+    /// The snapshot now, every series, encoded, and the next `seq`.
     pub fn frame(&self) -> Frame {
-        self.next_frame(None).0
+        self.next_frame(None, Wanted::every()).0
     }
 
     /// The next message of a stream whose reader has the values of version `has` (`None`: a
     /// stream of whole snapshots, or one that sent nothing yet): a heartbeat (a delta with the
     /// header alone, as a real agent sends when only sample times moved) when it has the
     /// current values, else the whole snapshot (a real agent would send the changed entries
-    /// alone: whole is the dearer case for the collector). Also the version it brings.
-    pub fn next_frame(&self, has: Option<u64>) -> (Frame, u64) {
+    /// alone: whole is the dearer case for the collector), with the series `wanted`. Also the
+    /// version it brings.
+    pub fn next_frame(&self, has: Option<u64>, wanted: Wanted) -> (Frame, u64) {
         let now = unix_now_ns();
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seq = s.seq;
@@ -352,17 +360,17 @@ impl Node {
             };
             return (Frame(heartbeat.encode_to_vec().into()), version);
         }
-        if s.encoded.is_none() {
-            s.encoded = Some(encode(snapshot(
-                self.index,
-                &self.shape,
-                &s.values,
-                0,
-                0,
-                0,
-            )));
+        if s.encoded.as_ref().is_none_or(|(w, _)| *w != wanted) {
+            let mut snap = snapshot(self.index, &self.shape, &s.values, 0, 0, 0);
+            for g in &mut snap.gpus {
+                wanted.retain(&mut g.metrics);
+            }
+            for p in &mut snap.pods {
+                wanted.retain(&mut p.metrics);
+            }
+            s.encoded = Some((wanted, encode(snap)));
         }
-        let e = s.encoded.as_mut().expect("encoded above");
+        let (_, e) = s.encoded.as_mut().expect("encoded above");
         for &at in &e.stamps {
             put_varint9(&mut e.bytes[at..at + 9], now);
         }
@@ -416,21 +424,31 @@ impl AgentService {
             .shape
             .interval
             .max(Duration::from_millis(u64::from(request.min_interval_ms)));
-        let changes_only = request.interest.as_ref().is_some_and(|i| i.changes_only);
+        let interest = request.interest.as_ref();
+        let changes_only = interest.is_some_and(|i| i.changes_only);
+        let wanted = interest.map_or_else(Wanted::every, Wanted::of);
+        let heartbeat = Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms)));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             // The values the reader has (streams of changes only).
             let mut has = None;
+            let mut last_sent: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = tx.closed() => break,
                 }
-                let (frame, version) = node.next_frame(has);
+                // Nothing new: a heartbeat, at its pace (as a real agent).
+                let quiet = has.is_some() && has == Some(node.version());
+                if quiet && last_sent.is_some_and(|t| t.elapsed() < heartbeat) {
+                    continue;
+                }
+                let (frame, version) = node.next_frame(has, wanted);
                 let len = frame.0.len() as u64 + 5;
                 match tx.try_send(Ok(frame)) {
                     Ok(()) => {
+                        last_sent = Some(tokio::time::Instant::now());
                         sent.bytes.fetch_add(len, Ordering::Relaxed);
                         sent.snapshots.fetch_add(1, Ordering::Relaxed);
                         if changes_only {
