@@ -182,6 +182,60 @@ pub struct Service {
     agent: Arc<Node>,
     seq: AtomicU64,
     stop: Arc<Stop>,
+    built: Arc<Built>,
+}
+
+/// The node's state as last built for a stream, shared by the streams that ask for the same
+/// series in the same tick: a second collector replica costs the agent its own delta and
+/// encoding, not a second reading of every window. Kept only while more than one stream is
+/// open (one stream has no one to share with).
+#[derive(Default)]
+struct Built {
+    /// Open streams.
+    streams: std::sync::atomic::AtomicUsize,
+    /// ([`Node::samples`] count when built, its series, the state).
+    last: std::sync::Mutex<Option<(u64, Wanted, NodeSnapshot)>>,
+}
+
+impl Built {
+    /// The node's state at sample count `tick` with the series `wanted`, as message `seq` of a
+    /// stream: built once per tick and series, whichever stream asks first.
+    fn get(&self, agent: &Node, tick: u64, wanted: &Wanted, seq: u64) -> NodeSnapshot {
+        if self.streams.load(Ordering::Relaxed) < 2 {
+            return snapshot_of(agent, seq, wanted);
+        }
+        let mut last = gpuscale_health::ops::lock(&self.last);
+        if let Some((t, w, snap)) = &*last {
+            if *t == tick && w == wanted {
+                return NodeSnapshot {
+                    seq,
+                    ..snap.clone()
+                };
+            }
+        }
+        let snap = snapshot_of(agent, seq, wanted);
+        *last = Some((tick, *wanted, snap.clone()));
+        snap
+    }
+}
+
+/// Counts an open stream in [`Built`] while it lives.
+struct StreamOpen(Arc<Built>);
+
+impl StreamOpen {
+    fn new(built: &Arc<Built>) -> StreamOpen {
+        built.streams.fetch_add(1, Ordering::Relaxed);
+        StreamOpen(built.clone())
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::Relaxed) <= 2 {
+            // No one left to share with: free the copy.
+            *gpuscale_health::ops::lock(&self.0.last) = None;
+        }
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<NodeSnapshot, Status>> + Send>>;
@@ -223,8 +277,10 @@ impl AgentApi for Service {
             "collector subscribed"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let open = StreamOpen::new(&self.built);
         tokio::spawn(async move {
             tokio::pin!(stop);
+            let built = &open.0;
             let mut seq = 0u64;
             let mut sent = proto::delta::Sender::new();
             let mut last_sent: Option<tokio::time::Instant> = None;
@@ -235,7 +291,8 @@ impl AgentApi for Service {
                 // it went away. A heartbeat waits for its pace.
                 match tx.try_reserve() {
                     Ok(permit) => {
-                        let snap = snapshot_of(&agent, seq, &wanted);
+                        let tick = *samples.borrow();
+                        let snap = built.get(&agent, tick, &wanted, seq);
                         let message = if changes_only { sent.next(snap) } else { snap };
                         let now = tokio::time::Instant::now();
                         let since = last_sent.map(|t| now - t);
@@ -317,6 +374,7 @@ pub fn serve(
             agent,
             seq: AtomicU64::new(0),
             stop: stop.clone(),
+            built: Arc::default(),
         };
         let server = gpuscale_health::ops::grpc_server(MAX_STREAMS_PER_CONNECTION)
             .add_service(
@@ -509,6 +567,43 @@ mod tests {
         let (a, b) = (snapshot_of(&node, 0, &every), snapshot(&node, 0));
         assert_eq!(b.pods[0].metrics.len(), Metric::ALL.len());
         assert_eq!((a.gpus, a.pods), (b.gpus, b.pods));
+    }
+
+    #[test]
+    fn streams_asking_the_same_series_in_one_tick_share_one_reading() {
+        let node = Node::for_tests(vec![GpuInfo::default()], Duration::from_millis(100));
+        let built = Arc::new(Built::default());
+        let wanted = Wanted::lasts();
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        // One stream: nothing to share, nothing kept.
+        let one = StreamOpen::new(&built);
+        let a = built.get(&node, 7, &wanted, 0);
+        pause();
+        assert_ne!(
+            built.get(&node, 7, &wanted, 1).taken_unix_ns,
+            a.taken_unix_ns
+        );
+        assert!(gpuscale_health::ops::lock(&built.last).is_none());
+        // Two: the second reads what the first built in that tick, as its own message.
+        let two = StreamOpen::new(&built);
+        let first = built.get(&node, 8, &wanted, 3);
+        pause();
+        let second = built.get(&node, 8, &wanted, 9);
+        assert_eq!((second.taken_unix_ns, second.seq), (first.taken_unix_ns, 9));
+        // Another tick, or other series: read again.
+        pause();
+        assert_ne!(
+            built.get(&node, 9, &wanted, 4).taken_unix_ns,
+            first.taken_unix_ns
+        );
+        let every = built.get(&node, 9, &Wanted::every(), 4);
+        assert_eq!(every.gpus[0].metrics.len(), Metric::ALL.len());
+        drop(two);
+        assert!(
+            gpuscale_health::ops::lock(&built.last).is_none(),
+            "one stream left: the copy is freed"
+        );
+        drop(one);
     }
 
     #[test]

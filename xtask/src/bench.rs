@@ -46,9 +46,9 @@ pub struct Options {
     /// What reads the agent, comma separated, each measured: `none` (the agent alone), or a
     /// release collector holding one stream open to it, of `full` snapshots or of `changes`
     /// (the collector's `--agent-stream`; asked for one typical trigger, `sm_active` over 30 s,
-    /// so the stream carries what a cluster with that trigger reads). The difference to `none`
-    /// is what streaming costs.
-    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "full", "changes"])]
+    /// so the stream carries what a cluster with that trigger reads), or `changes-x2`: two such
+    /// collectors (two replicas). The difference to `none` is what streaming costs.
+    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "full", "changes", "changes-x2"])]
     stream: Vec<String>,
     /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
     /// the local cluster (as root; `gpuscale-cluster bench`), this many steps per chain.
@@ -328,7 +328,8 @@ fn free_port() -> Result<u16> {
 
 impl Bench {
     /// Starts `collector` following the agent at `agent_addr` with `--agent-stream mode` and no
-    /// pods, and waits until the agent's log (`agent_log`) says it subscribed.
+    /// pods, and waits until the agent's log (`agent_log`) says it subscribed (once more than
+    /// before: another collector may have subscribed already).
     fn start_collector(
         &self,
         collector: &Path,
@@ -345,6 +346,9 @@ impl Bench {
         .with_context(|| format!("writing {}", pods.display()))?;
         let log = self.dir.join(format!("{name}-collector.log"));
         let listen = format!("127.0.0.1:{}", free_port()?);
+        let said =
+            |what: &str| std::fs::read_to_string(agent_log).map_or(0, |l| l.matches(what).count());
+        let (subscribed, asked) = (said("collector subscribed"), said("series=12"));
         let child = Command::new(collector)
             .args(["serve", "--agents", agent_addr, "--pods-file"])
             .arg(&pods)
@@ -357,8 +361,7 @@ impl Bench {
             .with_context(|| format!("starting {}", collector.display()))?;
         let mut proc = Proc(child);
         let started = Instant::now();
-        while !std::fs::read_to_string(agent_log).is_ok_and(|l| l.contains("collector subscribed"))
-        {
+        while said("collector subscribed") <= subscribed {
             if let Some(status) = proc.0.try_wait()? {
                 bail!(
                     "the collector exited ({status}); its log says:\n{}",
@@ -374,20 +377,29 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         if mode == "changes" {
-            self.ask_for_a_trigger(collector, &listen, agent_log, &log)?;
+            self.ask_for_a_trigger(collector, &listen, &log)?;
+            let started = Instant::now();
+            while said("series=12") <= asked {
+                if started.elapsed() > Duration::from_secs(20) {
+                    bail!(
+                        "the collector's stream did not ask for the trigger's series within \
+                         20 s; its log says:\n{}",
+                        log_tail(&log)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Ok(proc)
     }
 
     /// Names one trigger to the collector at `listen` as KEDA would (`sm_active` over 30 s, the
     /// typical one), so its stream asks the agent for what a cluster with that trigger reads
-    /// (every metric's last value, `sm_active` and `gpu_util` over 30 s), and waits until the
-    /// agent's log shows the stream asked again.
+    /// (every metric's last value, `sm_active` and `gpu_util` over 30 s).
     fn ask_for_a_trigger(
         &self,
         collector: &Path,
         listen: &str,
-        agent_log: &Path,
         collector_log: &Path,
     ) -> Result<()> {
         let out = Command::new(collector)
@@ -407,17 +419,6 @@ impl Bench {
                 String::from_utf8_lossy(&out.stderr),
                 log_tail(collector_log)
             );
-        }
-        let started = Instant::now();
-        while !std::fs::read_to_string(agent_log).is_ok_and(|l| l.contains("series=12")) {
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "the collector's stream did not ask for the trigger's series within 20 s; \
-                     its log says:\n{}",
-                    log_tail(collector_log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -507,12 +508,14 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         // With a stream: a collector that follows this agent, subscribed before measuring.
-        let _collector = match (&listen, &self.collector) {
-            (Some(agent_addr), Some(collector)) => {
-                Some(self.start_collector(collector, agent_addr, stream, &name, &log)?)
+        let mut _collectors = Vec::new();
+        if let (Some(agent_addr), Some(collector)) = (&listen, &self.collector) {
+            let (mode, count) = stream_mode(stream);
+            for k in 1..=count {
+                let name = format!("{name}-{k}");
+                _collectors.push(self.start_collector(collector, agent_addr, mode, &name, &log)?);
             }
-            _ => None,
-        };
+        }
         std::thread::sleep(Duration::from_millis(500));
 
         let reference = reference.map(|r| -> Result<_> { Ok((r.pid(), cpu_ticks(r.pid())?)) });
@@ -624,7 +627,7 @@ impl Bench {
                 if gpus == 1 { "" } else { "s" },
                 match stream {
                     "none" => String::new(),
-                    mode => format!(", one collector stream ({mode})"),
+                    s => format!(", {}", describe_stream(s)),
                 }
             ),
             stream: stream.to_owned(),
@@ -762,8 +765,24 @@ fn per_gpu(rows: &[Measurement]) -> String {
     out
 }
 
-/// What one collector stream costs the agent: each streamed row against the row of the agent
-/// alone with the same GPUs and interval.
+/// The `--agent-stream` mode of `--stream` value `stream`, and how many collectors use it.
+fn stream_mode(stream: &str) -> (&str, usize) {
+    match stream.strip_suffix("-x2") {
+        Some(mode) => (mode, 2),
+        None => (stream, 1),
+    }
+}
+
+/// `--stream` value `stream` in words.
+fn describe_stream(stream: &str) -> String {
+    match stream_mode(stream) {
+        (mode, 1) => format!("one collector stream ({mode})"),
+        (mode, n) => format!("{n} collectors' streams ({mode})"),
+    }
+}
+
+/// What collector streams cost the agent: each streamed row against the row of the agent
+/// alone with the same GPUs and interval (and two collectors' against one's).
 fn streaming_cost(rows: &[Measurement]) -> String {
     let mut out = String::new();
     for r in rows
@@ -777,10 +796,29 @@ fn streaming_cost(rows: &[Measurement]) -> String {
             continue;
         };
         let cost = r.cpu_pct - alone.cpu_pct;
+        let (mode, count) = stream_mode(&r.stream);
+        if count > 1 {
+            if let Some(one) = rows
+                .iter()
+                .find(|o| o.stream == mode && o.gpus == r.gpus && o.interval == r.interval)
+            {
+                out.push_str(&format!(
+                    "- {}, {} GPUs at {}: {:.3} % vs {:.3} % with one: the second adds {:+.3} % \
+                     of a core\n",
+                    describe_stream(&r.stream),
+                    r.gpus.unwrap_or(0),
+                    r.interval,
+                    r.cpu_pct,
+                    one.cpu_pct,
+                    r.cpu_pct - one.cpu_pct,
+                ));
+            }
+            continue;
+        }
         out.push_str(&format!(
-            "- one collector stream ({}), {} GPUs at {}: {:.3} % vs {:.3} % alone: {:+.3} % of a \
+            "- {}, {} GPUs at {}: {:.3} % vs {:.3} % alone: {:+.3} % of a \
              core{}\n",
-            r.stream,
+            describe_stream(&r.stream),
             r.gpus.unwrap_or(0),
             r.interval,
             r.cpu_pct,

@@ -178,15 +178,17 @@ struct AgentRow {
 /// Every series the view gives, copied out under its read lock.
 struct ViewRows {
     agents: Vec<AgentRow>,
-    /// Per metric (indexed like [`POD_METRICS`]): (labels, value).
-    pods: Vec<Vec<(Labels, f64)>>,
+    /// Per (pod, GPU): its labels, and its value of each metric (indexed like
+    /// [`POD_METRICS`]). Labels are kept once per pod and GPU, not once per metric: at
+    /// thousands of nodes a scrape copies tens of thousands of pods.
+    pods: Vec<(Labels, [Option<f64>; POD_METRICS.len()])>,
 }
 
 impl ViewCollector {
     fn rows(&self, now: Instant) -> ViewRows {
         let index = self.pods.index();
         self.cluster.read(|v| {
-            let mut pods = vec![Vec::new(); POD_METRICS.len()];
+            let mut pods = Vec::new();
             let agents = v
                 .nodes
                 .iter()
@@ -210,23 +212,26 @@ impl ViewCollector {
                             let Some(gpu) = snap.gpus.iter().find(|g| g.uuid == p.gpu_uuid) else {
                                 continue;
                             };
+                            let mut values = [None; POD_METRICS.len()];
                             for m in &p.metrics {
-                                let (Some(i), Some(value)) = (
+                                if let (Some(i), Some(value)) = (
                                     POD_METRICS
                                         .iter()
                                         .position(|p| Some(*p) == m.vocab_metric()),
                                     m.last.filter(|v| v.is_finite()),
-                                ) else {
-                                    continue;
-                                };
-                                pods[i].push((
+                                ) {
+                                    values[i] = Some(value);
+                                }
+                            }
+                            if values.iter().any(Option::is_some) {
+                                pods.push((
                                     vec![
                                         ("namespace", meta.namespace.clone()),
                                         ("pod", meta.name.clone()),
                                         ("node", node.clone()),
                                         ("gpu", gpu.index.to_string()),
                                     ],
-                                    value,
+                                    values,
                                 ));
                             }
                         }
@@ -286,7 +291,11 @@ impl Collector for ViewCollector {
              listed twice, oversized names); the reason is logged and in dump",
             rows.agents.iter().map(|a| (a.labels.clone(), a.refused)),
         )?;
-        for (name, series) in POD_METRICS.iter().zip(rows.pods) {
+        for (i, name) in POD_METRICS.iter().enumerate() {
+            let series = rows
+                .pods
+                .iter()
+                .filter_map(|(labels, values)| Some((labels.clone(), values[i]?)));
             gauge_family(
                 &mut encoder,
                 &format!("gpuscale_collector_pod_gpu_{name}"),
@@ -728,10 +737,15 @@ mod tests {
             v.nodes[0].connected = true;
             v.update(0, snapshot(), Instant::now());
         });
-        assert_eq!(c.rows(Instant::now()).pods[0].len(), 1);
-        assert!(c.rows(Instant::now() + Duration::from_secs(11)).pods[0].is_empty());
+        let rows = c.rows(Instant::now());
+        assert_eq!(rows.pods.len(), 1);
+        assert!(rows.pods[0].1[0].is_some(), "sm_active");
+        assert!(c
+            .rows(Instant::now() + Duration::from_secs(11))
+            .pods
+            .is_empty());
         cluster.write(|v| v.nodes[0].connected = false);
-        assert!(c.rows(Instant::now()).pods[0].is_empty());
+        assert!(c.rows(Instant::now()).pods.is_empty());
         assert!(gpuscale_health::encode(&r)
             .unwrap()
             .contains("gpuscale_collector_pod_gpu_sm_active gauge"));

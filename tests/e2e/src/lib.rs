@@ -283,6 +283,30 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts an agent on one fake GPU ([`gpu`]`(0)`, scenario `dir/scenario.json`) whose
+    /// process 4242 belongs to pod `pod_uid` (a fake procfs at `dir/proc`), serving its API on
+    /// a free loopback port without eBPF, with the flags `extra` added; returns it and its
+    /// address.
+    pub fn one_gpu_pod(dir: &Scratch, pod_uid: &str, extra: &[&str]) -> (Agent, String) {
+        let proc_root = dir.path("proc");
+        fake_proc(&proc_root, 4242, pod_uid, &"c".repeat(64));
+        let scenario = dir.path("scenario.json");
+        write_scenario(&scenario, &[gpu(0)]);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let proc_root = proc_root.to_string_lossy();
+        let mut args = vec![
+            "--listen",
+            &addr,
+            "--ebpf",
+            "off",
+            "--proc-root",
+            &proc_root,
+        ];
+        args.extend_from_slice(extra);
+        let agent = Agent::start(dir, &scenario, &dir.path("agent.ring"), &args);
+        (agent, addr)
+    }
+
     /// Starts an agent on `scenario` writing `shm`, with extra flags (node [`NODE`] unless
     /// they name another).
     pub fn start(dir: &Scratch, scenario: &Path, shm: &Path, extra: &[&str]) -> Agent {

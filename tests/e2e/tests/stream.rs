@@ -147,24 +147,7 @@ const UID: &str = "5eaa5eaa-1111-4222-8333-444444444444";
 #[test]
 fn the_collector_streams_what_its_triggers_read_and_a_new_trigger_is_exact_at_its_first_call() {
     let dir = Scratch::new("stream-collector");
-    let proc_root = dir.path("proc");
-    e2e::fake_proc(&proc_root, 4242, UID, &"c".repeat(64));
-    let scenario = dir.path("scenario.json");
-    write_scenario(&scenario, &[gpu(0)]);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut agent = Agent::start(
-        &dir,
-        &scenario,
-        &dir.path("agent.ring"),
-        &[
-            "--listen",
-            &addr,
-            "--ebpf",
-            "off",
-            "--proc-root",
-            proc_root.to_str().unwrap(),
-        ],
-    );
+    let (mut agent, addr) = Agent::one_gpu_pod(&dir, UID, &[]);
     let pods = dir.path("pods.json");
     e2e::write_pods(
         &pods,

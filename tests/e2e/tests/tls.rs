@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::keda::{is_code, scaled_object, Keda};
-use e2e::{collector_bin, free_port, gpu, write_scenario, Agent, Collector, Scratch};
+use e2e::{collector_bin, free_port, Agent, Collector, Scratch};
 use gpuscale_health::pki::{Ca, Issued};
 use serde_json::{json, Value};
 use tonic::Code;
@@ -35,22 +35,10 @@ fn s(p: &Path) -> &str {
 /// An agent on one fake GPU whose process belongs to pod ml/llm-0, serving TLS with
 /// `cert`/`key` and mutual TLS against `client_ca`.
 fn start_agent(dir: &Scratch, cert: &Path, key: &Path, client_ca: &Path) -> (Agent, String) {
-    e2e::fake_proc(&dir.path("proc"), 4242, UID, &"c".repeat(64));
-    let scenario = dir.path("scenario.json");
-    write_scenario(&scenario, &[gpu(0)]);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let proc_root = dir.path("proc");
-    let agent = Agent::start(
+    Agent::one_gpu_pod(
         dir,
-        &scenario,
-        &dir.path("agent.ring"),
+        UID,
         &[
-            "--listen",
-            &addr,
-            "--ebpf",
-            "off",
-            "--proc-root",
-            s(&proc_root),
             "--tls-cert",
             s(cert),
             "--tls-key",
@@ -58,8 +46,7 @@ fn start_agent(dir: &Scratch, cert: &Path, key: &Path, client_ca: &Path) -> (Age
             "--tls-client-ca",
             s(client_ca),
         ],
-    );
-    (agent, addr)
+    )
 }
 
 fn pods_file(dir: &Scratch) -> PathBuf {
