@@ -65,6 +65,24 @@ pub enum PodsFrom {
     Kube,
 }
 
+/// A runtime started from async code: dropped without waiting for its tasks (dropping a
+/// runtime the usual way blocks, which async code must not).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("set until dropped").handle().clone()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Runs the collector until SIGTERM or SIGINT (`gpuscale-collector serve`).
 pub async fn run_until_signalled(config: Config) -> Result<()> {
     run(config, shutdown_signal()).await
@@ -189,12 +207,29 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         stop_rx.clone(),
     ));
     scaler.observe_with(obs.metrics.clone());
-    let fleet = Arc::new(agents::Fleet::new(
-        cluster.clone(),
-        agent_tls.clone(),
-        config.agent_stream,
-        demand,
+    // The agent streams run on threads of their own: at thousands of agents they handle tens
+    // of thousands of messages a second, and a KEDA call must not wait behind them.
+    let ingest = OwnRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(
+                std::thread::available_parallelism()
+                    .map(usize::from)
+                    .unwrap_or(1),
+            )
+            .thread_name("agent-streams")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Serve(format!("cannot start the agent streams' runtime: {e}")))?,
     ));
+    let fleet = Arc::new(
+        agents::Fleet::new(
+            cluster.clone(),
+            agent_tls.clone(),
+            config.agent_stream,
+            demand,
+        )
+        .run_on(ingest.handle()),
+    );
     fleet.set(
         &config
             .agents
@@ -265,6 +300,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .unwrap_or(Ok(()));
     tasks.abort_all();
     fleet.stop();
+    drop(ingest);
     result.map_err(|e| Error::Serve(e.to_string()))
 }
 

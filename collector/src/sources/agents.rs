@@ -439,12 +439,14 @@ pub struct Fleet {
     tls: Option<AgentTls>,
     mode: StreamMode,
     demand: Arc<Demand>,
+    /// Where the streams run ([`Fleet::run_on`]).
+    runtime: tokio::runtime::Handle,
     streams: Mutex<HashMap<Agent, (usize, tokio::task::AbortHandle)>>,
 }
 
 impl Fleet {
     /// Follows no agent yet; will dial agents over TLS with `tls` and ask for `mode`'s streams
-    /// with the series `demand` names.
+    /// with the series `demand` names, on the current runtime. Must run on a tokio runtime.
     pub fn new(
         cluster: Arc<Cluster>,
         tls: Option<AgentTls>,
@@ -456,14 +458,22 @@ impl Fleet {
             tls,
             mode,
             demand,
+            runtime: tokio::runtime::Handle::current(),
             streams: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Runs the streams started from now on `runtime`: the collector gives them a runtime of
+    /// their own, so thousands of agents' messages never queue a KEDA call behind them.
+    #[must_use]
+    pub fn run_on(mut self, runtime: tokio::runtime::Handle) -> Fleet {
+        self.runtime = runtime;
+        self
+    }
+
     /// Makes `agents` the followed set: starts a stream for each new agent, and stops the
     /// streams of agents that left (their nodes leave the view at once); an address now on
-    /// another node is a new agent. Must run on a tokio runtime. Invalid addresses are skipped
-    /// with a warning.
+    /// another node is a new agent. Invalid addresses are skipped with a warning.
     pub fn set(&self, agents: &[Agent]) {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<Agent> = streams
@@ -488,7 +498,7 @@ impl Fleet {
             }
             let mut node = 0;
             self.cluster.write(|v| node = v.add_node(&agent.address));
-            let task = tokio::spawn(follow(Follow {
+            let task = self.runtime.spawn(follow(Follow {
                 cluster: self.cluster.clone(),
                 node,
                 agent: agent.clone(),
