@@ -258,10 +258,7 @@ impl AgentApi for Service {
     ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
         let peer = request.remote_addr();
         let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
-        let interest = request.get_ref().interest.as_ref();
-        let wanted = interest.map_or_else(Wanted::every, Wanted::of);
-        let changes_only = interest.is_some_and(|i| i.changes_only);
-        let heartbeat = Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms)));
+        let terms = proto::delta::StreamTerms::of(request.get_ref());
         let agent = self.agent.clone();
         let stop = self.stop.stopped();
         let mut samples = agent.samples();
@@ -271,9 +268,9 @@ impl AgentApi for Service {
         tracing::info!(
             ?peer,
             min_interval_ms = min.as_millis() as u64,
-            series = wanted.count(),
-            changes_only,
-            heartbeat_ms = heartbeat.as_millis() as u64,
+            series = terms.wanted.count(),
+            changes_only = terms.changes_only,
+            heartbeat_ms = terms.heartbeat.as_millis() as u64,
             "collector subscribed"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -292,11 +289,15 @@ impl AgentApi for Service {
                 match tx.try_reserve() {
                     Ok(permit) => {
                         let tick = *samples.borrow();
-                        let snap = built.get(&agent, tick, &wanted, seq);
-                        let message = if changes_only { sent.next(snap) } else { snap };
+                        let snap = built.get(&agent, tick, &terms.wanted, seq);
+                        let message = if terms.changes_only {
+                            sent.next(snap)
+                        } else {
+                            snap
+                        };
                         let now = tokio::time::Instant::now();
                         let since = last_sent.map(|t| now - t);
-                        if due(&message, heartbeat, since) {
+                        if terms.due(proto::delta::is_heartbeat(&message), since) {
                             permit.send(Ok(message));
                             last_sent = Some(now);
                         }
@@ -320,13 +321,6 @@ impl AgentApi for Service {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
-}
-
-/// Whether `message` goes out now, `since` after the stream's last one (`None`: none sent yet):
-/// anything but a heartbeat always; a heartbeat once `heartbeat` passed (on the sampling grid: a
-/// 250 ms pace at 100 ms samples sends every third).
-fn due(message: &NodeSnapshot, heartbeat: Duration, since: Option<Duration>) -> bool {
-    !proto::delta::is_heartbeat(message) || since.is_none_or(|s| s >= heartbeat)
 }
 
 /// Binds `addr` now, so a taken port fails the agent at start rather than after NVML is up.
@@ -604,29 +598,6 @@ mod tests {
             "one stream left: the copy is freed"
         );
         drop(one);
-    }
-
-    #[test]
-    fn heartbeats_keep_their_pace_and_changes_go_out_at_once() {
-        let heartbeat = NodeSnapshot {
-            delta: true,
-            ..NodeSnapshot::default()
-        };
-        let change = NodeSnapshot {
-            delta: true,
-            pods: vec![PodSummary::default()],
-            ..NodeSnapshot::default()
-        };
-        let whole = NodeSnapshot::default();
-        let pace = Duration::from_millis(250);
-        let ms = |n| Some(Duration::from_millis(n));
-        assert!(due(&heartbeat, pace, None), "the first message");
-        assert!(!due(&heartbeat, pace, ms(100)));
-        assert!(!due(&heartbeat, pace, ms(200)));
-        assert!(due(&heartbeat, pace, ms(300)));
-        assert!(due(&change, pace, ms(1)), "a change waits for no pace");
-        assert!(due(&whole, pace, ms(1)));
-        assert!(due(&heartbeat, Duration::ZERO, ms(0)), "0: every interval");
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! so an applied state keeps that field from the entry's last change.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
-use crate::agent::{DeviceOpen, GpuSummary, NodeSnapshot, PodKey, PodSummary};
+use crate::agent::{DeviceOpen, GpuSummary, NodeSnapshot, PodKey, PodSummary, WatchRequest};
+use crate::series::Wanted;
 
 /// An entry of a node's state, matched across states by its key.
 trait Entry: Clone + PartialEq {
@@ -166,6 +168,37 @@ pub fn is_heartbeat(m: &NodeSnapshot) -> bool {
         && !m.opens_changed
 }
 
+/// What a `WatchRequest` asks of its stream, as an agent (or the scale simulator) serves it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StreamTerms {
+    /// The series to send (every one without `Interest`, or when it names none).
+    pub wanted: Wanted,
+    /// Send only what changed after the first message (`Interest.changes_only`).
+    pub changes_only: bool,
+    /// The least time between two heartbeats (`Interest.heartbeat_ms`, revision 4; zero: every
+    /// interval).
+    pub heartbeat: Duration,
+}
+
+impl StreamTerms {
+    /// The terms `request` asks for.
+    pub fn of(request: &WatchRequest) -> StreamTerms {
+        let interest = request.interest.as_ref();
+        StreamTerms {
+            wanted: interest.map_or_else(Wanted::every, Wanted::of),
+            changes_only: interest.is_some_and(|i| i.changes_only),
+            heartbeat: Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms))),
+        }
+    }
+
+    /// Whether a message goes out now, `since` after the stream's last one (`None`: none sent
+    /// yet): anything but a heartbeat (`heartbeat` says which) always; a heartbeat once the
+    /// pace passed (on the sampling grid: a 250 ms pace at 100 ms samples sends every third).
+    pub fn due(&self, heartbeat: bool, since: Option<Duration>) -> bool {
+        !heartbeat || since.is_none_or(|s| s >= self.heartbeat)
+    }
+}
+
 /// Whether applying `delta` to `base` adds or removes entries or renames the node (so whatever
 /// indexes `base`'s entries by position or by node must index it again).
 pub fn reshapes(base: &NodeSnapshot, delta: &NodeSnapshot) -> bool {
@@ -287,6 +320,52 @@ mod tests {
         s.pods
             .sort_by(|a, b| (&a.pod_uid, &a.gpu_uuid).cmp(&(&b.pod_uid, &b.gpu_uuid)));
         s
+    }
+
+    #[test]
+    fn heartbeats_keep_their_pace_and_changes_go_out_at_once() {
+        let heartbeat = NodeSnapshot {
+            delta: true,
+            ..NodeSnapshot::default()
+        };
+        let change = NodeSnapshot {
+            delta: true,
+            pods: vec![PodSummary::default()],
+            ..NodeSnapshot::default()
+        };
+        let whole = NodeSnapshot::default();
+        let pace = Duration::from_millis(250);
+        let request = |heartbeat_ms| WatchRequest {
+            min_interval_ms: 0,
+            interest: Some(crate::agent::Interest {
+                series: Vec::new(),
+                changes_only: true,
+                heartbeat_ms,
+            }),
+        };
+        let terms = StreamTerms::of(&request(250));
+        assert_eq!((terms.heartbeat, terms.changes_only), (pace, true));
+        let due = |m: &NodeSnapshot, pace, since| {
+            StreamTerms {
+                heartbeat: pace,
+                ..terms
+            }
+            .due(is_heartbeat(m), since)
+        };
+        let ms = |n| Some(Duration::from_millis(n));
+        assert!(due(&heartbeat, pace, None), "the first message");
+        assert!(!due(&heartbeat, pace, ms(100)));
+        assert!(!due(&heartbeat, pace, ms(200)));
+        assert!(due(&heartbeat, pace, ms(300)));
+        assert!(due(&change, pace, ms(1)), "a change waits for no pace");
+        assert!(due(&whole, pace, ms(1)));
+        assert!(due(&heartbeat, Duration::ZERO, ms(0)), "0: every interval");
+        // No interest: every series, whole, every interval (revision 2's stream).
+        let plain = StreamTerms::of(&WatchRequest::default());
+        assert_eq!(
+            (plain.wanted, plain.changes_only, plain.heartbeat),
+            (Wanted::every(), false, Duration::ZERO)
+        );
     }
 
     #[test]

@@ -39,8 +39,8 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_millis(250);
 /// whole state at once when asked again: about one sample interval), inside KEDA's 3 s
 /// deadline for a call.
 pub const FIRST_READ_WITHIN: Duration = Duration::from_secs(2);
-/// Most distinct pinned ScaledObjects (in-cluster): past it, the oldest pins are dropped (their
-/// triggers still stream once KEDA asks).
+/// Most distinct pinned ScaledObjects (in-cluster): past it, a new pin drops an arbitrary other
+/// one (its triggers still stream once KEDA asks).
 const MAX_PINNED: usize = 100_000;
 
 /// What the streams ask for.

@@ -424,10 +424,7 @@ impl AgentService {
             .shape
             .interval
             .max(Duration::from_millis(u64::from(request.min_interval_ms)));
-        let interest = request.interest.as_ref();
-        let changes_only = interest.is_some_and(|i| i.changes_only);
-        let wanted = interest.map_or_else(Wanted::every, Wanted::of);
-        let heartbeat = Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms)));
+        let terms = proto::delta::StreamTerms::of(request);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -440,18 +437,18 @@ impl AgentService {
                     _ = tx.closed() => break,
                 }
                 // Nothing new: a heartbeat, at its pace (as a real agent).
-                let quiet = has.is_some() && has == Some(node.version());
-                if quiet && last_sent.is_some_and(|t| t.elapsed() < heartbeat) {
+                let quiet = has == Some(node.version());
+                if !terms.due(quiet, last_sent.map(|t| t.elapsed())) {
                     continue;
                 }
-                let (frame, version) = node.next_frame(has, wanted);
+                let (frame, version) = node.next_frame(has, terms.wanted);
                 let len = frame.0.len() as u64 + 5;
                 match tx.try_send(Ok(frame)) {
                     Ok(()) => {
                         last_sent = Some(tokio::time::Instant::now());
                         sent.bytes.fetch_add(len, Ordering::Relaxed);
                         sent.snapshots.fetch_add(1, Ordering::Relaxed);
-                        if changes_only {
+                        if terms.changes_only {
                             has = Some(version);
                         }
                     }
