@@ -280,7 +280,9 @@ impl AgentApi for Service {
             let built = &open.0;
             let mut seq = 0u64;
             let mut sent = proto::delta::Sender::new();
-            let mut last_sent: Option<tokio::time::Instant> = None;
+            // When the last message sent was taken, on this agent's clock: the pace holds on
+            // the clock the messages carry (and the collector ages data by).
+            let mut last_taken: Option<u64> = None;
             loop {
                 // The current state at once, then after every tick's samples. A full channel
                 // means a slow collector: skip this tick rather than queue stale state (the
@@ -295,11 +297,13 @@ impl AgentApi for Service {
                         } else {
                             snap
                         };
-                        let now = tokio::time::Instant::now();
-                        let since = last_sent.map(|t| now - t);
+                        // A clock set back: due, as for the first message.
+                        let since = last_taken
+                            .and_then(|t| message.taken_unix_ns.checked_sub(t))
+                            .map(Duration::from_nanos);
                         if terms.due(proto::delta::is_heartbeat(&message), since) {
+                            last_taken = Some(message.taken_unix_ns);
                             permit.send(Ok(message));
-                            last_sent = Some(now);
                         }
                     }
                     Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
