@@ -39,6 +39,10 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_millis(250);
 /// whole state at once when asked again: about one sample interval), inside KEDA's 3 s
 /// deadline for a call.
 pub const FIRST_READ_WITHIN: Duration = Duration::from_secs(2);
+/// Most distinct (series, `staleAfter`) pairs kept as asked for: a cluster uses a handful, and
+/// KEDA's callers must not grow the collector without bound (past it, the least recently
+/// asked is forgotten; it streams again at its next call).
+const MAX_ASKED: usize = 4096;
 /// Most distinct pinned ScaledObjects (in-cluster): past it, a new pin drops an arbitrary other
 /// one (its triggers still stream once KEDA asks).
 const MAX_PINNED: usize = 100_000;
@@ -175,6 +179,12 @@ impl Demand {
         }
         drop(s);
         self.change(|s| {
+            if s.asked.len() >= MAX_ASKED {
+                let oldest = s.asked.iter().min_by_key(|(_, at)| **at).map(|(n, _)| *n);
+                if let Some(n) = oldest {
+                    s.asked.remove(&n);
+                }
+            }
             s.asked.insert(need, now);
         });
     }
@@ -317,6 +327,25 @@ mod tests {
             now,
         );
         assert_eq!(d.current().heartbeat, Duration::from_millis(125));
+    }
+
+    #[test]
+    fn callers_cannot_grow_what_is_kept_as_asked_past_its_bound() {
+        let d = Demand::default();
+        let t0 = Instant::now();
+        for ms in 0..=MAX_ASKED as u64 {
+            let stale = format!("{}ms", 500 + ms);
+            d.asked(
+                &trigger(&[("metric", "gpu_util"), ("staleAfter", &stale)]),
+                t0 + Duration::from_millis(ms),
+            );
+        }
+        let s = d.lock();
+        assert_eq!(s.asked.len(), MAX_ASKED);
+        assert!(
+            !s.asked.values().any(|&at| at == t0),
+            "the least recently asked is the one forgotten"
+        );
     }
 
     #[test]
