@@ -183,6 +183,25 @@ pub struct Service {
     seq: AtomicU64,
     stop: Arc<Stop>,
     built: Arc<Built>,
+    /// Where the paced streams' turns are counted from ([`next_turn`]).
+    epoch: tokio::time::Instant,
+}
+
+/// The first turn of a stream paced at `every` at or after `after`. Turns fall on one grid of
+/// `every` from `epoch` for every stream of this agent, so streams paced alike (two collector
+/// replicas) read the same tick and share it ([`Built`]); an agent's grid starts when it does,
+/// so a cluster's agents do not send all at once.
+fn next_turn(
+    epoch: tokio::time::Instant,
+    after: tokio::time::Instant,
+    every: Duration,
+) -> tokio::time::Instant {
+    let (since, every) = (
+        after.saturating_duration_since(epoch).as_nanos(),
+        every.as_nanos().max(1),
+    );
+    let turns = since.div_ceil(every);
+    epoch + Duration::from_nanos(u64::try_from(turns * every).unwrap_or(u64::MAX))
 }
 
 /// The node's state as last built for a stream, shared by the streams that ask for the same
@@ -260,6 +279,7 @@ impl AgentApi for Service {
         let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
         let terms = proto::delta::StreamTerms::of(request.get_ref());
         let agent = self.agent.clone();
+        let epoch = self.epoch;
         let stop = self.stop.stopped();
         let mut samples = agent.samples();
         // Every GPU samples on the same grid; wait this long after the first sample of a tick
@@ -311,6 +331,22 @@ impl AgentApi for Service {
                 }
                 seq += 1;
                 let sent_at = tokio::time::Instant::now();
+                // A stream paced slower than the samples wakes once per turn (on the agent's
+                // grid, `min` apart), not at every tick between (each wake costs this thread a
+                // context switch), and reads the newest tick then; one whose node stopped
+                // sampling waits for the next sample (no heartbeat: a heartbeat says the node
+                // samples).
+                if min > agent.interval {
+                    let turn = next_turn(epoch, sent_at + min / 2, min);
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        () = tokio::time::sleep_until(turn) => {}
+                    }
+                    if matches!(samples.has_changed(), Ok(true)) {
+                        samples.borrow_and_update();
+                        continue;
+                    }
+                }
                 tokio::select! {
                     _ = &mut stop => break,
                     changed = samples.changed() => if changed.is_err() { break },
@@ -373,6 +409,7 @@ pub fn serve(
             seq: AtomicU64::new(0),
             stop: stop.clone(),
             built: Arc::default(),
+            epoch: tokio::time::Instant::now(),
         };
         let server = gpuscale_health::ops::grpc_server(MAX_STREAMS_PER_CONNECTION)
             .add_service(
@@ -565,6 +602,36 @@ mod tests {
         let (a, b) = (snapshot_of(&node, 0, &every), snapshot(&node, 0));
         assert_eq!(b.pods[0].metrics.len(), Metric::ALL.len());
         assert_eq!((a.gpus, a.pods), (b.gpus, b.pods));
+    }
+
+    #[test]
+    fn paced_turns_fall_on_one_grid_every_pace_apart() {
+        let epoch = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        let every = ms(500);
+        // A stream that began off the grid joins it, at least half a pace after its first
+        // message; then one turn per pace, wherever in it the message went out.
+        assert_eq!(
+            next_turn(epoch, epoch + ms(1_300) + every / 2, every),
+            epoch + ms(2_000)
+        );
+        assert_eq!(
+            next_turn(epoch, epoch + ms(1_130) + every / 2, every),
+            epoch + ms(1_500)
+        );
+        assert_eq!(
+            next_turn(epoch, epoch + ms(1_010) + every / 2, every),
+            epoch + ms(1_500)
+        );
+        assert_eq!(
+            next_turn(epoch, epoch + ms(2_003) + every / 2, every),
+            epoch + ms(2_500)
+        );
+        assert_eq!(
+            next_turn(epoch, epoch + ms(2_500), every),
+            epoch + ms(2_500)
+        );
+        assert_eq!(next_turn(epoch, epoch, every), epoch);
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub struct StreamTerms {
     /// The least time between two heartbeats (`Interest.heartbeat_ms`, revision 4; zero: every
     /// interval).
     pub heartbeat: Duration,
+    /// The least time between two messages (`WatchRequest.min_interval_ms`; zero: every
+    /// interval).
+    pub every: Duration,
 }
 
 impl StreamTerms {
@@ -188,14 +191,18 @@ impl StreamTerms {
             wanted: interest.map_or_else(Wanted::every, Wanted::of),
             changes_only: interest.is_some_and(|i| i.changes_only),
             heartbeat: Duration::from_millis(u64::from(interest.map_or(0, |i| i.heartbeat_ms))),
+            every: Duration::from_millis(u64::from(request.min_interval_ms)),
         }
     }
 
     /// Whether a message goes out now, `since` after the stream's last one (`None`: none sent
     /// yet): anything but a heartbeat (`heartbeat` says which) always; a heartbeat once the
-    /// pace passed (on the sampling grid: a 250 ms pace at 100 ms samples sends every third).
+    /// pace passed (on the sampling grid: a 250 ms pace at 100 ms samples sends every third),
+    /// or at every turn of a stream whose `min_interval_ms` is no shorter than the pace (its
+    /// turns are that far apart already: measured again on the data's own clock, a turn could
+    /// fall a hair short and skip the heartbeat to the turn after).
     pub fn due(&self, heartbeat: bool, since: Option<Duration>) -> bool {
-        !heartbeat || since.is_none_or(|s| s >= self.heartbeat)
+        !heartbeat || self.every >= self.heartbeat || since.is_none_or(|s| s >= self.heartbeat)
     }
 }
 
@@ -360,11 +367,27 @@ mod tests {
         assert!(due(&change, pace, ms(1)), "a change waits for no pace");
         assert!(due(&whole, pace, ms(1)));
         assert!(due(&heartbeat, Duration::ZERO, ms(0)), "0: every interval");
+        // A stream paced by min_interval_ms sends a heartbeat at each of its turns.
+        let paced = StreamTerms {
+            every: pace,
+            ..terms
+        };
+        assert!(paced.due(true, ms(249)));
+        assert!(!StreamTerms {
+            every: Duration::from_millis(100),
+            ..terms
+        }
+        .due(true, ms(249)));
         // No interest: every series, whole, every interval (revision 2's stream).
         let plain = StreamTerms::of(&WatchRequest::default());
         assert_eq!(
-            (plain.wanted, plain.changes_only, plain.heartbeat),
-            (Wanted::every(), false, Duration::ZERO)
+            (
+                plain.wanted,
+                plain.changes_only,
+                plain.heartbeat,
+                plain.every
+            ),
+            (Wanted::every(), false, Duration::ZERO, Duration::ZERO)
         );
     }
 

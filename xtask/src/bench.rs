@@ -47,8 +47,10 @@ pub struct Options {
     /// release collector holding one stream open to it, of `full` snapshots or of `changes`
     /// (the collector's `--agent-stream`; asked for one typical trigger, `sm_active` over 30 s,
     /// so the stream carries what a cluster with that trigger reads), or `changes-x2`: two such
-    /// collectors (two replicas). The difference to `none` is what streaming costs.
-    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "full", "changes", "changes-x2"])]
+    /// collectors (two replicas), or `served`: the agent serving its API (`--listen`, as it
+    /// always does when deployed) with no stream open. The difference to `served` (else to
+    /// `none`) is what streaming costs.
+    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "served", "full", "changes", "changes-x2"])]
     stream: Vec<String>,
     /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
     /// the local cluster (as root; `gpuscale-cluster bench`), this many steps per chain.
@@ -509,7 +511,9 @@ impl Bench {
         }
         // With a stream: a collector that follows this agent, subscribed before measuring.
         let mut _collectors = Vec::new();
-        if let (Some(agent_addr), Some(collector)) = (&listen, &self.collector) {
+        if let (Some(agent_addr), Some(collector), false) =
+            (&listen, &self.collector, stream == "served")
+        {
             let (mode, count) = stream_mode(stream);
             for k in 1..=count {
                 let name = format!("{name}-{k}");
@@ -775,6 +779,9 @@ fn stream_mode(stream: &str) -> (&str, usize) {
 
 /// `--stream` value `stream` in words.
 fn describe_stream(stream: &str) -> String {
+    if stream == "served" {
+        return "API served, no stream".into();
+    }
     match stream_mode(stream) {
         (mode, 1) => format!("one collector stream ({mode})"),
         (mode, n) => format!("{n} collectors' streams ({mode})"),
@@ -782,18 +789,39 @@ fn describe_stream(stream: &str) -> String {
 }
 
 /// What collector streams cost the agent: each streamed row against the row of the agent
-/// alone with the same GPUs and interval (and two collectors' against one's).
+/// serving its API with no stream (`served`), else of the agent alone, with the same GPUs and
+/// interval (and two collectors' against one's); and what serving the API costs.
 fn streaming_cost(rows: &[Measurement]) -> String {
     let mut out = String::new();
+    let row = |stream: &str, like: &Measurement| {
+        rows.iter()
+            .find(|a| a.stream == stream && a.gpus == like.gpus && a.interval == like.interval)
+    };
     for r in rows
         .iter()
         .filter(|r| r.stream != "none" && r.gpus.is_some())
     {
-        let Some(alone) = rows
-            .iter()
-            .find(|a| a.stream == "none" && a.gpus == r.gpus && a.interval == r.interval)
-        else {
+        if r.stream == "served" {
+            if let Some(alone) = row("none", r) {
+                out.push_str(&format!(
+                    "- serving the API with no stream, {} GPUs at {}: {:.3} % vs {:.3} % alone: \
+                     {:+.3} % of a core\n",
+                    r.gpus.unwrap_or(0),
+                    r.interval,
+                    r.cpu_pct,
+                    alone.cpu_pct,
+                    r.cpu_pct - alone.cpu_pct,
+                ));
+            }
             continue;
+        }
+        let Some(alone) = row("served", r).or_else(|| row("none", r)) else {
+            continue;
+        };
+        let base = if alone.stream == "served" {
+            "serving with no stream"
+        } else {
+            "alone"
         };
         let cost = r.cpu_pct - alone.cpu_pct;
         let (mode, count) = stream_mode(&r.stream);
@@ -816,7 +844,7 @@ fn streaming_cost(rows: &[Measurement]) -> String {
             continue;
         }
         out.push_str(&format!(
-            "- {}, {} GPUs at {}: {:.3} % vs {:.3} % alone: {:+.3} % of a \
+            "- {}, {} GPUs at {}: {:.3} % vs {:.3} % {base}: {:+.3} % of a \
              core{}\n",
             describe_stream(&r.stream),
             r.gpus.unwrap_or(0),
@@ -905,7 +933,7 @@ pub fn run(o: Options) -> Result<()> {
         bail!("nothing to measure: give at least one --gpus count and one --interval");
     }
 
-    let streamed = o.stream.iter().any(|s| s != "none");
+    let streamed = o.stream.iter().any(|s| s != "none" && s != "served");
     let mut packages = vec!["-p", "agent", "-p", "fake-nvml"];
     if streamed {
         packages.extend(["-p", "collector"]);

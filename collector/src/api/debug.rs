@@ -93,6 +93,7 @@ pub fn streamed(ask: &Ask) -> Streamed {
             })
             .collect(),
         heartbeat_ms: ask.heartbeat.as_millis() as u32,
+        every_sample: ask.every_tick,
     }
 }
 

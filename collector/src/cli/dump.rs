@@ -72,7 +72,10 @@ pub struct DumpJson<'a> {
 /// metric's last value.
 #[derive(Debug, Serialize)]
 pub struct StreamedJson<'a> {
-    /// How often a node with nothing new proves it still samples.
+    /// Changes go out at every sample (a `StreamIsActive` stream is open), not once per pace.
+    pub every_sample: bool,
+    /// The pace: one message per this many ms, what changed or a heartbeat (proving the node
+    /// still samples).
     pub heartbeat_ms: u32,
     /// `sm_active 30s`, `gpu_util last`…: a window no series lists is absent from `metrics`.
     pub series: &'a [String],
@@ -326,6 +329,7 @@ pub fn to_json<'a>(addr: &'a str, v: &'a ClusterView) -> DumpJson<'a> {
             })
             .collect(),
         streamed: v.streamed.as_ref().map(|s| StreamedJson {
+            every_sample: s.every_sample,
             heartbeat_ms: s.heartbeat_ms,
             series: &s.series,
         }),
@@ -371,14 +375,20 @@ pub fn render_table(addr: &str, v: &ClusterView) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "agents stream each metric's last value{}, heartbeat every {} ms (windows no \
-             trigger reads show -)",
+            "agents stream each metric's last value{}, {} (windows no trigger reads show -)",
             if windows.is_empty() {
                 " and no window (no trigger asked yet)".to_owned()
             } else {
                 format!(" and {}", windows.join(", "))
             },
-            s.heartbeat_ms
+            if s.every_sample {
+                format!(
+                    "changes at every sample (activation is watched), a heartbeat every {} ms",
+                    s.heartbeat_ms
+                )
+            } else {
+                format!("once every {} ms (changes or a heartbeat)", s.heartbeat_ms)
+            }
         );
     }
     let _ = writeln!(
@@ -581,6 +591,7 @@ mod tests {
             streamed: Some(proto::collector::Streamed {
                 series: vec!["sm_active last".into(), "sm_active 30s".into()],
                 heartbeat_ms: 250,
+                every_sample: true,
             }),
         }
     }

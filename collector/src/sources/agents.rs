@@ -60,8 +60,8 @@ const FIRST_SNAPSHOT_WITHIN: Duration = Duration::from_secs(10);
 /// [`SILENCE_MIN`]. Waiting for TCP instead would let a link cut further away than either end
 /// (neither kernel sees it) heal only at the agent's next retransmission, 3 s or more after a
 /// few seconds' cut, and a half-open connection last until the HTTP/2 keep-alive (10 s).
-/// With paced heartbeats (`heartbeat`, see [`crate::sources::demand`]) a quiet node sends one
-/// per pace: three paces.
+/// With a paced stream (`heartbeat`, see [`crate::sources::demand`]) a node sends one message
+/// per pace, changes or a heartbeat: three paces (1.5 s at the slowest pace).
 fn silence_limit(interval_ns: u64, heartbeat: Duration) -> Duration {
     (3 * Duration::from_nanos(interval_ns).max(heartbeat)).max(SILENCE_MIN)
 }
@@ -128,6 +128,20 @@ async fn connect(
 /// How long after the series asked for change a stream asks again: changes that come together
 /// (KEDA reading its ScaledObjects at start) make one new stream, not one each.
 const ASK_SETTLE: Duration = Duration::from_millis(20);
+/// Over how long the streams ask again, each at its own point (by its node's slot,
+/// [`ask_again_after`]): each answers with the node's whole state, and thousands of them at
+/// the same moment (KEDA opening its `StreamIsActive` streams at 5,000 nodes) kept the ingest
+/// threads busy past the silence limit, so streams were given up as silent and dialed again,
+/// whole state and all, over and over (`cargo xtask bench-scale`). Inside
+/// [`crate::sources::demand::FIRST_READ_WITHIN`], which a trigger's first call waits.
+const ASK_SPREAD: Duration = Duration::from_millis(1000);
+
+/// How long after what is asked changed the stream of slot `node` asks again: [`ASK_SETTLE`]
+/// plus its own point in [`ASK_SPREAD`].
+fn ask_again_after(node: usize) -> Duration {
+    let spread = ASK_SPREAD.as_millis() as u64;
+    ASK_SETTLE + Duration::from_millis((node as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread)
+}
 
 /// What the collector asks its agents to send (`--agent-stream`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -141,10 +155,14 @@ pub enum StreamMode {
 }
 
 impl StreamMode {
-    /// The stream request for this mode, asking for `ask` in a stream of changes.
+    /// The stream request for this mode, asking for `ask` in a stream of changes: one message
+    /// per pace, or one per sample while activation is watched ([`Ask::every_tick`]).
     fn request(self, ask: &Ask) -> WatchRequest {
         WatchRequest {
-            min_interval_ms: 0,
+            min_interval_ms: match self {
+                StreamMode::Changes if !ask.every_tick => ask.heartbeat.as_millis() as u32,
+                _ => 0,
+            },
             interest: match self {
                 StreamMode::Changes => Some(Interest {
                     series: ask.wanted.series(),
@@ -333,7 +351,7 @@ async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
             // The triggers in use read other series now: ask again on the same connection (the
             // old stream ends; the new one starts whole).
             Ok(()) = asks.changed(), if mode == StreamMode::Changes => {
-                tokio::time::sleep(ASK_SETTLE).await;
+                tokio::time::sleep(ask_again_after(node)).await;
                 ask = *asks.borrow_and_update();
                 stream = watch(ask).await?;
                 limit = FIRST_SNAPSHOT_WITHIN;
@@ -540,14 +558,36 @@ mod tests {
     }
 
     #[test]
+    fn streams_ask_again_spread_over_a_second_inside_the_first_reads_wait() {
+        let after: Vec<Duration> = (0..5000).map(ask_again_after).collect();
+        assert!(after
+            .iter()
+            .all(|d| *d >= ASK_SETTLE && *d < ASK_SETTLE + ASK_SPREAD));
+        // Spread: no tenth of the second holds more than twice its share.
+        let mut tenths = [0usize; 10];
+        for d in &after {
+            tenths[((*d - ASK_SETTLE).as_millis() / 100) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n < 1000), "{tenths:?}");
+        assert!(ASK_SETTLE + ASK_SPREAD < crate::sources::demand::FIRST_READ_WITHIN);
+    }
+
+    #[test]
     fn a_silent_stream_is_given_up_after_three_intervals_and_retries_keep_a_heal_under_2s() {
         let none = Duration::ZERO;
         assert_eq!(silence_limit(100_000_000, none), Duration::from_secs(1));
         assert_eq!(silence_limit(10_000_000, none), Duration::from_secs(1));
         assert_eq!(silence_limit(2_000_000_000, none), Duration::from_secs(6));
-        // Paced heartbeats: three paces, still within 1 s at the slowest pace asked for.
+        // Paced streams: three paces, 1.5 s at the slowest pace asked for.
         let paced = crate::sources::demand::MAX_HEARTBEAT;
-        assert_eq!(silence_limit(100_000_000, paced), Duration::from_secs(1));
+        assert_eq!(
+            silence_limit(100_000_000, paced),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            silence_limit(100_000_000, Duration::from_millis(250)),
+            Duration::from_secs(1)
+        );
         assert_eq!(silence_limit(2_000_000_000, paced), Duration::from_secs(6));
         // A link healed just after a try's SYN is used by the next try: within the rest of that
         // try (the SYN sent again after 1 s) and one wait.

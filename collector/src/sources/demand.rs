@@ -10,10 +10,15 @@
 //! - in-cluster, a ScaledObject with that trigger exists ([`Demand::pin`]), so its series stream
 //!   before KEDA's first call.
 //!
-//! The heartbeat pace (`Interest.heartbeat_ms`) is a quarter of the smallest `staleAfter` in use,
-//! at most [`MAX_HEARTBEAT`]: a quiet node's data is never older than its pace plus a sample
-//! interval, well inside every trigger's `staleAfter`, and its stream is still given up within
-//! 1 s of going silent (three paces, see `agents::silence_limit`).
+//! The pace (`Interest.heartbeat_ms`) is a quarter of the smallest `staleAfter` in use, at most
+//! [`MAX_HEARTBEAT`]: a quiet node sends a heartbeat once per pace, and a busy one sends what
+//! changed once per pace too (`WatchRequest.min_interval_ms`), unless a `StreamIsActive` stream
+//! is open ([`Ask::every_tick`]): activation must turn within two sample intervals, so then
+//! changes go out at every sample. A node's data is never older than its pace plus a sample
+//! interval, well inside every trigger's `staleAfter` (and within 1 s, for the values KEDA
+//! reads every 15–30 s), and its stream is given up within 1.5 s of going silent (three paces,
+//! see `agents::silence_limit`). An agent woken twice a second instead of ten times costs about
+//! a fifth as much (docs/BENCHMARKS.md).
 //!
 //! When what is asked changes, every stream asks again (a new `WatchSnapshots` on the same
 //! connection, whose first message is whole). A trigger's first call finds its series on their
@@ -32,9 +37,9 @@ use crate::model::trigger::Trigger;
 /// polls every 15–30 s, so a trigger in use never lapses, and one deleted stops costing the
 /// agents within minutes.
 pub const ASKED_FOR: Duration = Duration::from_secs(5 * 60);
-/// The slowest heartbeat asked for: three of them fit in the 1 s after which a silent stream
-/// is given up.
-pub const MAX_HEARTBEAT: Duration = Duration::from_millis(250);
+/// The slowest pace asked for: a value in use reaches the collector within it (plus a sample
+/// interval), and three of them are the 1.5 s after which a silent stream is given up.
+pub const MAX_HEARTBEAT: Duration = Duration::from_millis(500);
 /// How long a call whose series are not streamed yet waits for them (the agents send their
 /// whole state at once when asked again: about one sample interval), inside KEDA's 3 s
 /// deadline for a call.
@@ -52,8 +57,11 @@ const MAX_PINNED: usize = 100_000;
 pub struct Ask {
     /// The series.
     pub wanted: Wanted,
-    /// How often a node with nothing new sends a heartbeat.
+    /// How often a node with nothing new sends a heartbeat, and (unless `every_tick`) how
+    /// often a node sends what changed.
     pub heartbeat: Duration,
+    /// Changes go out at every sample: a `StreamIsActive` stream is open.
+    pub every_tick: bool,
 }
 
 impl Ask {
@@ -62,6 +70,7 @@ impl Ask {
         Ask {
             wanted: Wanted::lasts(),
             heartbeat: MAX_HEARTBEAT,
+            every_tick: false,
         }
     }
 }
@@ -92,6 +101,7 @@ impl State {
             .chain(self.held.keys())
             .chain(self.pinned.values().flatten());
         let mut ask = Ask::base();
+        ask.every_tick = !self.held.is_empty();
         for (wanted, stale) in needs {
             ask.wanted = ask.wanted.union(*wanted);
             ask.heartbeat = ask.heartbeat.min(*stale / 4);
@@ -161,6 +171,7 @@ impl Demand {
                 tracing::info!(
                     series = ask.wanted.count(),
                     heartbeat_ms = ask.heartbeat.as_millis() as u64,
+                    every_tick = ask.every_tick,
                     "agent streams ask for a new set of series"
                 );
             }
@@ -317,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn the_heartbeat_is_a_quarter_of_the_smallest_stale_after_at_most_250ms() {
+    fn the_pace_is_a_quarter_of_the_smallest_stale_after_at_most_500ms() {
         let d = Demand::default();
         let now = Instant::now();
         d.asked(&trigger(&[("metric", "gpu_util")]), now);
@@ -367,8 +378,10 @@ mod tests {
         d.expire(t0 + ASKED_FOR * 2);
         assert!(!has(Metric::TensorActive, Window::S10), "lapsed");
         assert!(has(Metric::DramActive, Window::M5) && has(Metric::MemUtil, Window::S30));
+        assert!(d.current().every_tick, "activation is watched");
         drop(hold);
         assert!(!has(Metric::DramActive, Window::M5), "the stream ended");
+        assert!(!d.current().every_tick, "no activation is watched");
         d.pin("ns", "so", &[]);
         assert_eq!(d.current().wanted, Wanted::lasts(), "the ScaledObject left");
         // A watch listed every ScaledObject again: its list replaces the pins.

@@ -129,7 +129,11 @@ fn a_stream_of_changes_sends_the_series_asked_for_then_heartbeats_then_the_chang
         // samples come every 100 ms), while a change still goes out at once (above).
         let mut paced = request;
         paced.interest.as_mut().unwrap().heartbeat_ms = 500;
-        let mut stream = client.watch_snapshots(paced).await.unwrap().into_inner();
+        let mut stream = client
+            .watch_snapshots(paced.clone())
+            .await
+            .unwrap()
+            .into_inner();
         let mut taken = next(&mut stream).await.taken_unix_ns;
         for _ in 0..4 {
             let m = next(&mut stream).await;
@@ -137,6 +141,42 @@ fn a_stream_of_changes_sends_the_series_asked_for_then_heartbeats_then_the_chang
             let gap_ms = (m.taken_unix_ns - taken) / 1_000_000;
             assert!(gap_ms >= 500, "heartbeats {gap_ms} ms apart, asked for 500");
             taken = m.taken_unix_ns;
+        }
+        drop(stream);
+
+        // Paced by min_interval_ms too (as the collector asks while no activation is watched):
+        // one message per turn, changes included, each a heartbeat when nothing changed; a
+        // step of the load arrives at a turn.
+        let mut turns = paced;
+        turns.min_interval_ms = 500;
+        let mut stream = client.watch_snapshots(turns).await.unwrap().into_inner();
+        let mut state = next(&mut stream).await;
+        assert_eq!(gpu_util(&state).0, Some(91.0));
+        // The first turn joins the agent's grid of turns (half a pace to a pace and a half
+        // after the whole state); from it, turns 500 ms apart, each reading the newest sample
+        // (which another stream open to this agent may have read already, up to an interval
+        // before the turn).
+        let mut taken = next(&mut stream).await.taken_unix_ns;
+        let turn = |m: &NodeSnapshot, taken: &mut u64| {
+            let gap_ms = (m.taken_unix_ns - *taken) / 1_000_000;
+            assert!(gap_ms >= 400, "messages {gap_ms} ms apart, asked for 500");
+            *taken = m.taken_unix_ns;
+        };
+        for _ in 0..3 {
+            let m = next(&mut stream).await;
+            assert!(proto::delta::is_heartbeat(&m), "nothing changed: {m:?}");
+            turn(&m, &mut taken);
+        }
+        let mut stepped = gpu(0);
+        stepped["gpu_util"] = json!(55);
+        write_scenario(&scenario, &[stepped]);
+        let mut messages = 0;
+        while gpu_util(&state).0 != Some(55.0) {
+            let m = next(&mut stream).await;
+            turn(&m, &mut taken);
+            messages += 1;
+            assert!(messages < 20, "the step never arrived");
+            proto::delta::apply(&mut state, m);
         }
     });
     assert!(agent.terminate().success());
@@ -172,7 +212,8 @@ fn the_collector_streams_what_its_triggers_read_and_a_new_trigger_is_exact_at_it
     for m in ["sm_active", "gpu_util", "power_watts", "tensor_active"] {
         assert!(windows(&d, m).is_empty(), "{m}: {d}");
     }
-    assert_eq!(d["streamed"]["heartbeat_ms"], 250, "{d}");
+    assert_eq!(d["streamed"]["heartbeat_ms"], 500, "{d}");
+    assert_eq!(d["streamed"]["every_sample"], false, "{d}");
 
     // A trigger's first call, before any other: GetMetrics answers the exact value of a window
     // no stream carried (the collector asks its agent and waits for it), never UNAVAILABLE.
@@ -229,6 +270,21 @@ fn the_collector_streams_what_its_triggers_read_and_a_new_trigger_is_exact_at_it
         ["tensor_active 60s", "power_watts 5m"],
         "{d}"
     );
+    assert_eq!(d["streamed"]["every_sample"], false, "{d}");
+
+    // A StreamIsActive stream open: its activation must turn within two sample intervals, so
+    // the streams send changes at every sample until it closes.
+    let mut active = keda.stream_is_active(&power).unwrap();
+    assert_eq!(keda.next_active(&mut active, WAIT), Some(true));
+    collector
+        .wait_dump(WAIT, |d| d["streamed"]["every_sample"] == true)
+        .unwrap();
+    drop(active);
+    // (The client's runtime runs only inside a call: one call sends the stream's reset.)
+    assert!(keda.is_active(&power).unwrap());
+    collector
+        .wait_dump(WAIT, |d| d["streamed"]["every_sample"] == false)
+        .unwrap();
     assert!(collector.daemon.terminate().success());
     assert!(agent.terminate().success());
 }

@@ -5,8 +5,8 @@
 //! on a thread of their own) and the KEDA-like client (on another); the collector is the
 //! release binary in a process of its own, so its CPU and memory are its own. The load:
 //! `--scaled-objects` ScaledObjects over the simulated pods, each with a `StreamIsActive` stream
-//! open (as KEDA holds one per `external-push` trigger) and a `GetMetrics` every 15 s (the HPA's
-//! period), spread evenly. Once every ScaledObject has been answered, for `--duration`:
+//! open (as KEDA holds one per `external-push` trigger; none with `--trigger-type external`) and
+//! a `GetMetrics` every 15 s (the HPA's period), spread evenly. Once every ScaledObject has been answered, for `--duration`:
 //!
 //! - the collector's CPU (utime + stime from `/proc`) in cores, its RSS at the end and its peak;
 //! - `GetMetrics` latency inside the collector (its histogram
@@ -14,7 +14,8 @@
 //!   Prometheus's `histogram_quantile` does) and at the client;
 //! - freshness: a pod's value changed at its simulated agent → the new value in `GetMetrics`
 //!   (ScaledObjects of one pod each with `timeAggregation: last`, polled every 10 ms);
-//! - activation: a pod's value raised over `activationThreshold` → `StreamIsActive` says true;
+//! - activation: a pod's value raised over `activationThreshold` → `StreamIsActive` says true
+//!   (`IsActive`, polled every 10 ms, with `--trigger-type external`);
 //! - the bytes per node per second the agents sent, and whether the simulator kept up.
 
 use std::collections::HashMap;
@@ -71,6 +72,12 @@ struct Options {
     /// baseline).
     #[arg(long, default_value = "changes", value_parser = ["changes", "full"])]
     mode: String,
+    /// The ScaledObjects' trigger type: `external-push` (KEDA holds a `StreamIsActive` stream
+    /// per ScaledObject, and the collector's streams send changes at every sample) or
+    /// `external` (KEDA polls `IsActive`; no stream is held, so the agents send once per pace;
+    /// activation is timed by polling `IsActive` every 10 ms).
+    #[arg(long, default_value = "external-push", value_parser = ["external-push", "external"])]
+    trigger_type: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -608,20 +615,41 @@ async fn freshness(
     None
 }
 
-/// Reads `stream` until it says `want` (true), or it ends or [`PROBE_TIMEOUT`] passes (false).
-async fn until_active(stream: &mut tonic::Streaming<IsActiveResponse>, want: bool) -> bool {
-    let said = async {
-        loop {
-            match stream.message().await {
-                Ok(Some(r)) if r.result == want => return true,
-                Ok(Some(_)) => {}
-                _ => return false,
+/// How an activation probe learns whether its ScaledObject is active.
+enum Activation {
+    /// Its `StreamIsActive` stream (`external-push`).
+    Push(tonic::Streaming<IsActiveResponse>),
+    /// `IsActive`, polled every 10 ms (`external`).
+    Poll(ExternalScalerClient<Channel>, ScaledObjectRef),
+}
+
+impl Activation {
+    /// Waits until the ScaledObject reads `want` (true), or the stream ends or
+    /// [`PROBE_TIMEOUT`] passes (false).
+    async fn until(&mut self, want: bool) -> bool {
+        let said = async {
+            match self {
+                Activation::Push(stream) => loop {
+                    match stream.message().await {
+                        Ok(Some(r)) if r.result == want => return true,
+                        Ok(Some(_)) => {}
+                        _ => return false,
+                    }
+                },
+                Activation::Poll(client, so) => loop {
+                    if let Ok(r) = client.is_active(so.clone()).await {
+                        if r.into_inner().result == want {
+                            return true;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                },
             }
-        }
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, said)
-        .await
-        .unwrap_or(false)
+        };
+        tokio::time::timeout(PROBE_TIMEOUT, said)
+            .await
+            .unwrap_or(false)
+    }
 }
 
 /// What one run measured.
@@ -653,18 +681,29 @@ async fn measure(
     let (regular, probes) = asked.split_at(plan.regular.len());
     let fresh = &probes[..plan.fresh.len()];
 
-    // KEDA holds a StreamIsActive stream per ScaledObject; the activation probes' are read.
-    progress(format!("opening {} StreamIsActive streams", asked.len()));
+    // With external-push triggers KEDA holds a StreamIsActive stream per ScaledObject; the
+    // activation probes' are read. With external ones it polls IsActive.
+    let push = o.trigger_type == "external-push";
     let mut act_streams = Vec::new();
+    if push {
+        progress(format!("opening {} StreamIsActive streams", asked.len()));
+    }
     for (i, a) in asked.iter().enumerate() {
+        let probe = i >= regular.len() + fresh.len();
+        if !push {
+            if probe {
+                act_streams.push(Activation::Poll(client.clone(), a.so.clone()));
+            }
+            continue;
+        }
         let mut stream = client
             .clone()
             .stream_is_active(a.so.clone())
             .await
             .with_context(|| format!("StreamIsActive {}", a.so.name))?
             .into_inner();
-        if i >= regular.len() + fresh.len() {
-            act_streams.push(stream);
+        if probe {
+            act_streams.push(Activation::Push(stream));
         } else {
             tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
         }
@@ -738,12 +777,12 @@ async fn measure(
             for i in (0..probes.len()).cycle() {
                 let (p, stream) = (&probes[i], &mut streams[i]);
                 nodes[p.node].set_gpu_util(p.pod, 0.0);
-                if !until_active(stream, false).await {
+                if !stream.until(false).await {
                     continue;
                 }
                 nodes[p.node].set_gpu_util(p.pod, 90.0);
                 let t = Instant::now();
-                let ok = until_active(stream, true).await;
+                let ok = stream.until(true).await;
                 let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
                 if ok {
                     s.act_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -786,6 +825,7 @@ async fn measure(
     let n = o.nodes as f64;
     Ok(json!({
         "mode": o.mode,
+        "trigger_type": o.trigger_type,
         "nodes": o.nodes,
         "gpus": o.nodes * o.gpus_per_node,
         "pods": o.nodes * o.gpus_per_node * o.pods_per_gpu,
@@ -854,13 +894,13 @@ fn text(r: &Value) -> String {
         v => v.to_string(),
     };
     format!(
-        "{} nodes, {} GPUs, {} pods, {} ScaledObjects, {} s\n\
+        "{} nodes, {} GPUs, {} pods, {} ScaledObjects ({}), {} s\n\
          collector: {} cores, RSS {} MiB (peak {})\n\
          GetMetrics in the collector: p50 {} µs, p99 {} µs; at the client p50 {} µs, p99 {} µs ({} calls, {} errors)\n\
          freshness: p50 {} ms, p99 {} ms ({} probes, {} missed)\n\
          activation: p50 {} ms, p99 {} ms ({} probes, {} missed)\n\
          agents sent {} bytes per node per s, {} snapshots per node per s ({} skipped); simulator {} cores",
-        f("nodes"), f("gpus"), f("pods"), f("scaled_objects"), f("duration_s"),
+        f("nodes"), f("gpus"), f("pods"), f("scaled_objects"), f("trigger_type"), f("duration_s"),
         f("collector_cpu_cores"), f("collector_rss_mib"), f("collector_peak_rss_mib"),
         f("get_metrics_p50_us"), f("get_metrics_p99_us"), f("get_metrics_client_p50_us"),
         f("get_metrics_client_p99_us"), f("get_metrics_calls"), f("get_metrics_errors"),

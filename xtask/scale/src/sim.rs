@@ -426,15 +426,27 @@ impl AgentService {
             .max(Duration::from_millis(u64::from(request.min_interval_ms)));
         let terms = proto::delta::StreamTerms::of(request);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // The first message at once; then turns on the node's own grid. A real agent
+            // samples (and paces) on a grid that began when it started, so a cluster's agents
+            // send spread over the interval, not in step, even when every stream was asked
+            // again at the same moment; the node's number gives it its phase.
+            let every_ns = every.as_nanos().max(1) as u64;
+            let phase = (node.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % every_ns;
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_nanos(phase),
+                every,
+            );
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             // The values the reader has (streams of changes only).
             let mut has = None;
             let mut last_sent: Option<tokio::time::Instant> = None;
+            let mut first = true;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = tx.closed() => break,
+                if !std::mem::take(&mut first) {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = tx.closed() => break,
+                    }
                 }
                 // Nothing new: a heartbeat, at its pace (as a real agent).
                 let quiet = has == Some(node.version());
