@@ -611,22 +611,18 @@ mod tests {
         let every = ms(500);
         // A stream that began off the grid joins it, at least half a pace after its first
         // message; then one turn per pace, wherever in it the message went out.
-        assert_eq!(
-            next_turn(epoch, epoch + ms(1_300) + every / 2, every),
-            epoch + ms(2_000)
-        );
-        assert_eq!(
-            next_turn(epoch, epoch + ms(1_130) + every / 2, every),
-            epoch + ms(1_500)
-        );
-        assert_eq!(
-            next_turn(epoch, epoch + ms(1_010) + every / 2, every),
-            epoch + ms(1_500)
-        );
-        assert_eq!(
-            next_turn(epoch, epoch + ms(2_003) + every / 2, every),
-            epoch + ms(2_500)
-        );
+        for (sent, turn) in [
+            (1_300, 2_000),
+            (1_130, 1_500),
+            (1_010, 1_500),
+            (2_003, 2_500),
+        ] {
+            assert_eq!(
+                next_turn(epoch, epoch + ms(sent) + every / 2, every),
+                epoch + ms(turn),
+                "sent at {sent} ms"
+            );
+        }
         assert_eq!(
             next_turn(epoch, epoch + ms(2_500), every),
             epoch + ms(2_500)

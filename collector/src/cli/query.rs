@@ -171,7 +171,10 @@ pub async fn run(q: &Query) -> Result<Answer> {
 /// started, or at once when a round took longer), over one connection, and hands each answer to
 /// `each` with `ts_ns`: when the `GetMetrics` answer arrived, nanoseconds since the Unix epoch.
 /// Stops after `count` answers, or when `each` returns `false`. A failed call is an answer (with
-/// its error), not the end: the collector may be restarting.
+/// its error), not the end: the collector may be restarting. While it watches, it holds a
+/// `StreamIsActive` stream of the trigger open, as KEDA does for an `external-push` trigger, so
+/// the agents send the trigger's series at every sample (see `sources::demand`): a watch shows
+/// each sample, not one per pace.
 pub async fn watch(
     q: &Query,
     every: Duration,
@@ -184,6 +187,8 @@ pub async fn watch(
         ));
     }
     let channel = connect(q).await?;
+    let held = tokio::spawn(hold_active(channel.clone(), scaled_object(q)));
+    let _held = AbortOnDrop(held);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answered = 0u64;
@@ -196,6 +201,28 @@ pub async fn watch(
         }
     }
     Ok(())
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Holds `so`'s `StreamIsActive` stream open, opening it again 100 ms after it ends, until
+/// aborted.
+async fn hold_active(channel: tonic::transport::Channel, so: ScaledObjectRef) {
+    let mut client = ExternalScalerClient::new(channel);
+    loop {
+        if let Ok(stream) = client.stream_is_active(so.clone()).await {
+            let mut stream = stream.into_inner();
+            while let Ok(Some(_)) = stream.message().await {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// How [`print()`] prints.
@@ -250,14 +277,19 @@ async fn connect(q: &Query) -> Result<tonic::transport::Channel> {
 
 use gpuscale_health::ops::unix_now_ns;
 
-/// One round of the three RPCs, then `Evaluate`; every outcome is an answer.
-async fn ask(channel: &tonic::transport::Channel, q: &Query) -> Answer {
-    let mut client = ExternalScalerClient::new(channel.clone());
-    let so = ScaledObjectRef {
+/// The ScaledObject `q` asks about, as KEDA names it.
+fn scaled_object(q: &Query) -> ScaledObjectRef {
+    ScaledObjectRef {
         name: q.name.clone(),
         namespace: q.namespace.clone(),
         scaler_metadata: q.metadata.clone(),
-    };
+    }
+}
+
+/// One round of the three RPCs, then `Evaluate`; every outcome is an answer.
+async fn ask(channel: &tonic::transport::Channel, q: &Query) -> Answer {
+    let mut client = ExternalScalerClient::new(channel.clone());
+    let so = scaled_object(q);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let failed = |error| {
         Answer::Failed(Failed {
