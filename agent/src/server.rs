@@ -276,8 +276,8 @@ impl AgentApi for Service {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
         let peer = request.remote_addr();
-        let min = Duration::from_millis(u64::from(request.get_ref().min_interval_ms));
         let terms = proto::delta::StreamTerms::of(request.get_ref());
+        let min = terms.every;
         let agent = self.agent.clone();
         let epoch = self.epoch;
         let stop = self.stop.stopped();

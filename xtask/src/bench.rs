@@ -826,10 +826,7 @@ fn streaming_cost(rows: &[Measurement]) -> String {
         let cost = r.cpu_pct - alone.cpu_pct;
         let (mode, count) = stream_mode(&r.stream);
         if count > 1 {
-            if let Some(one) = rows
-                .iter()
-                .find(|o| o.stream == mode && o.gpus == r.gpus && o.interval == r.interval)
-            {
+            if let Some(one) = row(mode, r) {
                 out.push_str(&format!(
                     "- {}, {} GPUs at {}: {:.3} % vs {:.3} % with one: the second adds {:+.3} % \
                      of a core\n",

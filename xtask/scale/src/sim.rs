@@ -420,11 +420,8 @@ impl AgentService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let node = self.node.clone();
         let sent = self.sent.clone();
-        let every = node
-            .shape
-            .interval
-            .max(Duration::from_millis(u64::from(request.min_interval_ms)));
         let terms = proto::delta::StreamTerms::of(request);
+        let every = node.shape.interval.max(terms.every);
         tokio::spawn(async move {
             // The first message at once; then turns on the node's own grid. A real agent
             // samples (and paces) on a grid that began when it started, so a cluster's agents
