@@ -170,6 +170,11 @@ struct ServeArgs {
     /// tick, as before revision 3: for comparison, or an agent suspected of a delta bug).
     #[arg(long, env = "GPUSCALE_AGENT_STREAM", default_value = "changes")]
     agent_stream: collector::sources::agents::StreamMode,
+    /// How many (pod, GPU) pairs /metrics exports per-pod series for (ten each); past it the
+    /// rest are left out, counted in gpuscale_collector_pod_gpu_omitted (each agent exports
+    /// its own pods' values, labelled by pod UID). 0: none.
+    #[arg(long, env = "GPUSCALE_METRICS_POD_GPUS", default_value_t = collector::api::metrics::DEFAULT_POD_GPUS)]
+    metrics_pod_gpus: usize,
 }
 
 /// A DNS name a certificate can carry (`--agent-tls-server-name`).
@@ -222,6 +227,7 @@ async fn run(cli: Cli) -> collector::Result<()> {
                 ),
                 agent_tls_name: a.agent_tls_server_name,
                 agent_stream: a.agent_stream,
+                metrics_pod_gpus: a.metrics_pod_gpus,
             };
             collector::serve::run_until_signalled(config).await
         }

@@ -54,6 +54,9 @@ pub struct Config {
     pub agent_tls_name: Option<String>,
     /// What the agents send (`--agent-stream`).
     pub agent_stream: agents::StreamMode,
+    /// How many (pod, GPU) pairs `/metrics` exports per-pod series for
+    /// (`--metrics-pod-gpus`, [`crate::api::metrics::DEFAULT_POD_GPUS`]).
+    pub metrics_pod_gpus: usize,
 }
 
 /// Where pod metadata comes from.
@@ -172,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         })?;
     let cluster = Arc::new(Cluster::new(&[]));
     let mut obs = Observability::new(cluster.clone(), config.http_listen.as_deref(), http_tls)?;
+    obs.metrics.limit_pod_gpus(config.metrics_pod_gpus);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The series the triggers in use read: KEDA's calls and (in-cluster) the ScaledObjects name
     // them; the agent streams ask for them.

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -52,6 +53,13 @@ type RpcLabels = [(&'static str, &'static str); 2];
 /// forgotten (names are bounded by `api::limits`, so this bounds the map's bytes too).
 pub const MAX_SCALED_OBJECT_SERIES: usize = 10_000;
 
+/// How many (pod, GPU) pairs `/metrics` exports per-pod series for by default
+/// (`--metrics-pod-gpus`): ten series each, 50,000 in all. At 5,000 nodes × 16 pods a scrape
+/// of every pair was 56 MB of text for 490,000 series and took the collector's memory 110 MiB
+/// over its resident size while it was built; past a few hundred nodes, read per-pod values
+/// from the agents' own `gpuscale_pod_gpu_<metric>` series instead.
+pub const DEFAULT_POD_GPUS: usize = 5_000;
+
 /// (namespace, ScaledObject, metric).
 type ScaledObjectKey = (String, String, String);
 
@@ -61,6 +69,10 @@ pub struct CollectorMetrics {
     scaled_objects: Mutex<HashMap<ScaledObjectKey, (Option<f64>, Instant)>>,
     requests: Family<RpcLabels, Counter>,
     latency: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    /// At most this many (pod, GPU) pairs get per-pod series ([`DEFAULT_POD_GPUS`]).
+    pod_gpus: AtomicUsize,
+    /// Whether a scrape left pairs out (logged once per start of it).
+    pod_gpus_over: AtomicBool,
 }
 
 impl Default for CollectorMetrics {
@@ -69,6 +81,8 @@ impl Default for CollectorMetrics {
             scaled_objects: Mutex::new(HashMap::new()),
             requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+            pod_gpus: AtomicUsize::new(DEFAULT_POD_GPUS),
+            pod_gpus_over: AtomicBool::new(false),
         }
     }
 }
@@ -119,6 +133,11 @@ impl CollectorMetrics {
             let cut = *cut;
             map.retain(|_, (_, at)| *at > cut);
         }
+    }
+
+    /// Exports per-pod series for at most `n` (pod, GPU) pairs (`--metrics-pod-gpus`).
+    pub fn limit_pod_gpus(&self, n: usize) {
+        self.pod_gpus.store(n, Ordering::Relaxed);
     }
 
     /// Counts one KEDA request to `rpc` that ended with gRPC status `code` after `seconds`.
@@ -182,13 +201,17 @@ struct ViewRows {
     /// [`POD_METRICS`]). Labels are kept once per pod and GPU, not once per metric: at
     /// thousands of nodes a scrape copies tens of thousands of pods.
     pods: Vec<(Labels, [Option<f64>; POD_METRICS.len()])>,
+    /// Pairs with values left out of `pods` (over [`CollectorMetrics::limit_pod_gpus`]).
+    pods_omitted: usize,
 }
 
 impl ViewCollector {
     fn rows(&self, now: Instant) -> ViewRows {
         let index = self.pods.index();
+        let max = self.metrics.pod_gpus.load(Ordering::Relaxed);
         self.cluster.read(|v| {
             let mut pods = Vec::new();
+            let mut pods_omitted = 0;
             let agents = v
                 .nodes
                 .iter()
@@ -223,17 +246,22 @@ impl ViewCollector {
                                     values[i] = Some(value);
                                 }
                             }
-                            if values.iter().any(Option::is_some) {
-                                pods.push((
-                                    vec![
-                                        ("namespace", meta.namespace.clone()),
-                                        ("pod", meta.name.clone()),
-                                        ("node", node.clone()),
-                                        ("gpu", gpu.index.to_string()),
-                                    ],
-                                    values,
-                                ));
+                            if values.iter().all(Option::is_none) {
+                                continue;
                             }
+                            if pods.len() >= max {
+                                pods_omitted += 1;
+                                continue;
+                            }
+                            pods.push((
+                                vec![
+                                    ("namespace", meta.namespace.clone()),
+                                    ("pod", meta.name.clone()),
+                                    ("node", node.clone()),
+                                    ("gpu", gpu.index.to_string()),
+                                ],
+                                values,
+                            ));
                         }
                     }
                     AgentRow {
@@ -245,7 +273,11 @@ impl ViewCollector {
                     }
                 })
                 .collect();
-            ViewRows { agents, pods }
+            ViewRows {
+                agents,
+                pods,
+                pods_omitted,
+            }
         })
     }
 }
@@ -290,6 +322,26 @@ impl Collector for ViewCollector {
             "Snapshots from the agent refused as invalid (NaN, out-of-range values, a GPU or pod \
              listed twice, oversized names); the reason is logged and in dump",
             rows.agents.iter().map(|a| (a.labels.clone(), a.refused)),
+        )?;
+        let over = rows.pods_omitted > 0;
+        if over && !self.metrics.pod_gpus_over.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                exported = rows.pods.len(),
+                omitted = rows.pods_omitted,
+                "/metrics exports per-pod series for the first {} (pod, GPU) pairs only \
+                 (--metrics-pod-gpus); read the others from their agents' gpuscale_pod_gpu_* \
+                 series, or raise the limit",
+                rows.pods.len()
+            );
+        } else if !over {
+            self.metrics.pod_gpus_over.store(false, Ordering::Relaxed);
+        }
+        gauge_family(
+            &mut encoder,
+            "gpuscale_collector_pod_gpu_omitted",
+            "(pod, GPU) pairs with values whose per-pod series this scrape left out \
+             (over --metrics-pod-gpus)",
+            [(Labels::new(), rows.pods_omitted as i64)],
         )?;
         for (i, name) in POD_METRICS.iter().enumerate() {
             let series = rows
@@ -646,6 +698,34 @@ mod tests {
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("gpuscale_collector_"), "{line}");
         }
+    }
+
+    #[test]
+    fn per_pod_series_stop_at_the_limit_and_the_rest_are_counted() {
+        let cluster = Arc::new(Cluster::new(&["10.0.0.1:7701".into()]));
+        let pods: Arc<dyn PodSource> = Arc::new(Pods(Arc::new(PodIndex::new(
+            1,
+            vec![
+                pod("ml", "vllm-0", "uid-a"),
+                pod("ml", "vllm-1", "uid-unknown"),
+            ],
+        ))));
+        let m = Arc::new(CollectorMetrics::default());
+        let r = m.registry(cluster.clone(), pods);
+        cluster.write(|v| {
+            v.nodes[0].connected = true;
+            v.update(0, snapshot(), Instant::now());
+        });
+        let exported = |t: &str| t.matches("gpuscale_collector_pod_gpu_sm_active{").count();
+        let omitted = |t: &str| value(t, "gpuscale_collector_pod_gpu_omitted");
+        let t = gpuscale_health::encode(&r).unwrap();
+        assert_eq!((exported(&t), omitted(&t)), (2, Some(0.0)), "{t}");
+        m.limit_pod_gpus(1);
+        let t = gpuscale_health::encode(&r).unwrap();
+        assert_eq!((exported(&t), omitted(&t)), (1, Some(1.0)), "{t}");
+        m.limit_pod_gpus(0);
+        let t = gpuscale_health::encode(&r).unwrap();
+        assert_eq!((exported(&t), omitted(&t)), (0, Some(2.0)), "{t}");
     }
 
     #[test]

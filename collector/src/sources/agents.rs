@@ -24,6 +24,7 @@
 //! `UNAVAILABLE`. The TLS files are re-read for each new connection when they changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -128,19 +129,31 @@ async fn connect(
 /// How long after the series asked for change a stream asks again: changes that come together
 /// (KEDA reading its ScaledObjects at start) make one new stream, not one each.
 const ASK_SETTLE: Duration = Duration::from_millis(20);
-/// Over how long the streams ask again, each at its own point (by its node's slot,
-/// [`ask_again_after`]): each answers with the node's whole state, and thousands of them at
-/// the same moment (KEDA opening its `StreamIsActive` streams at 5,000 nodes) kept the ingest
-/// threads busy past the silence limit, so streams were given up as silent and dialed again,
-/// whole state and all, over and over (`cargo xtask bench-scale`). Inside
+/// Over how long the streams ask again for new series, each at its own point (by its node's
+/// slot, [`ask_again_after`]): each answers with the node's whole state, and thousands of them
+/// at the same moment (KEDA opening its `StreamIsActive` streams at 5,000 nodes) kept the
+/// ingest threads busy past the silence limit, so streams were given up as silent and dialed
+/// again, whole state and all, over and over (`cargo xtask bench-scale`). Inside
 /// [`crate::sources::demand::FIRST_READ_WITHIN`], which a trigger's first call waits.
 const ASK_SPREAD: Duration = Duration::from_millis(1000);
+/// Over how long the streams ask again when they may only slow down (the last
+/// `StreamIsActive` stream closed, a slower heartbeat): nobody waits for it (the values keep
+/// coming at the old pace meanwhile), so the wave of whole states is spread five times
+/// thinner than [`ASK_SPREAD`]. Changes at every sample (a `StreamIsActive` stream opened)
+/// keep [`ASK_SPREAD`]: activation within two samples waits for them.
+const SLOWER_SPREAD: Duration = Duration::from_millis(5000);
 
-/// How long after what is asked changed the stream of slot `node` asks again: [`ASK_SETTLE`]
-/// plus its own point in [`ASK_SPREAD`].
-fn ask_again_after(node: usize) -> Duration {
-    let spread = ASK_SPREAD.as_millis() as u64;
-    ASK_SETTLE + Duration::from_millis((node as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread)
+/// How long after what is asked changed from `was` to `now` the stream of slot `node` asks
+/// again: [`ASK_SETTLE`] plus its own point in [`ASK_SPREAD`], or in [`SLOWER_SPREAD`] when
+/// the series are the same and nothing is to come sooner (what the node sends meanwhile
+/// still proves it fresh).
+fn ask_again_after(node: usize, was: &Ask, now: &Ask) -> Duration {
+    let slower = was.wanted == now.wanted
+        && now.heartbeat >= was.heartbeat
+        && (was.every_tick || !now.every_tick);
+    let spread = if slower { SLOWER_SPREAD } else { ASK_SPREAD };
+    let point = (node as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread.as_millis() as u64;
+    ASK_SETTLE + Duration::from_millis(point)
 }
 
 /// What the collector asks its agents to send (`--agent-stream`).
@@ -288,6 +301,73 @@ fn taken_at(arrived: Instant, wall: SystemTime, taken_unix_ns: u64) -> Instant {
     arrived.checked_sub(late).unwrap_or(arrived)
 }
 
+/// How often the ingest runtime's clock ticks ([`Lag`]).
+const LAG_TICK: Duration = Duration::from_millis(100);
+/// A tick this much late means the ingest runtime (or the whole collector) fell behind.
+const LAG_LATE: Duration = Duration::from_millis(200);
+/// How many times in a row a silent stream is given more time because the collector itself
+/// was behind, before it is given up anyway.
+const MAX_SILENCE_EXTENSIONS: u32 = 3;
+
+/// Whether the collector itself fell behind lately: a task on the ingest runtime ticks every
+/// [`LAG_TICK`] and notes when a tick came [`LAG_LATE`] or more late. A stream that heard
+/// nothing for its silence limit while the collector could not read does not prove its link
+/// cut: at 5,000 nodes a burst of whole snapshots (a wave of asks, a CPU taken by something
+/// else) delayed the reads, streams were given up as silent, and their dialing again brought
+/// more whole snapshots, until most nodes read `UNAVAILABLE` (`cargo xtask bench-scale`, 4
+/// runs of 6 with `external-push`).
+#[derive(Debug)]
+struct Lag {
+    base: Instant,
+    /// Milliseconds after `base` of the newest tick, and of the newest late one (0: never).
+    ticked_ms: AtomicU64,
+    late_ms: AtomicU64,
+}
+
+impl Lag {
+    fn new() -> Lag {
+        Lag {
+            base: Instant::now(),
+            ticked_ms: AtomicU64::new(0),
+            late_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis().max(1) as u64
+    }
+
+    /// Ticks forever, noting late ticks.
+    async fn run(self: Arc<Self>) {
+        let mut next = Instant::now() + LAG_TICK;
+        loop {
+            tokio::time::sleep_until(next.into()).await;
+            let now = Instant::now();
+            self.ticked_ms.store(self.ms(now), Ordering::Relaxed);
+            if now.saturating_duration_since(next) >= LAG_LATE {
+                self.late_ms.store(self.ms(now), Ordering::Relaxed);
+            }
+            next = now + LAG_TICK;
+        }
+    }
+
+    /// Whether the collector fell behind within `within` of now, or is behind now (its clock
+    /// has not ticked for [`LAG_TICK`] + [`LAG_LATE`]).
+    fn behind(&self, within: Duration) -> bool {
+        let now = self.ms(Instant::now());
+        let ago = |ms: u64| Duration::from_millis(now.saturating_sub(ms));
+        let late = self.late_ms.load(Ordering::Relaxed);
+        let ticked = self.ticked_ms.load(Ordering::Relaxed);
+        (late != 0 && ago(late) <= within) || (ticked != 0 && ago(ticked) >= LAG_TICK + LAG_LATE)
+    }
+
+    /// Notes `at` as a late tick (tests).
+    #[cfg(test)]
+    fn late_at(&self, at: Instant) {
+        self.late_ms.store(self.ms(at), Ordering::Relaxed);
+    }
+}
+
 /// What one agent's stream follows: its slot in the view, how to dial it and what to ask.
 struct Follow {
     cluster: Arc<Cluster>,
@@ -296,6 +376,7 @@ struct Follow {
     tls: Option<AgentTls>,
     mode: StreamMode,
     demand: Arc<Demand>,
+    lag: Arc<Lag>,
 }
 
 async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
@@ -306,6 +387,7 @@ async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
         tls,
         mode,
         demand,
+        lag,
     } = f;
     let (node, mode, tls) = (*node, *mode, tls.as_ref());
     let (channel, cert) = connect(ep, tls.map(|t| &*t.tls)).await?;
@@ -345,13 +427,41 @@ async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
         n.last_error.clear();
     });
     tracing::info!("streaming");
+    // When to ask again for what changed (the old stream is read until then).
+    let mut ask_again: Option<tokio::time::Instant> = None;
+    // Times in a row the silence limit passed while the collector itself was behind.
+    let mut extended = 0;
     loop {
         let message = tokio::select! {
-            m = tokio::time::timeout(limit, stream.message()) => m.map_err(|_| silent(limit))?,
-            // The triggers in use read other series now: ask again on the same connection (the
-            // old stream ends; the new one starts whole).
+            m = tokio::time::timeout(limit, stream.message()) => match m {
+                Ok(m) => {
+                    extended = 0;
+                    m
+                }
+                Err(_) if extended < MAX_SILENCE_EXTENSIONS && lag.behind(limit) => {
+                    extended += 1;
+                    tracing::debug!(
+                        limit_ms = limit.as_millis() as u64,
+                        "no snapshot within the silence limit, but the collector was behind: \
+                         waiting once more"
+                    );
+                    continue;
+                }
+                Err(_) => return Err(silent(limit)),
+            },
+            // The triggers in use read other series, or at another pace, now: ask again on the
+            // same connection, at this stream's point of the spread (the old stream ends; the
+            // new one starts whole). A later change may bring the time closer, never later.
             Ok(()) = asks.changed(), if mode == StreamMode::Changes => {
-                tokio::time::sleep(ask_again_after(node)).await;
+                let now = *asks.borrow_and_update();
+                ask_again = (now != ask).then(|| {
+                    let at = tokio::time::Instant::now() + ask_again_after(node, &ask, &now);
+                    ask_again.map_or(at, |t| t.min(at))
+                });
+                continue;
+            }
+            () = sleep_until_some(ask_again) => {
+                ask_again = None;
                 ask = *asks.borrow_and_update();
                 stream = watch(ask).await?;
                 limit = FIRST_SNAPSHOT_WITHIN;
@@ -408,6 +518,14 @@ async fn stream_once(f: &Follow, ep: &Endpoint) -> Result<(), String> {
     }
 }
 
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the stream of `f.agent` (view slot `f.node`) forever (until the task is dropped).
 async fn follow(f: Follow) {
     let span = tracing::info_span!("agent", address = %f.agent.address);
@@ -460,6 +578,9 @@ pub struct Fleet {
     /// Where the streams run ([`Fleet::run_on`]).
     runtime: tokio::runtime::Handle,
     streams: Mutex<HashMap<Agent, (usize, tokio::task::AbortHandle)>>,
+    /// The streams' runtime's clock, ticking from the first stream on.
+    lag: Arc<Lag>,
+    ticking: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Fleet {
@@ -478,6 +599,8 @@ impl Fleet {
             demand,
             runtime: tokio::runtime::Handle::current(),
             streams: Mutex::new(HashMap::new()),
+            lag: Arc::new(Lag::new()),
+            ticking: Mutex::new(None),
         }
     }
 
@@ -514,6 +637,11 @@ impl Fleet {
                 tracing::warn!("skipping agent: {e}");
                 continue;
             }
+            let mut ticking = self.ticking.lock().unwrap_or_else(|e| e.into_inner());
+            if ticking.is_none() {
+                *ticking = Some(self.runtime.spawn(self.lag.clone().run()).abort_handle());
+            }
+            drop(ticking);
             let mut node = 0;
             self.cluster.write(|v| node = v.add_node(&agent.address));
             let task = self.runtime.spawn(follow(Follow {
@@ -523,6 +651,7 @@ impl Fleet {
                 tls: self.tls.clone(),
                 mode: self.mode,
                 demand: self.demand.clone(),
+                lag: self.lag.clone(),
             }));
             streams.insert(agent.clone(), (node, task.abort_handle()));
             tracing::info!(address = %agent.address, node = ?agent.node, "following agent");
@@ -545,6 +674,14 @@ impl Fleet {
         for (_, (_, task)) in streams.drain() {
             task.abort();
         }
+        if let Some(t) = self
+            .ticking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            t.abort();
+        }
     }
 }
 
@@ -557,18 +694,82 @@ mod tests {
         rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap()
     }
 
+    #[tokio::test]
+    async fn the_collector_is_behind_when_its_clock_ticked_late_lately_or_stopped_ticking() {
+        let lag = Arc::new(Lag {
+            base: Instant::now() - Duration::from_secs(10),
+            ..Lag::new()
+        });
+        assert!(
+            !lag.behind(Duration::from_secs(1)),
+            "not started: no evidence"
+        );
+        let ticking = tokio::spawn(lag.clone().run());
+        tokio::time::sleep(LAG_TICK * 3).await;
+        assert!(!lag.behind(Duration::from_secs(1)), "on time");
+        lag.late_at(Instant::now());
+        assert!(lag.behind(Duration::from_secs(1)), "a late tick just now");
+        lag.late_at(Instant::now() - Duration::from_secs(3));
+        assert!(!lag.behind(Duration::from_secs(1)), "late long ago");
+        assert!(lag.behind(Duration::from_secs(5)));
+        // A runtime that cannot run its clock: behind now.
+        ticking.abort();
+        tokio::time::sleep(LAG_TICK + LAG_LATE + LAG_TICK).await;
+        assert!(lag.behind(Duration::from_millis(1)), "the clock stopped");
+    }
+
     #[test]
-    fn streams_ask_again_spread_over_a_second_inside_the_first_reads_wait() {
-        let after: Vec<Duration> = (0..5000).map(ask_again_after).collect();
-        assert!(after
-            .iter()
-            .all(|d| *d >= ASK_SETTLE && *d < ASK_SETTLE + ASK_SPREAD));
-        // Spread: no tenth of the second holds more than twice its share.
-        let mut tenths = [0usize; 10];
-        for d in &after {
-            tenths[((*d - ASK_SETTLE).as_millis() / 100) as usize] += 1;
+    fn streams_ask_again_within_a_second_for_what_is_waited_for_and_within_five_to_slow_down() {
+        use crate::sources::demand::MAX_HEARTBEAT;
+        use proto::series::Wanted;
+        let ask = |wanted, heartbeat, every_tick| Ask {
+            wanted,
+            heartbeat,
+            every_tick,
+        };
+        let paced = ask(Wanted::lasts(), MAX_HEARTBEAT, false);
+        let series = ask(Wanted::every(), MAX_HEARTBEAT, false);
+        let every_tick = ask(Wanted::lasts(), MAX_HEARTBEAT, true);
+        let faster = ask(Wanted::lasts(), MAX_HEARTBEAT / 2, false);
+        let cases = [
+            ("new series", &paced, &series, ASK_SPREAD),
+            (
+                "a StreamIsActive stream opened",
+                &paced,
+                &every_tick,
+                ASK_SPREAD,
+            ),
+            (
+                "a faster heartbeat (a shorter staleAfter)",
+                &paced,
+                &faster,
+                ASK_SPREAD,
+            ),
+            (
+                "the last StreamIsActive stream closed",
+                &every_tick,
+                &paced,
+                SLOWER_SPREAD,
+            ),
+            ("a slower heartbeat", &faster, &paced, SLOWER_SPREAD),
+        ];
+        for (what, was, now, spread) in cases {
+            let after: Vec<Duration> = (0..5000)
+                .map(|node| ask_again_after(node, was, now))
+                .collect();
+            assert!(
+                after
+                    .iter()
+                    .all(|d| *d >= ASK_SETTLE && *d < ASK_SETTLE + spread),
+                "{what}"
+            );
+            // Spread: no tenth of the spread holds more than twice its share.
+            let mut tenths = [0usize; 10];
+            for d in &after {
+                tenths[((*d - ASK_SETTLE).as_millis() * 10 / spread.as_millis()) as usize] += 1;
+            }
+            assert!(tenths.iter().all(|&n| n < 1000), "{what}: {tenths:?}");
         }
-        assert!(tenths.iter().all(|&n| n < 1000), "{tenths:?}");
         assert!(ASK_SETTLE + ASK_SPREAD < crate::sources::demand::FIRST_READ_WITHIN);
     }
 

@@ -288,3 +288,61 @@ fn the_collector_streams_what_its_triggers_read_and_a_new_trigger_is_exact_at_it
     assert!(collector.daemon.terminate().success());
     assert!(agent.terminate().success());
 }
+
+/// A collector that could not run for longer than its silence limit (stopped outright: on a
+/// busy node, a CPU taken for seconds) has not heard its agents, but that proves nothing
+/// about their links: once it runs again it reads on, on the same connections, and does not
+/// dial its agents again (at 5,000 nodes, dialing them all again at once, each answering with
+/// its whole state, kept it behind for the rest of the run). The stop is twice the limit, so
+/// a stream judged by the clock alone is given up at once (it was: one reconnect).
+#[test]
+fn a_collector_that_could_not_run_past_its_silence_limit_keeps_its_streams() {
+    let dir = Scratch::new("stream-stalled-collector");
+    let (_agent, addr) = Agent::one_gpu_pod(&dir, UID, &[]);
+    let pods = dir.path("pods.json");
+    e2e::write_pods(
+        &pods,
+        &[e2e::pod_item("ml", "llm-0", UID, json!({"app": "llm"}))],
+    );
+    let mut collector = Collector::start(&dir, &addr, &pods);
+    let node = |d: &Value| d["nodes"][0].clone();
+    let d = collector
+        .wait_dump(WAIT, |d| {
+            node(d)["connected"] == true && node(d)["age_ms"].as_f64().is_some_and(|a| a < 1000.0)
+        })
+        .unwrap();
+    // (Dialed before the agent listened, it may have tried more than once.)
+    let reconnects = node(&d)["reconnects"].clone();
+    // Paced streams: given up after 1.5 s of silence (three 500 ms paces).
+    let stop = Duration::from_secs(3);
+    e2e::signal(collector.daemon.pid(), libc::SIGSTOP);
+    std::thread::sleep(stop);
+    e2e::signal(collector.daemon.pid(), libc::SIGCONT);
+    // Fresh data again, and for a while after: still the first connection.
+    let resumed = Instant::now();
+    collector
+        .wait_dump(WAIT, |d| {
+            node(d)["age_ms"].as_f64().is_some_and(|a| a < 1000.0)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let d = collector
+        .wait_dump(WAIT, |d| {
+            node(d)["age_ms"].as_f64().is_some_and(|a| a < 1000.0)
+        })
+        .unwrap();
+    println!(
+        "fresh again {:.2} s after SIGCONT; last_error {:?}",
+        resumed.elapsed().as_secs_f64() - 2.0,
+        node(&d)["last_error"]
+    );
+    assert_eq!(
+        (
+            node(&d)["connected"].clone(),
+            node(&d)["reconnects"].clone()
+        ),
+        (json!(true), reconnects),
+        "the collector dialed its agent again after its own stop: {d}\n{}",
+        collector.daemon.log()
+    );
+}
