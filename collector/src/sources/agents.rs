@@ -337,8 +337,11 @@ impl Lag {
         at.saturating_duration_since(self.base).as_millis().max(1) as u64
     }
 
-    /// Ticks forever, noting late ticks.
+    /// Ticks forever, noting late ticks. Its start counts as a tick: a collector stopped
+    /// before the first one is behind all the same.
     async fn run(self: Arc<Self>) {
+        self.ticked_ms
+            .store(self.ms(Instant::now()), Ordering::Relaxed);
         let mut next = Instant::now() + LAG_TICK;
         loop {
             tokio::time::sleep_until(next.into()).await;
@@ -712,7 +715,16 @@ mod tests {
         lag.late_at(Instant::now() - Duration::from_secs(3));
         assert!(!lag.behind(Duration::from_secs(1)), "late long ago");
         assert!(lag.behind(Duration::from_secs(5)));
-        // A runtime that cannot run its clock: behind now.
+        // A runtime that cannot run its clock: behind now; also before its first tick.
+        let fresh = Arc::new(Lag::new());
+        let first = tokio::spawn(fresh.clone().run());
+        tokio::task::yield_now().await;
+        first.abort();
+        tokio::time::sleep(LAG_TICK + LAG_LATE + LAG_TICK).await;
+        assert!(
+            fresh.behind(Duration::from_millis(1)),
+            "stopped before its first tick"
+        );
         ticking.abort();
         tokio::time::sleep(LAG_TICK + LAG_LATE + LAG_TICK).await;
         assert!(lag.behind(Duration::from_millis(1)), "the clock stopped");
