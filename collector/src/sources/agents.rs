@@ -340,9 +340,9 @@ impl Lag {
     /// Ticks forever, noting late ticks. Its start counts as a tick: a collector stopped
     /// before the first one is behind all the same.
     async fn run(self: Arc<Self>) {
-        self.ticked_ms
-            .store(self.ms(Instant::now()), Ordering::Relaxed);
-        let mut next = Instant::now() + LAG_TICK;
+        let start = Instant::now();
+        self.ticked_ms.store(self.ms(start), Ordering::Relaxed);
+        let mut next = start + LAG_TICK;
         loop {
             tokio::time::sleep_until(next.into()).await;
             let now = Instant::now();
@@ -632,6 +632,12 @@ impl Fleet {
                 tracing::info!(address = %agent.address, "agent left; stopped following it");
             }
         }
+        if !agents.is_empty() {
+            let mut ticking = self.ticking.lock().unwrap_or_else(|e| e.into_inner());
+            if ticking.is_none() {
+                *ticking = Some(self.runtime.spawn(self.lag.clone().run()).abort_handle());
+            }
+        }
         for agent in agents {
             if streams.contains_key(agent) {
                 continue;
@@ -640,11 +646,6 @@ impl Fleet {
                 tracing::warn!("skipping agent: {e}");
                 continue;
             }
-            let mut ticking = self.ticking.lock().unwrap_or_else(|e| e.into_inner());
-            if ticking.is_none() {
-                *ticking = Some(self.runtime.spawn(self.lag.clone().run()).abort_handle());
-            }
-            drop(ticking);
             let mut node = 0;
             self.cluster.write(|v| node = v.add_node(&agent.address));
             let task = self.runtime.spawn(follow(Follow {
