@@ -14,7 +14,11 @@
 //! matched pods; evaluate over the view under its read lock): exactly what `GetMetrics` runs,
 //! minus gRPC framing. A cold call parses the metadata too.
 //!
-//! - `get_metrics/warm/N`: round-robin over the 200 ScaledObjects with the selection cache warm.
+//! - `get_metrics/warm/N`: round-robin over the 200 ScaledObjects with the selection cache warm
+//!   (the matched pods, and where they are in the view, found by an earlier call).
+//! - `reindexed` (percentiles only): the same, but the view's indexes change before each call
+//!   (as when a pod starts or leaves anywhere in the cluster), so each call finds its pods in
+//!   the view again.
 //! - `get_metrics/cold/N`: the first call for a ScaledObject (fresh `Scaler`, empty cache), which
 //!   also filters the namespace's pods by the selector.
 //! - `get_metrics/naive_scan/N`: the same-run baseline: what an unindexed implementation does on
@@ -24,15 +28,16 @@
 //! 2,000 cold, 2,000 naive per N) and prints p50/p90/p99/max to stdout, with the naive/warm
 //! ratio. Target: p99 < 200 µs at N = 1000.
 //!
-//! Run: `cargo bench -p collector --bench get_metrics`. Under `cargo test` (no `--bench`) only
-//! N = 10 is built, each criterion bench runs once and the custom loop is short.
+//! Run: `cargo bench -p collector --bench get_metrics`; `GET_METRICS_NODES=1000,5000` picks
+//! other sizes. Under `cargo test` (no `--bench`) only N = 10 is built, each criterion bench runs
+//! once and the custom loop is short.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use collector::api::scaler::Scaler;
-use collector::model::evaluate::{evaluate, Evaluation, Unavailable};
+use collector::model::evaluate::{evaluate, Detail, Evaluation, Unavailable};
 use collector::model::trigger::Trigger;
 use collector::sources::pods::{PodIndex, PodMeta, PodSource};
 use collector::sources::view::Cluster;
@@ -90,7 +95,7 @@ impl Fixture {
         let mut running = 0;
         for r in &self.refs {
             let (_, e) = scaler
-                .value(r)
+                .value(r, Detail::Value)
                 .unwrap_or_else(|s| panic!("{}: {}", r.name, s.message()));
             let naive = naive_value(&index, &self.cluster, r).expect("naive value");
             assert_eq!(
@@ -143,11 +148,27 @@ fn bench_mode() -> bool {
     has_arg("--bench") && !has_arg("--test") && !has_arg("--list")
 }
 
-fn sizes() -> &'static [usize] {
+/// The node counts: 10, 100 and 1,000 (10 under `cargo test`), or those listed in
+/// `GET_METRICS_NODES` (`5000`, `1000,5000`).
+fn sizes() -> Vec<usize> {
+    if let Ok(list) = std::env::var("GET_METRICS_NODES") {
+        return list
+            .split(',')
+            .map(|n| match n.trim().parse() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    eprintln!(
+                        "error: GET_METRICS_NODES={list:?}: expected node counts such as 1000,5000"
+                    );
+                    std::process::exit(2)
+                }
+            })
+            .collect();
+    }
     if bench_mode() {
-        &[10, 100, 1000]
+        vec![10, 100, 1000]
     } else {
-        &[10]
+        vec![10]
     }
 }
 
@@ -159,13 +180,13 @@ fn criterion_benches(c: &mut Criterion, fixtures: &[Fixture]) {
     for f in fixtures {
         let scaler = f.scaler();
         for r in &f.refs {
-            scaler.value(r).expect("warming the cache");
+            scaler.value(r, Detail::Value).expect("warming the cache");
         }
         let mut k = 0;
         group.bench_with_input(BenchmarkId::new("warm", f.nodes), f, |b, f| {
             b.iter(|| {
                 k = (k + 1) % SCALED_OBJECTS;
-                black_box(scaler.value(black_box(&f.refs[k])).is_ok())
+                black_box(scaler.value(black_box(&f.refs[k]), Detail::Value).is_ok())
             })
         });
         let mut k = 0;
@@ -175,7 +196,9 @@ fn criterion_benches(c: &mut Criterion, fixtures: &[Fixture]) {
                     k = (k + 1) % SCALED_OBJECTS;
                     (f.scaler(), k)
                 },
-                |(scaler, k)| black_box(scaler.value(black_box(&f.refs[*k])).is_ok()),
+                |(scaler, k)| {
+                    black_box(scaler.value(black_box(&f.refs[*k]), Detail::Value).is_ok())
+                },
                 BatchSize::SmallInput,
             )
         });
@@ -259,7 +282,7 @@ fn percentiles(fixtures: &[Fixture]) {
             let scaler = f.scaler();
             cold.extend(
                 time_calls(SCALED_OBJECTS, |k| {
-                    black_box(scaler.value(black_box(&f.refs[k])).is_ok());
+                    black_box(scaler.value(black_box(&f.refs[k]), Detail::Value).is_ok());
                 })
                 .0,
             );
@@ -267,10 +290,24 @@ fn percentiles(fixtures: &[Fixture]) {
         let cold = Timings::new(cold);
         let scaler = f.scaler();
         for r in &f.refs {
-            scaler.value(r).expect("warming the cache");
+            scaler.value(r, Detail::Value).expect("warming the cache");
         }
         let warm = time_calls(warm_calls, |i| {
-            black_box(scaler.value(black_box(&f.refs[i % SCALED_OBJECTS])).is_ok());
+            black_box(
+                scaler
+                    .value(black_box(&f.refs[i % SCALED_OBJECTS]), Detail::Value)
+                    .is_ok(),
+            );
+        });
+        // Reindexed: a pod started or left somewhere in the cluster before each call, so the
+        // matched pods are found in the view again (the write that says so is timed too).
+        let reindexed = time_calls(naive_calls, |i| {
+            f.cluster.write(|v| v.structure += 1);
+            black_box(
+                scaler
+                    .value(black_box(&f.refs[i % SCALED_OBJECTS]), Detail::Value)
+                    .is_ok(),
+            );
         });
         let naive = time_calls(naive_calls, |i| {
             black_box(
@@ -278,6 +315,7 @@ fn percentiles(fixtures: &[Fixture]) {
             );
         });
         warm.row(f.nodes, f.pod_count(), "warm");
+        reindexed.row(f.nodes, f.pod_count(), "reindexed");
         cold.row(f.nodes, f.pod_count(), "cold");
         naive.row(f.nodes, f.pod_count(), "naive_scan");
         ratios.push((
@@ -296,10 +334,11 @@ fn percentiles(fixtures: &[Fixture]) {
         "|------:|----------------:|---------------:|---------------:|---------------------------|"
     );
     for (nodes, mean, p50, p99, warm_p99) in ratios {
-        let verdict = if warm_p99 < Duration::from_micros(200) {
-            "met"
-        } else {
-            "NOT met"
+        // The target is set at 1,000 nodes; elsewhere the column only reports.
+        let verdict = match (nodes, warm_p99 < Duration::from_micros(200)) {
+            (1000, true) => "met",
+            (1000, false) => "NOT met",
+            _ => "(target at 1,000 nodes)",
         };
         println!(
             "| {nodes:>5} | {mean:>14.1}× | {p50:>13.1}× | {p99:>13.1}× | {:.1} µs: {verdict} |",

@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use collector::api::metrics::CollectorMetrics;
 use collector::api::scaler::Scaler;
+use collector::model::evaluate::Detail;
 use proto::externalscaler::ScaledObjectRef;
 
 mod fixture;
@@ -144,7 +145,7 @@ fn main() {
     };
     let ask = |refs: &[ScaledObjectRef]| {
         for r in refs {
-            let answer = scaler.value(r);
+            let answer = scaler.value(r, Detail::Value);
             if let Err(s) = &answer {
                 panic!("{}/{}: {}", r.namespace, r.name, s.message());
             }

@@ -65,8 +65,8 @@ pub fn evaluation(answer: Result<(Arc<Trigger>, Evaluation), Status>) -> Evaluat
                     .iter()
                     .map(|g| GpuValue {
                         pod: name(&g.pod),
-                        node: g.node.clone(),
-                        gpu_uuid: g.gpu_uuid.clone(),
+                        node: g.node.to_string(),
+                        gpu_uuid: g.gpu_uuid.to_string(),
                         value: g.value,
                         shared: g.shared,
                         fell_back: g.fell_back,
@@ -189,7 +189,9 @@ impl Collector for Debug {
             scaler_metadata: r.scaler_metadata,
         };
         Ok(Response::new(evaluation(
-            self.scaler.value_settled(&so).await,
+            self.scaler
+                .value_settled(&so, crate::model::evaluate::Detail::Full)
+                .await,
         )))
     }
 }

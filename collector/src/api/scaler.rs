@@ -25,14 +25,43 @@ use tracing::Instrument;
 use crate::api::limits;
 use crate::api::metrics::CollectorMetrics;
 use crate::model::compiled::CompiledTriggers;
-use crate::model::evaluate::{evaluate, opened_within, Evaluation, Unavailable};
+use crate::model::evaluate::{
+    evaluate_located, locate, opened_within, Detail, Evaluation, Located, Unavailable,
+};
 use crate::model::selector::Selector;
 use crate::model::trigger::Trigger;
 use crate::sources::demand::{Demand, FIRST_READ_WITHIN};
 use crate::sources::pods::{PodMeta, PodSource};
-use crate::sources::view::Cluster;
+use crate::sources::view::{Cluster, View};
 
 type Matches = Arc<Vec<Arc<PodMeta>>>;
+
+/// The pods a selector matched in one version of the pod list, and where they were last found
+/// in the view.
+struct Selection {
+    version: u64,
+    pods: Matches,
+    located: Mutex<Option<Arc<Located>>>,
+}
+
+impl Selection {
+    /// Where the pods are in `view`: found again only when the view's indexes changed since.
+    fn located(&self, view: &View) -> Arc<Located> {
+        let last = self
+            .located
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match last {
+            Some(l) if l.structure == view.structure => l,
+            _ => {
+                let l = Arc::new(locate(view, &self.pods));
+                *self.located.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
+                l
+            }
+        }
+    }
+}
 
 /// `StreamIsActive` re-evaluates at most this often.
 const STREAM_MIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
@@ -93,8 +122,8 @@ pub struct Scaler {
     metrics: std::sync::OnceLock<Arc<CollectorMetrics>>,
     /// Parsed triggers by metadata.
     triggers: CompiledTriggers,
-    /// (namespace, selector) → (pod index version, matched pods).
-    selections: Mutex<HashMap<(String, String), (u64, Matches)>>,
+    /// (namespace, selector) → the pods it matched in the newest pod list asked about.
+    selections: Mutex<HashMap<(String, String), Arc<Selection>>>,
     /// The series of the triggers asked for, which the agent streams carry.
     demand: Arc<Demand>,
 }
@@ -186,9 +215,10 @@ impl Scaler {
     pub async fn value_settled(
         &self,
         r: &ScaledObjectRef,
+        detail: Detail,
     ) -> Result<(Arc<Trigger>, Evaluation), Status> {
         let trigger = self.compiled(r)?;
-        self.settled(|| self.evaluate_with(r, &trigger))
+        self.settled(|| self.evaluate_with(r, &trigger, detail))
             .await
             .map(|(_, eval)| (trigger.clone(), eval))
     }
@@ -254,13 +284,13 @@ impl Scaler {
     }
 
     /// The pods of `namespace` that `selector` matches, cached per pod-list version.
-    fn matches(&self, namespace: &str, selector: &Selector) -> Matches {
+    fn matches(&self, namespace: &str, selector: &Selector) -> Arc<Selection> {
         let index = self.pods.index();
         let key = (namespace.to_owned(), selector.to_string());
         let mut cache = self.selections.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((v, m)) = cache.get(&key) {
-            if *v == index.version {
-                return m.clone();
+        if let Some(s) = cache.get(&key) {
+            if s.version == index.version {
+                return s.clone();
             }
         }
         let matched: Matches = Arc::new(
@@ -273,18 +303,29 @@ impl Scaler {
                 .cloned()
                 .collect(),
         );
+        let selection = Arc::new(Selection {
+            version: index.version,
+            pods: matched,
+            located: Mutex::new(None),
+        });
         // Bounded: each key holds a selector of at most the metadata limit (16 KiB).
         if cache.len() >= MAX_SELECTIONS {
             cache.clear();
         }
-        cache.insert(key, (index.version, matched.clone()));
-        matched
+        cache.insert(key, selection.clone());
+        selection
     }
 
-    /// Evaluates the trigger of `r` now.
-    pub fn value(&self, r: &ScaledObjectRef) -> Result<(Arc<Trigger>, Evaluation), Status> {
+    /// Evaluates the trigger of `r` now, keeping `detail`.
+    pub fn value(
+        &self,
+        r: &ScaledObjectRef,
+        detail: Detail,
+    ) -> Result<(Arc<Trigger>, Evaluation), Status> {
         let trigger = self.compiled(r)?;
-        let (_, eval) = self.evaluate_with(r, &trigger).map_err(|e| e.status)?;
+        let (_, eval) = self
+            .evaluate_with(r, &trigger, detail)
+            .map_err(|e| e.status)?;
         Ok((trigger, eval))
     }
 
@@ -293,14 +334,18 @@ impl Scaler {
         &self,
         r: &ScaledObjectRef,
         trigger: &Trigger,
+        detail: Detail,
     ) -> Result<(Matches, Evaluation), Failure> {
         let selector = self.selector(r, trigger)?;
         self.check_pods(trigger)?;
-        let matched = self.matches(&r.namespace, &selector);
+        let selection = self.matches(&r.namespace, &selector);
         let now = Instant::now();
         let eval = self
             .cluster
-            .read(|v| evaluate(v, &matched, trigger, now))
+            .read(|v| {
+                let located = selection.located(v);
+                evaluate_located(v, &selection.pods, &located, trigger, now, detail)
+            })
             .map_err(|u: Unavailable| Failure {
                 status: Status::unavailable(format!(
                     "{}/{} {}: {u}",
@@ -310,7 +355,7 @@ impl Scaler {
                 )),
                 not_streamed: u.not_streamed,
             })?;
-        Ok((matched, eval))
+        Ok((selection.pods.clone(), eval))
     }
 
     /// `IsActive`: the value is above `activationThreshold`, or (with `activeAfterOpen`) a
@@ -344,11 +389,11 @@ impl Scaler {
                 return false;
             }
         }
-        let matched = self.matches(&r.namespace, &selector);
+        let selection = self.matches(&r.namespace, &selector);
         *seen = Some(self.cluster.read(|v| {
-            let mut nodes: Vec<(usize, u64)> = matched
-                .iter()
-                .filter_map(|p| v.node(&p.node))
+            let mut nodes: Vec<(usize, u64)> = selection
+                .located(v)
+                .nodes()
                 .map(|n| (n, v.nodes[n].generation))
                 .collect();
             nodes.sort_unstable();
@@ -365,7 +410,7 @@ impl Scaler {
 
     /// [`Scaler::active`] of an already parsed trigger.
     fn active_with(&self, r: &ScaledObjectRef, trigger: &Trigger) -> Result<bool, Failure> {
-        let (matched, eval) = self.evaluate_with(r, trigger)?;
+        let (matched, eval) = self.evaluate_with(r, trigger, Detail::Value)?;
         if eval.value > trigger.activation_threshold {
             return Ok(true);
         }
@@ -510,7 +555,11 @@ impl ExternalScaler for ScalerService {
         let r = req.scaled_object_ref.unwrap_or_default();
         let span = span("GetMetrics", &r);
         limits::check_metric_name(&req.metric_name)?;
-        let result = self.0.value_settled(&r).instrument(span.clone()).await;
+        let result = self
+            .0
+            .value_settled(&r, Detail::Value)
+            .instrument(span.clone())
+            .await;
         let _g = span.entered();
         log_result(&result);
         self.0.observe(&r, &result);
@@ -591,9 +640,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stream_looks_again_only_when_a_node_of_its_pods_changed() {
-        use proto::agent::NodeSnapshot;
+    /// A scaler over [`TwoPods`] and a view of three agents (none reported yet).
+    fn two_pods_on_three_agents() -> (Arc<Cluster>, Scaler) {
         let (_, stop) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Cluster::new(&["a:1".into(), "b:1".into(), "c:1".into()]));
         let s = Scaler::new(
@@ -603,6 +651,64 @@ mod tests {
             Arc::default(),
             stop,
         );
+        (cluster, s)
+    }
+
+    #[test]
+    fn an_answer_follows_a_pod_to_the_agent_that_reports_its_node_now() {
+        use proto::agent::{GpuSummary, MetricSummary, NodeSnapshot, PodSummary};
+        let (cluster, s) = two_pods_on_three_agents();
+        // Node `name` with pod `uid` at `sm_active` `v` on its only GPU.
+        let node = |name: &str, uid: &str, v: f64| NodeSnapshot {
+            node_name: name.into(),
+            taken_unix_ns: 1,
+            gpus: vec![GpuSummary {
+                uuid: format!("GPU-{name}"),
+                gpm_supported: true,
+                ..Default::default()
+            }],
+            pods: vec![PodSummary {
+                pod_uid: uid.into(),
+                gpu_uuid: format!("GPU-{name}"),
+                metrics: vec![MetricSummary {
+                    metric: proto::agent::Metric::SmActive as i32,
+                    last: Some(v),
+                    windows: vec![],
+                }],
+                ..Default::default()
+            }],
+            ..NodeSnapshot::default()
+        };
+        let now = std::time::Instant::now();
+        cluster.write(|v| {
+            v.update(0, node("n0", "uid-a", 10.0), now);
+            v.update(1, node("n1", "uid-b", 20.0), now);
+        });
+        let r = so(&[
+            ("metric", "sm_active"),
+            ("timeAggregation", "last"),
+            ("targetValue", "80"),
+            ("podSelector", "app=vllm"),
+        ]);
+        assert_eq!(s.value(&r, Detail::Value).unwrap().1.value, 30.0);
+        // New values where the pods were found: read without finding them again.
+        cluster.write(|v| v.update(1, node("n1", "uid-b", 25.0), now));
+        assert_eq!(s.value(&r, Detail::Value).unwrap().1.value, 35.0);
+        // Node n0's agent is replaced by another (a new address): pod a is read there.
+        cluster.write(|v| {
+            v.retire_node(0);
+            v.update(2, node("n0", "uid-a", 40.0), now);
+        });
+        let (_, e) = s.value(&r, Detail::Full).unwrap();
+        assert_eq!(e.value, 65.0);
+        assert_eq!(e.replicas[0].gpus[0].gpu_uuid.as_ref(), "GPU-n0");
+        assert_eq!(s.value(&r, Detail::Value).unwrap().1.value, 65.0);
+    }
+
+    #[test]
+    fn a_stream_looks_again_only_when_a_node_of_its_pods_changed() {
+        use proto::agent::NodeSnapshot;
+        let (cluster, s) = two_pods_on_three_agents();
         let node = |name: &str| NodeSnapshot {
             node_name: name.into(),
             taken_unix_ns: 1,
@@ -650,7 +756,11 @@ mod tests {
             ("podSelector", "app=vllm"),
         ]);
         for _ in 0..10 {
-            assert_eq!(s.value(&r).unwrap().1.value, 0.0, "no pods match: 0");
+            assert_eq!(
+                s.value(&r, Detail::Full).unwrap().1.value,
+                0.0,
+                "no pods match: 0"
+            );
             assert!(!s.active(&r).await.unwrap());
             assert_eq!(s.trigger(&r).unwrap().1.to_string(), "app=vllm");
         }
@@ -664,14 +774,14 @@ mod tests {
         let r = so(&[("metric", "sm_active"), ("targetValue", "abc")]);
         let want = Trigger::parse(&r.scaler_metadata).unwrap_err().to_string();
         for _ in 0..3 {
-            let e = s.value(&r).unwrap_err();
+            let e = s.value(&r, Detail::Full).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert_eq!(e.message(), want);
         }
         assert!(s.triggers().is_empty(), "an error is not cached");
         // Without podSelector and without --kube: the error says what to write.
         let r = so(&[("metric", "sm_active"), ("targetValue", "80")]);
-        let e = s.value(&r).unwrap_err();
+        let e = s.value(&r, Detail::Full).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("podSelector is required"), "{e}");
     }

@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::agent::{MetricSummary, NodeSnapshot, PodSummary};
+use proto::agent::{GpuSummary, MetricSummary, NodeSnapshot, PodSummary};
 use proto::series::Wanted;
 use vocab::GpuState;
 
@@ -39,9 +39,9 @@ pub struct GpuValue {
     /// The pod.
     pub pod: Arc<PodMeta>,
     /// The node it runs on.
-    pub node: String,
+    pub node: Arc<str>,
     /// The GPU (`GPU-…`) or MIG instance (`MIG-…`).
-    pub gpu_uuid: String,
+    pub gpu_uuid: Arc<str>,
     /// The pod's value on it (its split share when `shared`).
     pub value: f64,
     /// Other pods or processes use the GPU too.
@@ -53,11 +53,12 @@ pub struct GpuValue {
 /// One replica and how its value came about.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Replica {
-    /// `<replicaLabel>=<value>` for a group, else `<namespace>/<pod name>`.
+    /// `<replicaLabel>=<value>` for a group, else `<namespace>/<pod name>` (empty with
+    /// [`Detail::Value`]).
     pub key: String,
-    /// Its running pods.
+    /// Its running pods (none with [`Detail::Value`]).
     pub pods: Vec<Arc<PodMeta>>,
-    /// Its pods' values per GPU.
+    /// Its pods' values per GPU (none with [`Detail::Value`]).
     pub gpus: Vec<GpuValue>,
     /// Its GPUs combined by `gpuAggregation` (0 when it uses none).
     pub value: f64,
@@ -142,15 +143,16 @@ fn metric(ms: &[MetricSummary], metric: Metric) -> Option<&MetricSummary> {
     ms.iter().find(|m| m.metric == wire)
 }
 
-/// One (pod, GPU) value, or why it is missing. The bool says a fallback was used.
+/// One (pod, GPU) value, or why it is missing. The bool says a fallback was used. `gpu`: the
+/// pod's GPU as its agent reports it (none: not reported).
 fn pod_gpu_value(
     snap: &NodeSnapshot,
     meta: &PodMeta,
     pod: &PodSummary,
+    gpu: Option<&GpuSummary>,
     trigger: &Trigger,
 ) -> Result<(f64, bool), String> {
     let name = trigger.metric.name();
-    let gpu = snap.gpus.iter().find(|g| g.uuid == pod.gpu_uuid);
     // A GPU that fell off the bus or fails: its windows still hold what it did before, which is
     // not what it does now.
     if let Some(g) = gpu {
@@ -193,83 +195,182 @@ fn pod_gpu_value(
     ))
 }
 
-/// The replica `pod` belongs to under `trigger`'s `replicaLabel`.
+/// The value of `trigger`'s `replicaLabel` on `pod`: the replica it belongs to (none: a
+/// replica of its own).
+fn replica_of<'a>(pod: &'a PodMeta, trigger: &Trigger) -> Option<&'a str> {
+    let label = trigger.replica_label.as_deref()?;
+    pod.labels.get(label).map(String::as_str)
+}
+
+/// The key of the replica `pod` starts: `<replicaLabel>=<value>` for a group, else
+/// `<namespace>/<pod name>`.
 fn replica_key(pod: &PodMeta, trigger: &Trigger) -> String {
-    match trigger
-        .replica_label
-        .as_deref()
-        .and_then(|l| Some((l, pod.labels.get(l)?)))
-    {
-        Some((label, value)) => format!("{label}={value}"),
-        None => format!("{}/{}", pod.namespace, pod.name),
+    match (trigger.replica_label.as_deref(), replica_of(pod, trigger)) {
+        (Some(label), Some(value)) => format!("{label}={value}"),
+        _ => format!("{}/{}", pod.namespace, pod.name),
     }
 }
 
-/// A replica's value: its pods' shares of each GPU added up, then its GPUs combined by
-/// `gpuAggregation`.
-fn replica_value(gpus: &[GpuValue], trigger: &Trigger) -> f64 {
-    let mut per_gpu: Vec<(&str, &str, f64)> = Vec::with_capacity(gpus.len());
-    for g in gpus {
-        match per_gpu
-            .iter_mut()
-            .find(|(node, uuid, _)| *node == g.node && *uuid == g.gpu_uuid)
-        {
-            Some((_, _, v)) => *v += g.value,
-            None => per_gpu.push((&g.node, &g.gpu_uuid, g.value)),
+/// How much of an evaluation to keep: the value (what KEDA gets), or each replica's key, pods
+/// and per-GPU values too (what `dump` shows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// The value, the counts, and each replica's value.
+    Value,
+    /// Also each replica's pods and the per-GPU values they came from.
+    Full,
+}
+
+/// Where one running matched pod is in the view.
+#[derive(Clone, Debug, PartialEq)]
+enum Place {
+    /// No agent reports the pod's node.
+    NoAgent,
+    /// More than one agent claims the pod's node.
+    Conflict,
+    /// The node's agent's slot, and the pod's entries in [`Located::entries`].
+    At(usize, std::ops::Range<usize>),
+}
+
+/// Where the running pods of a list of matched pods are in the view: for each, the agent that
+/// reports its node and its (pod, GPU) entries there. Finding them costs two hash lookups per
+/// pod; a `Located` stays right while the view's indexes do ([`View::structure`]) and the pod
+/// list is the same, so a `StreamIsActive` stream, which looks again whenever one of its nodes
+/// sends new values, finds them once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located {
+    /// The [`View::structure`] it was made at.
+    pub structure: u64,
+    /// (index into the matched pods, where) per running pod, in the matched order.
+    places: Vec<(usize, Place)>,
+    entries: Vec<crate::sources::view::PodEntry>,
+}
+
+impl Located {
+    /// The slots of the agents that report the pods' nodes (a slot once per pod on it).
+    pub fn nodes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.places.iter().filter_map(|(_, p)| match p {
+            Place::At(node, _) => Some(*node),
+            _ => None,
+        })
+    }
+}
+
+/// Finds the running pods of `matched` in `view`.
+pub fn locate(view: &View, matched: &[Arc<PodMeta>]) -> Located {
+    let mut places = Vec::with_capacity(matched.len());
+    let mut entries = Vec::with_capacity(matched.len());
+    for (i, pod) in matched.iter().enumerate() {
+        if pod.phase != "Running" || pod.node.is_empty() {
+            continue;
         }
+        let place = match view.claimants(&pod.node) {
+            [] => Place::NoAgent,
+            &[node] => {
+                let from = entries.len();
+                let all = view.pod_gpus.get(&pod.uid).into_iter().flatten();
+                entries.extend(all.filter(|e| e.node == node));
+                Place::At(node, from..entries.len())
+            }
+            _ => Place::Conflict,
+        };
+        places.push((i, place));
     }
-    let values: Vec<f64> = per_gpu.into_iter().map(|(_, _, v)| v).collect();
-    aggregate_gpus(trigger.gpu_aggregation, &values)
+    Located {
+        structure: view.structure,
+        places,
+        entries,
+    }
 }
 
-/// Evaluates `trigger` over the `matched` pods at time `now`.
+/// Evaluates `trigger` over the `matched` pods at time `now`, with every detail.
 pub fn evaluate(
     view: &View,
     matched: &[Arc<PodMeta>],
     trigger: &Trigger,
     now: Instant,
 ) -> Result<Evaluation, Unavailable> {
+    evaluate_located(
+        view,
+        matched,
+        &locate(view, matched),
+        trigger,
+        now,
+        Detail::Full,
+    )
+}
+
+/// Evaluates `trigger` over the `matched` pods, found in `view` as `located` says (made by
+/// [`locate`] from this `view`'s indexes and these pods), at time `now`.
+pub fn evaluate_located(
+    view: &View,
+    matched: &[Arc<PodMeta>],
+    located: &Located,
+    trigger: &Trigger,
+    now: Instant,
+    detail: Detail,
+) -> Result<Evaluation, Unavailable> {
+    debug_assert_eq!(located.structure, view.structure, "located in another view");
     let mut replicas: Vec<Replica> = Vec::new();
-    let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // Replicas of more than one pod, by `replicaLabel` value (a pod without the label, or any
+    // pod without `replicaLabel`, is a replica of its own).
+    let mut groups: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    // (replica, node slot, GPU, value) per value read.
+    let mut read: Vec<(usize, usize, usize, f64)> = Vec::with_capacity(located.entries.len());
     let mut problems: Vec<String> = Vec::new();
-    let mut running = 0;
     let mut values = 0;
     let mut fallbacks = 0;
     let mut not_streamed = false;
     let series = series_of(trigger);
-    for pod in matched {
-        if pod.phase != "Running" || pod.node.is_empty() {
-            continue;
-        }
-        running += 1;
-        let key = replica_key(pod, trigger);
-        let r = *by_key.entry(key.clone()).or_insert_with(|| {
-            replicas.push(Replica {
-                key,
-                pods: Vec::new(),
-                gpus: Vec::new(),
-                value: 0.0,
-            });
-            replicas.len() - 1
-        });
-        replicas[r].pods.push(pod.clone());
-        let Some(node) = view.node(&pod.node) else {
-            problems.push(format!(
-                "pod {}/{} runs on node {} where no agent reports",
-                pod.namespace, pod.name, pod.node
-            ));
-            continue;
+    for (i, place) in &located.places {
+        let pod = &matched[*i];
+        let group = replica_of(pod, trigger);
+        let r = match group.and_then(|g| groups.get(g)) {
+            Some(&r) => r,
+            None => {
+                replicas.push(Replica {
+                    key: match detail {
+                        Detail::Full => replica_key(pod, trigger),
+                        Detail::Value => String::new(),
+                    },
+                    pods: Vec::new(),
+                    gpus: Vec::new(),
+                    value: 0.0,
+                });
+                if let Some(g) = group {
+                    groups.insert(g, replicas.len() - 1);
+                }
+                replicas.len() - 1
+            }
         };
-        if let Some(agents) = view.conflict(&pod.node) {
-            problems.push(format!(
-                "node {} is claimed by {} agents ({}): one of them is not that node's agent; \
-                 until only one reports it, its values cannot be trusted",
-                pod.node,
-                agents.len(),
-                agents.join(", ")
-            ));
-            continue;
+        if detail == Detail::Full {
+            replicas[r].pods.push(pod.clone());
         }
+        let (node, at) = match place {
+            Place::At(node, at) => (*node, at.clone()),
+            Place::NoAgent => {
+                problems.push(format!(
+                    "pod {}/{} runs on node {} where no agent reports",
+                    pod.namespace, pod.name, pod.node
+                ));
+                continue;
+            }
+            Place::Conflict => {
+                let agents: Vec<&str> = view
+                    .claimants(&pod.node)
+                    .iter()
+                    .map(|&n| view.nodes[n].address.as_str())
+                    .collect();
+                problems.push(format!(
+                    "node {} is claimed by {} agents ({}): one of them is not that node's agent; \
+                     until only one reports it, its values cannot be trusted",
+                    pod.node,
+                    agents.len(),
+                    agents.join(", ")
+                ));
+                continue;
+            }
+        };
         let state = &view.nodes[node];
         let (Some(snap), Some(received)) = (&state.snapshot, state.received) else {
             continue;
@@ -309,21 +410,23 @@ pub fn evaluate(
             ));
             continue;
         }
-        let entries = view.pod_gpus.get(&pod.uid);
-        for e in entries.into_iter().flatten().filter(|e| e.node == node) {
+        for e in &located.entries[at] {
             let summary = &snap.pods[e.pod];
-            match pod_gpu_value(snap, pod, summary, trigger) {
+            match pod_gpu_value(snap, pod, summary, snap.gpus.get(e.gpu), trigger) {
                 Ok((value, fell_back)) => {
                     values += 1;
                     fallbacks += usize::from(fell_back);
-                    replicas[r].gpus.push(GpuValue {
-                        pod: pod.clone(),
-                        node: snap.node_name.clone(),
-                        gpu_uuid: summary.gpu_uuid.clone(),
-                        value,
-                        shared: summary.shared,
-                        fell_back,
-                    });
+                    read.push((r, node, e.gpu, value));
+                    if detail == Detail::Full {
+                        replicas[r].gpus.push(GpuValue {
+                            pod: pod.clone(),
+                            node: state.names.node.clone(),
+                            gpu_uuid: state.names.gpus[e.gpu].clone(),
+                            value,
+                            shared: summary.shared,
+                            fell_back,
+                        });
+                    }
                 }
                 Err(why) => problems.push(why),
             }
@@ -341,8 +444,16 @@ pub fn evaluate(
             not_streamed,
         });
     }
-    for r in &mut replicas {
-        r.value = replica_value(&r.gpus, trigger);
+    // Each replica's value: its pods' shares of each GPU added up, then its GPUs combined by
+    // `gpuAggregation`.
+    read.sort_by_key(|&(r, node, gpu, _)| (r, node, gpu));
+    let mut per_gpu: Vec<f64> = Vec::new();
+    for run in read.chunk_by(|a, b| a.0 == b.0) {
+        per_gpu.clear();
+        for same in run.chunk_by(|a, b| (a.1, a.2) == (b.1, b.2)) {
+            per_gpu.push(same.iter().map(|v| v.3).sum());
+        }
+        replicas[run[0].0].value = aggregate_gpus(trigger.gpu_aggregation, &per_gpu);
     }
     let per_replica: Vec<f64> = replicas.iter().map(|r| r.value).collect();
     let value = aggregate(trigger.aggregation, &per_replica);
@@ -361,7 +472,7 @@ pub fn evaluate(
     }
     Ok(Evaluation {
         value,
-        running_pods: running,
+        running_pods: located.places.len(),
         values,
         fallbacks,
         replicas,
@@ -538,6 +649,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.value, 360.0);
+    }
+
+    #[test]
+    fn a_gpu_is_found_by_its_uuid_when_the_agent_lists_its_gpus_in_another_order() {
+        let (mut view, pods, now) = cluster();
+        // The same pods on the same GPUs, the GPUs listed the other way round, GPU-01 lost.
+        let mut snap = (**view.nodes[0].snapshot.as_ref().unwrap()).clone();
+        snap.gpus.reverse();
+        snap.gpus[0].state = proto::agent::GpuState::Lost as i32;
+        view.update(0, snap, now);
+        let t = trigger(&[("metric", "sm_active")]);
+        let err = evaluate(&view, &pods, &t, now).unwrap_err();
+        assert_eq!(err.total, 1, "{err}");
+        assert!(
+            err.reasons[0].contains("pod ml/vllm-p01 on GPU GPU-01 of node node-0 is not trusted"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct NodeState {
     /// The series the stored snapshot carries: every one (a stream of whole snapshots, an agent
     /// before revision 3), or what its stream asked for ([`crate::sources::demand`]).
     pub carries: Wanted,
+    /// The names in the newest snapshot (empty before one).
+    pub names: Names,
 }
 
 impl NodeState {
@@ -57,6 +59,7 @@ impl NodeState {
             refused_total: 0,
             generation: 0,
             carries: Wanted::every(),
+            names: Names::default(),
         }
     }
 }
@@ -68,6 +71,20 @@ pub struct PodEntry {
     pub node: usize,
     /// Index into that node snapshot's `pods`.
     pub pod: usize,
+    /// Index of the pod's GPU in that node's [`Names::gpus`]: below the snapshot's `gpus.len()`
+    /// it is also that GPU's index in `gpus`; past it, the pod names a GPU its agent did not
+    /// report.
+    pub gpu: usize,
+}
+
+/// A node's name and its GPUs' UUIDs as its newest snapshot reports them, made once when the
+/// snapshot's shape changes, so that evaluations share them instead of copying strings.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    /// The node name.
+    pub node: Arc<str>,
+    /// The snapshot's GPUs in its order, then any GPU only its pods name.
+    pub gpus: Vec<Arc<str>>,
 }
 
 /// Everything the collector knows about the agents, at one moment.
@@ -92,6 +109,7 @@ impl View {
             return;
         };
         self.structure += 1;
+        self.nodes[node].names = Names::default();
         for p in &old.pods {
             if let Some(v) = self.pod_gpus.get_mut(&p.pod_uid) {
                 v.retain(|e| e.node != node);
@@ -111,7 +129,13 @@ impl View {
     /// The slot of the agent that reports node `name` (the one that reported last, if several
     /// claim it).
     pub fn node(&self, name: &str) -> Option<usize> {
-        self.claims.get(name)?.last().copied()
+        self.claimants(name).last().copied()
+    }
+
+    /// The slots of the agents whose newest snapshot names node `name` (none, one, or more
+    /// in a conflict), the one that reported last at the end.
+    pub fn claimants(&self, name: &str) -> &[usize] {
+        self.claims.get(name).map_or(&[], |c| c.as_slice())
     }
 
     /// The addresses of the agents that claim node `name` when more than one does.
@@ -152,12 +176,28 @@ impl View {
             return;
         };
         self.structure += 1;
+        let mut gpus: Vec<Arc<str>> = snap
+            .gpus
+            .iter()
+            .map(|g| Arc::from(g.uuid.as_str()))
+            .collect();
         for (i, p) in snap.pods.iter().enumerate() {
+            let gpu = match gpus.iter().position(|g| **g == *p.gpu_uuid) {
+                Some(g) => g,
+                None => {
+                    gpus.push(Arc::from(p.gpu_uuid.as_str()));
+                    gpus.len() - 1
+                }
+            };
             self.pod_gpus
                 .entry(p.pod_uid.clone())
                 .or_default()
-                .push(PodEntry { node, pod: i });
+                .push(PodEntry { node, pod: i, gpu });
         }
+        self.nodes[node].names = Names {
+            node: Arc::from(snap.node_name.as_str()),
+            gpus,
+        };
         let claims = self.claims.entry(snap.node_name.clone()).or_default();
         claims.push(node);
         if claims.len() > 1 && !was_conflict {
@@ -175,8 +215,8 @@ impl View {
         self.claims.get(node_name).is_some_and(|c| c.len() > 1)
     }
 
-    /// Stores `snap` as node `node`'s snapshot and indexes it; the indexes hold the node name
-    /// and each pod's position, so they are rebuilt only when one of these changed.
+    /// Stores `snap` as node `node`'s snapshot and indexes it; the indexes hold the node name,
+    /// each pod's position and its GPU's, so they are rebuilt only when one of these changed.
     fn store(&mut self, node: usize, snap: NodeSnapshot) {
         let same_shape = self.nodes[node].snapshot.as_ref().is_some_and(|old| {
             old.node_name == snap.node_name
@@ -185,7 +225,13 @@ impl View {
                     .pods
                     .iter()
                     .zip(&snap.pods)
-                    .all(|(a, b)| a.pod_uid == b.pod_uid)
+                    .all(|(a, b)| a.pod_uid == b.pod_uid && a.gpu_uuid == b.gpu_uuid)
+                && old.gpus.len() == snap.gpus.len()
+                && old
+                    .gpus
+                    .iter()
+                    .zip(&snap.gpus)
+                    .all(|(a, b)| a.uuid == b.uuid)
         });
         let was_conflict = self.conflicted(&snap.node_name);
         if !same_shape {
@@ -530,8 +576,15 @@ mod tests {
         c.write(|v| v.update(0, snap("n0", &["p3"]), now));
         c.read(|v| {
             assert!(!v.pod_gpus.contains_key("p1"));
-            assert_eq!(v.pod_gpus["p2"], vec![PodEntry { node: 1, pod: 0 }]);
-            assert_eq!(v.pod_gpus["p3"], vec![PodEntry { node: 0, pod: 0 }]);
+            let at = |e: &PodEntry| (e.node, e.pod);
+            assert_eq!(
+                v.pod_gpus["p2"].iter().map(at).collect::<Vec<_>>(),
+                [(1, 0)]
+            );
+            assert_eq!(
+                v.pod_gpus["p3"].iter().map(at).collect::<Vec<_>>(),
+                [(0, 0)]
+            );
         });
     }
 }

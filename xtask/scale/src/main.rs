@@ -6,7 +6,10 @@
 //! release binary in a process of its own, so its CPU and memory are its own. The load:
 //! `--scaled-objects` ScaledObjects over the simulated pods, each with a `StreamIsActive` stream
 //! open (as KEDA holds one per `external-push` trigger; none with `--trigger-type external`) and
-//! a `GetMetrics` every 15 s (the HPA's period), spread evenly. Once every ScaledObject has been answered, for `--duration`:
+//! a `GetMetrics` every 15 s (the HPA's period), spread evenly. Once every ScaledObject has been
+//! answered (and, with `StreamIsActive` streams, once the collector has asked every agent again
+//! for changes at every sample and taken in the whole states they answered with), for
+//! `--duration`:
 //!
 //! - the collector's CPU (utime + stime from `/proc`) in cores, its RSS at the end and its peak;
 //! - `GetMetrics` latency inside the collector (its histogram
@@ -95,6 +98,10 @@ const MAX_ARG: usize = 128 << 10;
 const PROBES: usize = 10;
 /// The HPA asks for every ScaledObject's metric this often.
 const HPA_PERIOD: Duration = Duration::from_secs(15);
+/// How long the collector may take to ask every agent again once KEDA's streams open.
+const SETTLE_WITHIN: Duration = Duration::from_secs(15);
+/// How long after that the measurement starts.
+const SETTLE_AFTER: Duration = Duration::from_secs(1);
 /// How often a freshness probe polls `GetMetrics`.
 const POLL: Duration = Duration::from_millis(10);
 /// A probe that has not seen its change after this long counts as missed.
@@ -297,6 +304,34 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("/proc/{pid}/status has no {key}"))
+}
+
+/// Waits for the collector to ask every agent again after KEDA's first `StreamIsActive` (its
+/// streams then send changes at every sample): each node opens a new stream and answers with its
+/// whole state, a wave spread over a second that is a transition, not the steady state measured.
+/// Gives up after [`SETTLE_WITHIN`], saying so.
+async fn settle(sent: &Sent, before: u64, nodes: usize, interval: Duration) {
+    let started = Instant::now();
+    loop {
+        let asked = sent.streams.load(Ordering::Relaxed).saturating_sub(before) as usize;
+        if asked >= nodes {
+            break;
+        }
+        if started.elapsed() > SETTLE_WITHIN {
+            progress(format!(
+                "only {asked} of {nodes} agents were asked again within {SETTLE_WITHIN:?}; \
+                 measuring anyway"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Their whole states, sent at once, taken in.
+    tokio::time::sleep(SETTLE_AFTER.max(interval * 5)).await;
+    progress(format!(
+        "the agents' streams changed pace ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
 }
 
 /// The collector's `GetMetrics` (code OK) latency histogram: (upper bound s, cumulative count).
@@ -685,6 +720,7 @@ async fn measure(
     // activation probes' are read. With external ones it polls IsActive.
     let push = o.trigger_type == "external-push";
     let mut act_streams = Vec::new();
+    let streams_before = sent.streams.load(Ordering::Relaxed);
     if push {
         progress(format!("opening {} StreamIsActive streams", asked.len()));
     }
@@ -707,6 +743,9 @@ async fn measure(
         } else {
             tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
         }
+    }
+    if push {
+        settle(sent, streams_before, nodes.len(), o.interval).await;
     }
 
     progress(format!("measuring for {:?}", o.duration));

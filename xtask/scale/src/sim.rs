@@ -394,6 +394,8 @@ pub struct Sent {
     /// Snapshots not sent because the collector had not taken the previous ones (a real agent
     /// skips them too: a slow reader gets the newest state, not a queue).
     pub skipped: AtomicU64,
+    /// `Watch` streams opened (the collector asks again with a new stream).
+    pub streams: AtomicU64,
 }
 
 /// The agent API of one simulated node.
@@ -420,6 +422,7 @@ impl AgentService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let node = self.node.clone();
         let sent = self.sent.clone();
+        sent.streams.fetch_add(1, Ordering::Relaxed);
         let terms = proto::delta::StreamTerms::of(request);
         let every = node.shape.interval.max(terms.every);
         tokio::spawn(async move {
