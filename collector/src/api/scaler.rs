@@ -100,6 +100,43 @@ impl From<TargetError> for Status {
 /// Most (namespace, selector) pairs whose matched pods are cached (one per distinct trigger
 /// selector in use; the cache restarts empty when full).
 const MAX_SELECTIONS: usize = 1024;
+/// Most matched pods the cached selections hold together (about 70 bytes each with where
+/// they are in the view, so at most about 70 MiB): a thousand ScaledObjects of 80 pods each
+/// hold 80,000; ScaledObjects whose selectors each match a whole namespace of 100,000 pods
+/// cannot make the cache hold more than ten of them (it restarts empty).
+const MAX_SELECTED_PODS: usize = 1_000_000;
+
+/// The cached selections, bounded in number and in the pods they hold together.
+#[derive(Default)]
+struct Selections {
+    by_key: HashMap<(String, String), Arc<Selection>>,
+    pods: usize,
+}
+
+impl Selections {
+    /// Caches `selection` under `key`, first emptying the cache when it would hold more than
+    /// `max` selections or `max_pods` matched pods (one selection alone may hold more: it is
+    /// the answer being computed).
+    fn insert(
+        &mut self,
+        key: (String, String),
+        selection: Arc<Selection>,
+        max: usize,
+        max_pods: usize,
+    ) {
+        let n = selection.pods.len();
+        // A new pod list's selection replaces the key's old one, and its pods.
+        if let Some(old) = self.by_key.remove(&key) {
+            self.pods -= old.pods.len();
+        }
+        if self.by_key.len() >= max || self.pods.saturating_add(n) > max_pods {
+            self.by_key.clear();
+            self.pods = 0;
+        }
+        self.by_key.insert(key, selection);
+        self.pods += n;
+    }
+}
 
 /// What a `StreamIsActive` stream's last evaluation read ([`Scaler::moved`]): the pod list's
 /// version, the view's indexes, and the generation of each node its pods are on.
@@ -123,7 +160,7 @@ pub struct Scaler {
     /// Parsed triggers by metadata.
     triggers: CompiledTriggers,
     /// (namespace, selector) → the pods it matched in the newest pod list asked about.
-    selections: Mutex<HashMap<(String, String), Arc<Selection>>>,
+    selections: Mutex<Selections>,
     /// The series of the triggers asked for, which the agent streams carry.
     demand: Arc<Demand>,
 }
@@ -167,7 +204,7 @@ impl Scaler {
             stop,
             metrics: std::sync::OnceLock::new(),
             triggers: CompiledTriggers::default(),
-            selections: Mutex::new(HashMap::new()),
+            selections: Mutex::default(),
             demand,
         }
     }
@@ -288,7 +325,7 @@ impl Scaler {
         let index = self.pods.index();
         let key = (namespace.to_owned(), selector.to_string());
         let mut cache = self.selections.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = cache.get(&key) {
+        if let Some(s) = cache.by_key.get(&key) {
             if s.version == index.version {
                 return s.clone();
             }
@@ -309,10 +346,7 @@ impl Scaler {
             located: Mutex::new(None),
         });
         // Bounded: each key holds a selector of at most the metadata limit (16 KiB).
-        if cache.len() >= MAX_SELECTIONS {
-            cache.clear();
-        }
-        cache.insert(key, selection.clone());
+        cache.insert(key, selection.clone(), MAX_SELECTIONS, MAX_SELECTED_PODS);
         selection
     }
 
@@ -638,6 +672,45 @@ mod tests {
         fn describe(&self) -> String {
             "two pods".into()
         }
+    }
+
+    #[test]
+    fn the_selection_cache_is_bounded_in_selections_and_in_the_pods_they_hold() {
+        let selection = |pods: usize| {
+            let pod = Arc::new(crate::sources::pods::PodMeta {
+                namespace: "ml".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                labels: Default::default(),
+                node: "n0".into(),
+                phase: "Running".into(),
+                owner: String::new(),
+                container_ids: Vec::new(),
+            });
+            Arc::new(Selection {
+                version: 1,
+                pods: Arc::new(vec![pod; pods]),
+                located: Mutex::new(None),
+            })
+        };
+        let key = |k: &str| ("ml".to_owned(), k.to_owned());
+        let mut c = Selections::default();
+        c.insert(key("a"), selection(40), 3, 100);
+        c.insert(key("b"), selection(40), 3, 100);
+        assert_eq!((c.by_key.len(), c.pods), (2, 80));
+        // The same key again (a new pod list): its old pods are not counted twice.
+        c.insert(key("b"), selection(50), 3, 100);
+        assert_eq!((c.by_key.len(), c.pods), (2, 90));
+        // Past the pods' bound: the cache starts over with the new one.
+        c.insert(key("c"), selection(20), 3, 100);
+        assert_eq!((c.by_key.len(), c.pods), (1, 20));
+        // Past the count: likewise; one selection larger than the bound is still kept.
+        c.insert(key("d"), selection(1), 3, 100);
+        c.insert(key("e"), selection(1), 3, 100);
+        c.insert(key("f"), selection(1), 3, 100);
+        assert_eq!((c.by_key.len(), c.pods), (1, 1));
+        c.insert(key("g"), selection(500), 3, 100);
+        assert_eq!((c.by_key.len(), c.pods), (1, 500));
     }
 
     /// A scaler over [`TwoPods`] and a view of three agents (none reported yet).
