@@ -47,10 +47,12 @@ pub struct Options {
     /// release collector holding one stream open to it, of `full` snapshots or of `changes`
     /// (the collector's `--agent-stream`; asked for one typical trigger, `sm_active` over 30 s,
     /// so the stream carries what a cluster with that trigger reads), or `changes-x2`: two such
-    /// collectors (two replicas), or `served`: the agent serving its API (`--listen`, as it
-    /// always does when deployed) with no stream open. The difference to `served` (else to
-    /// `none`) is what streaming costs.
-    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "served", "full", "changes", "changes-x2"])]
+    /// collectors (two replicas), or `watched`: one `changes` collector whose trigger KEDA
+    /// watches (a `StreamIsActive` stream held open, as for an `external-push` trigger: the
+    /// stream then sends changes at every sample), or `served`: the agent serving its API
+    /// (`--listen`, as it always does when deployed) with no stream open. The difference to
+    /// `served` (else to `none`) is what streaming costs.
+    #[arg(long, value_delimiter = ',', default_value = "none", value_parser = ["none", "served", "full", "changes", "changes-x2", "watched"])]
     stream: Vec<String>,
     /// Instead: a GPU load step → replicas through gpuscale and through the Prometheus chain, on
     /// the local cluster (as root; `gpuscale-cluster bench`), this many steps per chain.
@@ -320,6 +322,18 @@ struct Bench {
     tck: u64,
 }
 
+/// Starts `command` in the background, its stderr to `log`, without colours.
+fn spawn_logged(mut command: Command, log: &Path) -> Result<Proc> {
+    let child = command
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?)
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    Ok(Proc(child))
+}
+
 /// A loopback port free now.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")
@@ -331,7 +345,8 @@ fn free_port() -> Result<u16> {
 impl Bench {
     /// Starts `collector` following the agent at `agent_addr` with `--agent-stream mode` and no
     /// pods, and waits until the agent's log (`agent_log`) says it subscribed (once more than
-    /// before: another collector may have subscribed already).
+    /// before: another collector may have subscribed already). Returns it and the address it
+    /// serves KEDA's API on.
     fn start_collector(
         &self,
         collector: &Path,
@@ -339,7 +354,7 @@ impl Bench {
         mode: &str,
         name: &str,
         agent_log: &Path,
-    ) -> Result<Proc> {
+    ) -> Result<(Proc, String)> {
         let pods = self.dir.join("no-pods.json");
         std::fs::write(
             &pods,
@@ -351,17 +366,12 @@ impl Bench {
         let said =
             |what: &str| std::fs::read_to_string(agent_log).map_or(0, |l| l.matches(what).count());
         let (subscribed, asked) = (said("collector subscribed"), said("series=12"));
-        let child = Command::new(collector)
+        let mut command = Command::new(collector);
+        command
             .args(["serve", "--agents", agent_addr, "--pods-file"])
             .arg(&pods)
-            .args(["--listen", &listen, "--agent-stream", mode])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", collector.display()))?;
-        let mut proc = Proc(child);
+            .args(["--listen", &listen, "--agent-stream", mode]);
+        let mut proc = spawn_logged(command, &log)?;
         let started = Instant::now();
         while said("collector subscribed") <= subscribed {
             if let Some(status) = proc.0.try_wait()? {
@@ -392,6 +402,48 @@ impl Bench {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        Ok((proc, listen))
+    }
+
+    /// Holds the typical trigger's `StreamIsActive` stream open at the collector at `listen`
+    /// (`gpuscale-collector query --watch`, asking `GetMetrics` every 10 s besides), as KEDA
+    /// does for an `external-push` trigger, and waits until the collector has asked the agent
+    /// (its log `agent_log`) for changes at every sample.
+    fn watch_the_trigger(
+        &self,
+        collector: &Path,
+        listen: &str,
+        name: &str,
+        agent_log: &Path,
+    ) -> Result<Proc> {
+        let said = || {
+            std::fs::read_to_string(agent_log).map_or(0, |l| l.matches("min_interval_ms=0").count())
+        };
+        let before = said();
+        let log = self.dir.join(format!("{name}-watch.log"));
+        let mut command = Command::new(collector);
+        command
+            .args(["query", "--collector", listen])
+            .args(TYPICAL_TRIGGER.iter().flat_map(|m| ["--meta", m]))
+            .args(["--watch", "10s"]);
+        let mut proc = spawn_logged(command, &log)?;
+        let started = Instant::now();
+        while said() <= before {
+            if let Some(status) = proc.0.try_wait()? {
+                bail!(
+                    "gpuscale-collector query --watch exited ({status}); it says:\n{}",
+                    log_tail(&log)
+                );
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "the collector did not ask the agent for changes at every sample within \
+                     20 s of a StreamIsActive stream opening; the agent's log says:\n{}",
+                    log_tail(agent_log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(proc)
     }
 
@@ -406,13 +458,7 @@ impl Bench {
     ) -> Result<()> {
         let out = Command::new(collector)
             .args(["query", "--collector", listen])
-            .args([
-                "--meta",
-                "metric=sm_active",
-                "--meta",
-                "podSelector=app=bench",
-            ])
-            .args(["--meta", "targetValue=80"])
+            .args(TYPICAL_TRIGGER.iter().flat_map(|m| ["--meta", m]))
             .output()
             .with_context(|| format!("running {} query", collector.display()))?;
         if !out.status.success() {
@@ -517,7 +563,12 @@ impl Bench {
             let (mode, count) = stream_mode(stream);
             for k in 1..=count {
                 let name = format!("{name}-{k}");
-                _collectors.push(self.start_collector(collector, agent_addr, mode, &name, &log)?);
+                let (proc, listen) =
+                    self.start_collector(collector, agent_addr, mode, &name, &log)?;
+                _collectors.push(proc);
+                if stream == "watched" {
+                    _collectors.push(self.watch_the_trigger(collector, &listen, &name, &log)?);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -773,14 +824,26 @@ fn per_gpu(rows: &[Measurement]) -> String {
 fn stream_mode(stream: &str) -> (&str, usize) {
     match stream.strip_suffix("-x2") {
         Some(mode) => (mode, 2),
+        None if stream == "watched" => ("changes", 1),
         None => (stream, 1),
     }
 }
+
+/// The trigger the collectors are asked about (`--meta` of `gpuscale-collector query`): the
+/// typical one, `sm_active` over 30 s.
+const TYPICAL_TRIGGER: [&str; 3] = [
+    "metric=sm_active",
+    "podSelector=app=bench",
+    "targetValue=80",
+];
 
 /// `--stream` value `stream` in words.
 fn describe_stream(stream: &str) -> String {
     if stream == "served" {
         return "API served, no stream".into();
+    }
+    if stream == "watched" {
+        return "one collector stream (changes) with a StreamIsActive open".into();
     }
     match stream_mode(stream) {
         (mode, 1) => format!("one collector stream ({mode})"),
