@@ -7,9 +7,9 @@
 //! `--scaled-objects` ScaledObjects over the simulated pods, each with a `StreamIsActive` stream
 //! open (as KEDA holds one per `external-push` trigger; none with `--trigger-type external`) and
 //! a `GetMetrics` every 15 s (the HPA's period), spread evenly. Once every ScaledObject has been
-//! answered (and, with `StreamIsActive` streams, once the collector has asked every agent again
-//! for changes at every sample and taken in the whole states they answered with), for
-//! `--duration`:
+//! answered (and, with `StreamIsActive` streams of changes, once the collector has asked every
+//! agent again for changes at every sample and taken in the whole states they answered with),
+//! for `--duration`:
 //!
 //! - the collector's CPU (utime + stime from `/proc`) in cores, its RSS at the end and its peak;
 //! - `GetMetrics` latency inside the collector (its histogram
@@ -744,7 +744,9 @@ async fn measure(
             tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
         }
     }
-    if push {
+    // Streams of whole snapshots (`--mode full`) carry everything at every sample already:
+    // the collector does not ask again.
+    if push && o.mode == "changes" {
         settle(sent, streams_before, nodes.len(), o.interval).await;
     }
 
