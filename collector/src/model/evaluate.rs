@@ -356,11 +356,7 @@ pub fn evaluate_located(
                 continue;
             }
             Place::Conflict => {
-                let agents: Vec<&str> = view
-                    .claimants(&pod.node)
-                    .iter()
-                    .map(|&n| view.nodes[n].address.as_str())
-                    .collect();
+                let agents = view.conflict(&pod.node).unwrap_or_default();
                 problems.push(format!(
                     "node {} is claimed by {} agents ({}): one of them is not that node's agent; \
                      until only one reports it, its values cannot be trusted",
