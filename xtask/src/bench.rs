@@ -322,6 +322,42 @@ struct Bench {
     tck: u64,
 }
 
+/// How many times `log` says `what`.
+fn times_logged(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log).map_or(0, |l| l.matches(what).count())
+}
+
+/// Waits up to 20 s until `log` says `what` more than `before` times. Fails with `late` and the
+/// tail of `late_log` when it does not, or, when `proc` (named `name`, logging to `its_log`)
+/// exits first, with the tail of its log.
+fn await_logged(
+    (log, what, before): (&Path, &str, usize),
+    mut proc: Option<(&mut Proc, &str, &Path)>,
+    late: &str,
+    late_log: &Path,
+) -> Result<()> {
+    let started = Instant::now();
+    while times_logged(log, what) <= before {
+        if let Some((p, name, its_log)) = proc.as_mut() {
+            if let Some(status) = p.0.try_wait()? {
+                bail!(
+                    "{name} exited ({status}); its log says:\n{}",
+                    log_tail(its_log)
+                );
+            }
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "{late} within 20 s; {} says:\n{}",
+                late_log.display(),
+                log_tail(late_log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Starts `command` in the background, its stderr to `log`, without colours.
 fn spawn_logged(mut command: Command, log: &Path) -> Result<Proc> {
     let child = command
@@ -363,44 +399,30 @@ impl Bench {
         .with_context(|| format!("writing {}", pods.display()))?;
         let log = self.dir.join(format!("{name}-collector.log"));
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let said =
-            |what: &str| std::fs::read_to_string(agent_log).map_or(0, |l| l.matches(what).count());
-        let (subscribed, asked) = (said("collector subscribed"), said("series=12"));
+        let (subscribed, asked) = (
+            times_logged(agent_log, "collector subscribed"),
+            times_logged(agent_log, "series=12"),
+        );
         let mut command = Command::new(collector);
         command
             .args(["serve", "--agents", agent_addr, "--pods-file"])
             .arg(&pods)
             .args(["--listen", &listen, "--agent-stream", mode]);
         let mut proc = spawn_logged(command, &log)?;
-        let started = Instant::now();
-        while said("collector subscribed") <= subscribed {
-            if let Some(status) = proc.0.try_wait()? {
-                bail!(
-                    "the collector exited ({status}); its log says:\n{}",
-                    log_tail(&log)
-                );
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "the collector did not subscribe to the agent within 20 s; its log says:\n{}",
-                    log_tail(&log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        await_logged(
+            (agent_log, "collector subscribed", subscribed),
+            Some((&mut proc, "the collector", &log)),
+            "the collector did not subscribe to the agent",
+            &log,
+        )?;
         if mode == "changes" {
             self.ask_for_a_trigger(collector, &listen, &log)?;
-            let started = Instant::now();
-            while said("series=12") <= asked {
-                if started.elapsed() > Duration::from_secs(20) {
-                    bail!(
-                        "the collector's stream did not ask for the trigger's series within \
-                         20 s; its log says:\n{}",
-                        log_tail(&log)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            await_logged(
+                (agent_log, "series=12", asked),
+                None,
+                "the collector's stream did not ask for the trigger's series",
+                &log,
+            )?;
         }
         Ok((proc, listen))
     }
@@ -416,10 +438,8 @@ impl Bench {
         name: &str,
         agent_log: &Path,
     ) -> Result<Proc> {
-        let said = || {
-            std::fs::read_to_string(agent_log).map_or(0, |l| l.matches("min_interval_ms=0").count())
-        };
-        let before = said();
+        let every_sample = "min_interval_ms=0";
+        let before = times_logged(agent_log, every_sample);
         let log = self.dir.join(format!("{name}-watch.log"));
         let mut command = Command::new(collector);
         command
@@ -427,23 +447,13 @@ impl Bench {
             .args(TYPICAL_TRIGGER.iter().flat_map(|m| ["--meta", m]))
             .args(["--watch", "10s"]);
         let mut proc = spawn_logged(command, &log)?;
-        let started = Instant::now();
-        while said() <= before {
-            if let Some(status) = proc.0.try_wait()? {
-                bail!(
-                    "gpuscale-collector query --watch exited ({status}); it says:\n{}",
-                    log_tail(&log)
-                );
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "the collector did not ask the agent for changes at every sample within \
-                     20 s of a StreamIsActive stream opening; the agent's log says:\n{}",
-                    log_tail(agent_log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        await_logged(
+            (agent_log, every_sample, before),
+            Some((&mut proc, "gpuscale-collector query --watch", &log)),
+            "the collector did not ask the agent for changes at every sample after a \
+             StreamIsActive stream opened",
+            agent_log,
+        )?;
         Ok(proc)
     }
 
