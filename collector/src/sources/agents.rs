@@ -346,10 +346,13 @@ impl Lag {
         loop {
             tokio::time::sleep_until(next.into()).await;
             let now = Instant::now();
-            self.ticked_ms.store(self.ms(now), Ordering::Relaxed);
+            // The late mark first: a stream that reads this tick (Acquire) sees it too, never a
+            // fresh tick without the lateness it came with (read between the two, after a
+            // stop, the collector looked not behind and dialed again).
             if now.saturating_duration_since(next) >= LAG_LATE {
                 self.late_ms.store(self.ms(now), Ordering::Relaxed);
             }
+            self.ticked_ms.store(self.ms(now), Ordering::Release);
             next = now + LAG_TICK;
         }
     }
@@ -359,8 +362,8 @@ impl Lag {
     fn behind(&self, within: Duration) -> bool {
         let now = self.ms(Instant::now());
         let ago = |ms: u64| Duration::from_millis(now.saturating_sub(ms));
+        let ticked = self.ticked_ms.load(Ordering::Acquire);
         let late = self.late_ms.load(Ordering::Relaxed);
-        let ticked = self.ticked_ms.load(Ordering::Relaxed);
         (late != 0 && ago(late) <= within) || (ticked != 0 && ago(ticked) >= LAG_TICK + LAG_LATE)
     }
 
